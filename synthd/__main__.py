@@ -1,0 +1,3 @@
+from synthd.cli import main
+
+raise SystemExit(main())

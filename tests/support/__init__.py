@@ -1,0 +1,1 @@
+"""Helpers the tests share: small model files, real servers and clients."""

@@ -1,0 +1,127 @@
+"""Small nn~-convention model files for testing the daemon without a trained model.
+
+`ToySynth` is a deterministic streaming synthesiser with the model-file contract of the
+README: latent 0 sets the pitch (220 Hz * 2**z), latent 1 the level, latent 2 the
+brightness (third-harmonic mix); further latents are accepted and ignored. Controls are
+interpolated across each frame from the previous frame's values, and the oscillator phase
+is carried between calls, so chunked decoding equals whole decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+
+class ToySynth(torch.nn.Module):
+    def __init__(self, latent_size: int = 4, hop: int = 256, sample_rate: int = 48000,
+                 meta: str = "", fault: str = ""):
+        super().__init__()
+        self.latent_size = latent_size
+        self.hop = hop
+        self.sample_rate = sample_rate
+        self.meta = meta
+        self.fault = fault
+        self.register_buffer("decode_params", torch.tensor([latent_size, hop, 1, 1]))
+        self.register_buffer("encode_params", torch.tensor([1, 1, latent_size, hop]))
+        self.register_buffer("forward_params", torch.tensor([1, 1, 1, 1]))
+        self.register_buffer("phase", torch.zeros(1))
+        self.register_buffer("last", torch.zeros(latent_size))
+        self.register_buffer("ramp", (torch.arange(hop, dtype=torch.float32) + 1.0) / hop)
+
+    @torch.jit.export
+    def get_methods(self) -> list[str]:
+        return ["encode", "decode", "forward"]
+
+    @torch.jit.export
+    def get_attributes(self) -> list[str]:
+        return []
+
+    @torch.jit.export
+    def metadata(self) -> str:
+        return self.meta
+
+    @torch.jit.export
+    def reset(self) -> None:
+        self.phase.zero_()
+        self.last.zero_()
+
+    @torch.jit.export
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, latent_size, frames) -> (batch, 1, frames * hop); batch 0 drives the state."""
+        batch, _, frames = z.shape
+        prev = torch.cat([self.last.view(1, -1, 1).expand(batch, -1, 1), z[:, :, :-1]], dim=2)
+        # per-sample controls: a linear ramp from the previous frame to this one
+        step = (z - prev).unsqueeze(-1) * self.ramp + prev.unsqueeze(-1)  # (b, latent, frames, hop)
+        ctrl = step.reshape(batch, self.latent_size, frames * self.hop)
+        freq = 220.0 * torch.pow(2.0, ctrl[:, 0])
+        level = 0.5 * torch.sigmoid(2.0 * ctrl[:, 1])
+        bright = torch.sigmoid(2.0 * ctrl[:, 2])
+        phase = self.phase + torch.cumsum(2.0 * math.pi * freq / self.sample_rate, dim=1)
+        out = level * (torch.sin(phase) + bright * torch.sin(3.0 * phase)) / 2.0
+        self.phase.copy_(torch.remainder(phase[0, -1:], 2.0 * math.pi))
+        self.last.copy_(z[0, :, -1])
+        if self.fault == "nan":
+            out = out * float("nan")
+        if self.fault == "short":
+            out = out[:, : out.shape[1] // 2]
+        return out.unsqueeze(1)
+
+    @torch.jit.export
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, samples) -> (batch, latent_size, samples // hop): frame level in latent 1."""
+        batch = x.shape[0]
+        frames = x.shape[2] // self.hop
+        rms = x[:, 0, : frames * self.hop].reshape(batch, frames, self.hop).pow(2).mean(-1).sqrt()
+        z = torch.zeros(batch, self.latent_size, frames)
+        z[:, 1] = torch.log(rms + 1e-4)
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+class RaveLikeSynth(ToySynth):
+    """The same synthesiser without a `metadata` method, as in a RAVE export."""
+
+    def metadata(self) -> str:  # not exported: TorchScript drops it
+        return ""
+
+
+def toy_metadata(latent_size: int = 4, hop: int = 256, sample_rate: int = 48000,
+                 labels: list[str] | None = None) -> dict:
+    """Metadata in the README's schema for a ToySynth."""
+    labels = labels or (["pitch", "loudness", "brightness"] + [f"timbre_{i}" for i in range(1, latent_size)])
+    return {
+        "format": "synthd-model", "format_version": 1, "name": "toy",
+        "sample_rate": sample_rate, "channels": 1, "latent_size": latent_size, "hop": hop,
+        "latency_samples": hop,
+        "controls": [
+            {"index": i, "label": labels[i], "min": -2.0, "max": 2.0, "default": 0.0,
+             "source": "attribute" if i < 3 else "pca", "attribute": labels[i] if i < 3 else None,
+             "quality": None}
+            for i in range(latent_size)
+        ],
+        "preprocessing": {"sample_rate": sample_rate, "target_lufs": -20.0, "gain_db": 0.0},
+        "data": {"files": 0, "duration_s": 0.0}, "run": {"steps": 0},
+    }
+
+
+def build_toy_model(path: str | Path, *, latent_size: int = 4, hop: int = 256,
+                    sample_rate: int = 48000, with_metadata: bool = True, fault: str = "") -> Path:
+    """Script a ToySynth and save it to `path`.
+
+    with_metadata=False gives a RAVE-like file (no metadata). fault="nan" makes decode
+    return NaN; fault="short" makes it return half the samples `decode_params` promise.
+    """
+    meta = json.dumps(toy_metadata(latent_size, hop, sample_rate)) if with_metadata else ""
+    cls = ToySynth if with_metadata else RaveLikeSynth
+    module = cls(latent_size, hop, sample_rate, meta, fault)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(module), str(path))
+    return Path(path)
