@@ -1,0 +1,160 @@
+"""Reconstruction and latent losses of the trainer.
+
+Multi-resolution STFT (spectral convergence + log magnitude), multi-scale log-mel L1, and
+the KL of a diagonal Gaussian posterior with free bits per latent dimension. The spectra
+of one resolution are computed once and shared by the STFT and mel terms, because on a
+CPU the transforms dominate the cost of the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# Floor under magnitudes: keeps log() finite and its gradient bounded on digital silence.
+_MAG_FLOOR = 1e-5
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0,
+                   f_max: float | None = None) -> Tensor:
+    """Triangular mel filters (HTK mel scale), `(n_mels, n_fft // 2 + 1)`, each of unit area.
+
+    Filters narrower than one FFT bin (low bands of a small FFT) still cover the nearest bin,
+    so no mel band is identically zero.
+    """
+    f_max = sample_rate / 2 if f_max is None else f_max
+    n_bins = n_fft // 2 + 1
+    freqs = torch.linspace(0, sample_rate / 2, n_bins, dtype=torch.float64)
+
+    def to_mel(f: Tensor) -> Tensor:
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+    def to_hz(m: Tensor) -> Tensor:
+        return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+    mel_points = torch.linspace(float(to_mel(torch.tensor(f_min))), float(to_mel(torch.tensor(f_max))),
+                                n_mels + 2, dtype=torch.float64)
+    hz = to_hz(mel_points)
+    lower, centre, upper = hz[:-2, None], hz[1:-1, None], hz[2:, None]
+    up = (freqs[None] - lower) / (centre - lower)
+    down = (upper - freqs[None]) / (upper - centre)
+    fb = torch.clamp(torch.minimum(up, down), min=0.0)
+    nearest = torch.argmin((freqs[None] - centre).abs(), dim=1)
+    empty = fb.sum(dim=1) == 0
+    fb[empty, nearest[empty]] = 1.0
+    fb = fb / fb.sum(dim=1, keepdim=True)
+    return fb.float()
+
+
+@dataclass(frozen=True)
+class SpectralTerms:
+    """Per-example loss terms, each `(batch,)`, averaged over the resolutions that have them."""
+
+    spectral_convergence: Tensor
+    log_magnitude: Tensor
+    log_mel: Tensor | None
+
+    def distance(self) -> Tensor:
+        """The multi-resolution STFT distance: spectral convergence + log magnitude, `(batch,)`."""
+        return self.spectral_convergence + self.log_magnitude
+
+
+class MultiResolutionSpectralLoss(nn.Module):
+    """Spectral distances between two signals at several STFT resolutions.
+
+    At every FFT size in `fft_sizes` (Hann window of that size, hop = size // 4):
+    spectral convergence ||Y - Ŷ||_F / ||Y||_F and the mean |log Y - log Ŷ|; at the sizes also in
+    `mel_fft_sizes`, the mean |log mel(Y) - log mel(Ŷ)| with `n_mels` bands (scaled down for small
+    FFTs so that no band is narrower than a bin).
+    """
+
+    def __init__(self, fft_sizes: tuple[int, ...] | list[int] = (64, 128, 256, 512, 1024, 2048, 4096),
+                 mel_fft_sizes: tuple[int, ...] | list[int] = (),
+                 n_mels: int = 80, sample_rate: int = 48000) -> None:
+        super().__init__()
+        self.fft_sizes = sorted(set(fft_sizes) | set(mel_fft_sizes))
+        self.stft_sizes = set(fft_sizes)
+        self.mel_sizes = set(mel_fft_sizes)
+        for n in self.fft_sizes:
+            if n < 16 or n & (n - 1):
+                raise ValueError(f"FFT size {n} must be a power of two >= 16")
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
+            if n in self.mel_sizes:
+                bands = min(n_mels, n // 4)
+                self.register_buffer(f"mel_{n}", mel_filterbank(n, bands, sample_rate), persistent=False)
+
+    def terms(self, y_hat: Tensor, y: Tensor) -> SpectralTerms:
+        """Per-example terms for `y_hat`, `y` of shape `(batch, 1, time)` or `(batch, time)`."""
+        if y_hat.shape != y.shape:
+            raise ValueError(f"shape mismatch: prediction {tuple(y_hat.shape)} vs target {tuple(y.shape)}")
+        batch = y.shape[0]
+        # one STFT over prediction and target together halves the number of calls
+        both = torch.cat([y_hat.reshape(batch, -1), y.reshape(batch, -1)], dim=0).float()
+        sc, lm, mel = [], [], []
+        for n in self.fft_sizes:
+            spec = torch.stft(both, n_fft=n, hop_length=n // 4, window=getattr(self, f"window_{n}"),
+                              center=True, pad_mode="constant", return_complex=True)
+            # sqrt with a floor inside: the gradient of |z| is undefined at z = 0
+            mag = torch.sqrt(spec.real.square() + spec.imag.square() + _MAG_FLOOR ** 2)
+            pred, true = mag[:batch], mag[batch:]
+            if n in self.stft_sizes:
+                diff = torch.linalg.vector_norm(true - pred, dim=(1, 2))
+                ref = torch.linalg.vector_norm(true, dim=(1, 2))
+                # a silent target would make convergence infinite: floor the reference norm
+                sc.append(diff / ref.clamp(min=1e-3 * math.sqrt(true[0].numel())))
+                lm.append((torch.log(true) - torch.log(pred)).abs().mean(dim=(1, 2)))
+            if n in self.mel_sizes:
+                fb = getattr(self, f"mel_{n}")
+                mel_pred = torch.log(torch.matmul(fb, pred).clamp(min=_MAG_FLOOR))
+                mel_true = torch.log(torch.matmul(fb, true).clamp(min=_MAG_FLOOR))
+                mel.append((mel_true - mel_pred).abs().mean(dim=(1, 2)))
+        zero = both.new_zeros(batch)
+        return SpectralTerms(
+            spectral_convergence=torch.stack(sc).mean(0) if sc else zero,
+            log_magnitude=torch.stack(lm).mean(0) if lm else zero,
+            log_mel=torch.stack(mel).mean(0) if mel else None,
+        )
+
+
+def mrstft_distance(y_hat: Tensor, y: Tensor,
+                    fft_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)) -> Tensor:
+    """The evaluation distance (spectral convergence + log magnitude, FFT 64..4096), `(batch,)`."""
+    module = MultiResolutionSpectralLoss(fft_sizes).to(y.device)
+    with torch.no_grad():
+        return module.terms(y_hat, y).distance()
+
+
+def kl_per_dim(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) of each latent dimension in nats per frame, `(latent,)`.
+
+    `mean`, `logvar`: `(batch, latent, frames)`; averaged over batch and frames.
+    """
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+    return kl.mean(dim=(0, 2))
+
+
+def free_bits_kl(kl_dims: Tensor, free_bits: float) -> Tensor:
+    """Sum over dimensions of max(KL_d, free_bits): a dimension below its free allowance gets no
+    pressure toward the prior, so the encoder can afford to use every dimension a little."""
+    return torch.clamp(kl_dims, min=free_bits).sum()
+
+
+def kl_beta(progress: float, start: float, target: float, warmup: float) -> float:
+    """KL weight ramped on a log scale from `start` to `target` over the first `warmup` of the run.
+
+    `progress` and `warmup` are fractions of the run in [0, 1]; with warmup 0 the weight is
+    `target` from the first step.
+    """
+    if warmup <= 0 or progress >= warmup:
+        return target
+    t = max(progress, 0.0) / warmup
+    return math.exp(math.log(start) + t * (math.log(target) - math.log(start)))
+
+
+def collapsed_dims(kl_dims: Tensor, threshold: float) -> list[int]:
+    """Indices of latent dimensions whose KL (nats per frame) is below `threshold`: they carry
+    (almost) no information and the decoder ignores them."""
+    return [i for i, v in enumerate(kl_dims.tolist()) if v < threshold]
