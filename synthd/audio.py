@@ -1,0 +1,221 @@
+"""Live output through sounddevice (PortAudio): a render thread keeps a ring buffer ahead of
+the device, and the device's callback only copies from it.
+
+The stream opens at the engine's rate when the device accepts it; otherwise the render
+thread resamples to the device's rate with soxr's streaming resampler, so a model is
+never played at the wrong pitch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import soxr
+import torch
+
+from synthd import dsp
+from synthd.engine import Engine
+from synthd.ringbuffer import RingBuffer
+
+log = logging.getLogger(__name__)
+
+# The callback waits for the GIL while the render thread runs Python code; a short switch
+# interval bounds that wait well below one period (CPython's default is 5 ms).
+SWITCH_INTERVAL_S = 0.0005
+
+
+class AudioError(Exception):
+    """The audio device cannot be opened as asked; the message says which and why."""
+
+
+def resolve_output(device: str | int | None) -> dict[str, Any]:
+    """sounddevice's description of the output device: None = default, int = index,
+    str = a substring of its name (as `synthd devices` prints them)."""
+    import sounddevice as sd
+
+    try:
+        info = sd.query_devices(device, "output")
+    except (ValueError, sd.PortAudioError) as exc:
+        raise AudioError(f"audio device {device!r}: {exc}") from None
+    if info["max_output_channels"] < 1:
+        raise AudioError(f"audio device {info['name']!r} has no outputs")
+    return dict(info)
+
+
+class LiveOutput:
+    """Plays an engine on an audio device until stopped."""
+
+    def __init__(self, engine: Engine, *, device: str | int | None = None, channels: int = 2,
+                 block_frames: int = 256, ahead_blocks: int = 2):
+        import sounddevice as sd
+
+        if channels != engine.channels:
+            raise AudioError(f"{channels} output channels asked, but the engine renders {engine.channels}")
+        self.engine = engine
+        self.channels = channels
+        self.block_frames = block_frames
+        info = resolve_output(device)
+        self.device_index: int = info["index"]
+        self.device_name: str = info["name"]
+        if info["max_output_channels"] < channels:
+            raise AudioError(f"audio device {self.device_name!r} has {info['max_output_channels']} "
+                             f"outputs, {channels} asked (--channels)")
+        self.sample_rate = self._choose_rate(sd, info)
+        self._resampler = (soxr.ResampleStream(engine.sample_rate, self.sample_rate, channels,
+                                               dtype="float32", quality="HQ")
+                           if self.sample_rate != engine.sample_rate else None)
+        # how far the render thread stays ahead: enough blocks to ride out one slow render,
+        # and at least one whole decode call (a model's frame can be longer than a block)
+        model = engine.model
+        decode_frames = math.ceil(engine.block_frames / model.hop) * model.hop
+        self._ratio = self.sample_rate / engine.sample_rate
+        self.target_fill = int(math.ceil(max(ahead_blocks * block_frames,
+                                             (decode_frames + engine.block_frames) * self._ratio)))
+        self._ring = RingBuffer(self.target_fill + 4 * max(block_frames, engine.block_frames) + 64, channels)
+        self._fade = dsp.Ramp(1.0)
+        self._fading_out = False
+        self._faded = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream = None
+        self._switch_interval = sys.getswitchinterval()
+        self.output_underflows = 0  # PortAudio's own output_underflow flags
+        self.ring_underruns = 0  # callbacks that found the ring short
+        self.callbacks = 0
+        self.render_error: BaseException | None = None
+        self._stream_latency_s = 0.0
+
+    def _choose_rate(self, sd, info: dict[str, Any]) -> int:
+        wanted = self.engine.sample_rate
+        try:
+            sd.check_output_settings(device=self.device_index, channels=self.channels,
+                                     dtype="float32", samplerate=wanted)
+            return wanted
+        except Exception as exc:
+            rate = int(info["default_samplerate"])
+            log.warning("audio device %r does not take %d Hz (%s); resampling to %d Hz",
+                        self.device_name, wanted, exc, rate)
+            return rate
+
+    @property
+    def underruns(self) -> int:
+        return self.output_underflows + self.ring_underruns
+
+    @property
+    def latency_ms(self) -> float:
+        """Output latency from render to the device's output: ring plus device buffering."""
+        return 1000.0 * (self.target_fill / self.sample_rate + self._stream_latency_s)
+
+    def stats(self) -> dict[str, Any]:
+        return {"underruns": self.underruns, "output_underflows": self.output_underflows,
+                "ring_underruns": self.ring_underruns, "device": self.device_name,
+                "device_rate": self.sample_rate, "resampling": self._resampler is not None,
+                "latency_ms": self.latency_ms, "callbacks": self.callbacks}
+
+    # ---------------------------------------------------------------- start / stop
+
+    def start(self) -> None:
+        """Fill the ring, then start the render thread and the stream."""
+        import sounddevice as sd
+
+        while self._ring.fill < self.target_fill:
+            self._render_one()
+        self.engine.backlog = self._backlog
+        self.engine.output_stats = self.stats
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._thread = threading.Thread(target=self._run, name="synthd-render", daemon=True)
+        self._thread.start()
+        try:
+            self._stream = sd.OutputStream(samplerate=self.sample_rate, blocksize=0,
+                                           device=self.device_index, channels=self.channels,
+                                           dtype="float32", latency="low", callback=self._callback)
+            self._stream.start()
+        except Exception as exc:
+            self._stop.set()
+            self._thread.join()
+            sys.setswitchinterval(self._switch_interval)
+            raise AudioError(f"cannot open audio device {self.device_name!r} at "
+                             f"{self.sample_rate} Hz: {exc}") from None
+        self._stream_latency_s = float(self._stream.latency)
+        log.info("audio: %s at %d Hz%s, latency %.1f ms", self.device_name, self.sample_rate,
+                 " (resampled)" if self._resampler is not None else "", self.latency_ms)
+
+    def stop(self, fade_s: float = 0.05) -> None:
+        """Fade out over `fade_s`, let the fade play, then close the stream and the thread."""
+        if self._stream is None:
+            return
+        if fade_s > 0 and self._thread is not None and self._thread.is_alive():
+            self._fade.set(0.0, int(fade_s * self.sample_rate))
+            self._fading_out = True
+            self._faded.wait(timeout=fade_s + 1.0)
+            # the fade is rendered; wait until it has been played
+            deadline = time.monotonic() + self.target_fill / self.sample_rate + 0.5
+            while self._ring.fill > 0 and time.monotonic() < deadline:
+                time.sleep(0.002)
+        self._stop.set()
+        self._wake.set()
+        try:
+            self._stream.stop()
+            self._stream.close()
+        finally:
+            self._stream = None
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self.engine.backlog = None
+            self.engine.output_stats = None
+            sys.setswitchinterval(self._switch_interval)
+
+    def __enter__(self) -> "LiveOutput":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- threads
+
+    def _backlog(self) -> int:
+        """Samples rendered but not yet played, in engine samples."""
+        return int(self._ring.fill / self._ratio)
+
+    def _render_one(self) -> None:
+        block = self.engine.render(self.engine.block_frames)
+        if self._fading_out:
+            block = block * self._fade.process(block.shape[0])[:, None].astype(np.float32)
+            if not self._fade.moving:
+                self._faded.set()
+        if self._resampler is not None:
+            block = self._resampler.resample_chunk(block)
+        self._ring.write(block)
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.engine.threads)  # intra-op threads are set per thread
+        try:
+            while not self._stop.is_set():
+                if self._faded.is_set():
+                    self._wake.wait(0.01)
+                    self._wake.clear()
+                elif self._ring.fill < self.target_fill:
+                    self._render_one()
+                else:
+                    self._wake.wait(0.005)
+                    self._wake.clear()
+        except BaseException as exc:  # keep the reason; the callback plays silence meanwhile
+            self.render_error = exc
+            log.exception("render thread stopped")
+
+    def _callback(self, outdata: np.ndarray, frames: int, time_info, status) -> None:
+        # real-time: copy, count, wake the renderer; no allocation of samples, no logging, no torch
+        if status.output_underflow:
+            self.output_underflows += 1
+        if self._ring.read_into(outdata) < frames and not self._faded.is_set():
+            self.ring_underruns += 1
+        self.callbacks += 1
+        self._wake.set()

@@ -1,0 +1,231 @@
+"""A real, paced JACK server with no sound card, and a JACK client that records into numpy.
+
+`JackServer` starts `jackd --no-realtime -n NAME -d dummy -r RATE -p PERIOD` under a
+name of its own, so parallel test sessions never share a server, and waits until clients
+can connect. Child processes find it through `server.env()` (JACK_DEFAULT_SERVER; and
+JACK_NO_START_SERVER, so nothing silently starts a second server). PortAudio, and so
+sounddevice, sees it as the "JACK Audio Connection Kit" host API once the env var is set
+in this process and PortAudio re-scans (`use_in_this_process`).
+
+`Recorder` is a JACK client with input ports whose process callback copies each period
+into a preallocated array; it remembers the JACK frame time of its first recorded frame,
+so that events timed with `server_frame_time()` can be located in the recording.
+
+Typical use in a test module:
+
+    from support.jack import jack_server  # the fixture
+
+    def test_x(jack_server):
+        rec = Recorder(jack_server.name, channels=2, seconds=3)
+        rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 2))
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+JACKD = shutil.which("jackd") or "/usr/bin/jackd"
+
+
+class JackServer:
+    """A jackd dummy-driver server under a unique name; a context manager."""
+
+    def __init__(self, name: str | None = None, *, rate: int = 48000, period: int = 256):
+        self.name = name or f"synthd-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.rate = rate
+        self.period = period
+        self.process: subprocess.Popen | None = None
+        self._log = b""
+        self._saved_env: dict[str, str | None] | None = None
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """An environment for child processes that talk to this server."""
+        env = dict(os.environ if base is None else base)
+        env["JACK_DEFAULT_SERVER"] = self.name
+        env["JACK_NO_START_SERVER"] = "1"
+        env["JACK_NO_AUDIO_RESERVATION"] = "1"
+        return env
+
+    def start(self, timeout: float = 15.0) -> "JackServer":
+        """Start jackd and return once a client can connect; RuntimeError with its log if not."""
+        cmd = [JACKD, "--no-realtime", "-n", self.name, "-d", "dummy",
+               "-r", str(self.rate), "-p", str(self.period)]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, env=self.env())
+        import jack
+
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        jack.set_error_function(lambda message: None)  # "cannot connect" until it is up
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                try:
+                    client = self.client("synthd-test-probe")
+                    client.close()
+                    return self
+                except Exception as exc:  # jack.JackOpenError until the server is up
+                    last_error = exc
+                    time.sleep(0.1)
+        finally:
+            jack.set_error_function(None)
+        log = self.stop()
+        raise RuntimeError(f"jackd -n {self.name} did not come up ({last_error}); its output:\n{log}")
+
+    def client(self, name: str):
+        """A new, inactive jack.Client on this server (never starts another server)."""
+        import jack
+
+        return jack.Client(name, servername=self.name, no_start_server=True)
+
+    def use_in_this_process(self) -> None:
+        """Point this process's PortAudio (sounddevice) at this server and re-scan devices."""
+        import sounddevice as sd
+
+        self._saved_env = {k: os.environ.get(k) for k in self.env() if k.startswith("JACK_")}
+        os.environ.update({k: v for k, v in self.env().items() if k.startswith("JACK_")})
+        sd._terminate()
+        sd._initialize()
+
+    def stop(self) -> str:
+        """Stop jackd (SIGTERM, then SIGKILL) and return what it printed.
+
+        Streams of this process must be closed first. PortAudio is detached from the server
+        before it goes (its JACK client asserts at exit when the server vanished under it).
+        """
+        if self._saved_env is not None:
+            import sounddevice as sd
+
+            sd._terminate()
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            self._saved_env = None
+            sd._initialize()
+        proc, self.process = self.process, None
+        if proc is None:
+            return self._log.decode(errors="replace")
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if proc.stdout is not None:
+            self._log += proc.stdout.read() or b""
+            proc.stdout.close()
+        return self._log.decode(errors="replace")
+
+    def __enter__(self) -> "JackServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Recorder:
+    """A JACK client that records its input ports into a preallocated (frames, channels) array."""
+
+    def __init__(self, server: str, *, channels: int = 2, seconds: float = 10.0,
+                 name: str = "recorder"):
+        import jack
+
+        self.client = jack.Client(name, servername=server, no_start_server=True)
+        self.rate = self.client.samplerate
+        self.period = self.client.blocksize
+        self._buf = np.zeros((int(seconds * self.rate), channels), dtype=np.float32)
+        self._ports = [self.client.inports.register(f"in_{i + 1}") for i in range(channels)]
+        self._written = 0
+        self._recording = False
+        self.first_frame_time: int | None = None  # JACK frame time of recording frame 0
+        self.xruns = 0
+        self.client.set_process_callback(self._process)
+        self.client.set_xrun_callback(self._xrun)
+        self.client.activate()
+
+    def _process(self, frames: int) -> None:
+        if not self._recording:
+            return
+        if self.first_frame_time is None:
+            self.first_frame_time = self.client.last_frame_time
+        n = min(frames, self._buf.shape[0] - self._written)
+        if n <= 0:
+            return
+        for i, port in enumerate(self._ports):
+            self._buf[self._written:self._written + n, i] = port.get_array()[:n]
+        self._written += n
+
+    def _xrun(self, delay: float) -> None:
+        self.xruns += 1
+
+    def wait_for_ports(self, pattern: str, count: int, timeout: float = 15.0) -> list[str]:
+        """Names of the first `count` audio output ports matching regex `pattern`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            names = sorted(p.name for p in self.client.get_ports(pattern, is_audio=True, is_output=True))
+            if len(names) >= count:
+                return names[:count]
+            if time.monotonic() > deadline:
+                all_ports = [p.name for p in self.client.get_ports()]
+                raise TimeoutError(f"no {count} output ports matching {pattern!r}; ports: {all_ports}")
+            time.sleep(0.05)
+
+    def connect_from(self, sources: list[str]) -> None:
+        """Connect source port i to input i."""
+        for src, port in zip(sources, self._ports):
+            self.client.connect(src, port)
+
+    def start(self) -> None:
+        """Start recording from the next period."""
+        self._recording = True
+
+    def frame_time(self) -> int:
+        """The server's current frame time (estimated between periods)."""
+        return self.client.frame_time
+
+    @property
+    def frames(self) -> int:
+        return self._written
+
+    def wait_frames(self, frames: int, timeout: float = 30.0) -> None:
+        """Block until `frames` frames are recorded (TimeoutError otherwise)."""
+        deadline = time.monotonic() + timeout
+        while self._written < frames:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"recorded {self._written} of {frames} frames")
+            time.sleep(0.01)
+
+    def data(self) -> np.ndarray:
+        """A copy of what was recorded so far, (frames, channels) float32."""
+        return self._buf[:self._written].copy()
+
+    def close(self) -> None:
+        self._recording = False
+        try:
+            self.client.deactivate()
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@pytest.fixture(scope="module")
+def jack_server():
+    """A JACK dummy server for one test module, stopped afterwards."""
+    with JackServer() as server:
+        yield server
