@@ -1,0 +1,425 @@
+"""The control surface: the one place where wire values become latent values.
+
+OSC, MIDI, presets and offline automation all call `ControlSurface`; it maps a wire value
+(0..1) through the patch (invert, curve, range) onto the model control's useful range and
+hands the result to `Engine.set_latent` with the control's smoothing. It also owns MIDI
+learn, soft takeover (pickup), notes and pitch bend, presets with glide, and the
+subscribers that hear about every change (OSC `/synthd/notify`).
+
+Controls are addressed by model label (`brightness`), by decode input index (`"3"` or 3)
+or by a patch alias. Every method is thread-safe: OSC, MIDI and the main thread share one
+surface.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from synthd.engine import Engine
+from synthd.model import ControlInfo, Model
+from synthd.patch import ControlMap, Patch, PatchError, Preset, save_patch
+
+log = logging.getLogger(__name__)
+
+# shape of the "exponential" curve: r(u) = (e^(k u) - 1) / (e^k - 1); at k = 4 the middle
+# of the knob gives 12 % of the range, like an audio-taper pot
+EXP_SHAPE = 4.0
+GAIN_RANGE_DB = (-120.0, 24.0)
+# pickup: a knob whose value lands this close to the control's value has caught it
+PICKUP_WINDOW = 2.0 / 127.0
+
+Subscriber = Callable[[str, str, float], None]  # (kind: "control"|"gain"|"gate", name, value)
+
+
+def shape(m: ControlMap, u: float) -> float:
+    """Wire value u (0..1) -> position in the model's useful range (0 = min, 1 = max)."""
+    if m.invert:
+        u = 1.0 - u
+    if m.curve == "exponential":
+        u = math.expm1(EXP_SHAPE * u) / math.expm1(EXP_SHAPE)
+    lo, hi = m.range
+    return lo + u * (hi - lo)
+
+
+def unshape(m: ControlMap, r: float) -> float:
+    """Inverse of `shape`, clamped to 0..1: the wire value that gives range position r."""
+    lo, hi = m.range
+    u = min(1.0, max(0.0, (r - lo) / (hi - lo)))
+    if m.curve == "exponential":
+        u = math.log1p(u * math.expm1(EXP_SHAPE)) / EXP_SHAPE
+    return 1.0 - u if m.invert else u
+
+
+@dataclass
+class Control:
+    """One model control as the surface sees it."""
+
+    info: ControlInfo
+    mapping: ControlMap  # from the patch, or a plain linear one for unmapped controls
+    wire: float  # the value last set, 0..1 (before pitch bend)
+    offset: float = 0.0  # pitch bend, in wire units
+    caught: bool = True  # pickup: False until the knob crosses the control's value
+    knob: float | None = None  # pickup: where the knob was last seen
+    msb: int = 0  # 14-bit CC: the last MSB
+
+    def model_value(self) -> float:
+        """The model-unit value the engine is heading for."""
+        u = min(1.0, max(0.0, self.wire + self.offset))
+        r = shape(self.mapping, u)
+        return self.info.minimum + r * (self.info.maximum - self.info.minimum)
+
+
+@dataclass
+class Counters:
+    clamped: int = 0  # out-of-range values brought into range
+    learned: int = 0
+    recalled: int = 0
+    pickup_waits: int = 0  # knob moves ignored while waiting for pickup
+
+
+@dataclass
+class _Notes:
+    held: list[int] = field(default_factory=list)  # last-note priority
+
+
+class ControlSurface:
+    """Binds a patch to the engine's model and applies every control change."""
+
+    def __init__(self, engine: Engine, patch: Patch):
+        self.engine = engine
+        self.patch = patch
+        self.counters = Counters()
+        self.learning: str | None = None  # label armed for MIDI learn
+        self.dirty = False  # learned mappings not yet written back
+        self._lock = threading.RLock()
+        self._subscribers: list[Subscriber] = []
+        self._notes = _Notes()
+        self._controls: list[Control] = []
+        self._by_name: dict[str, Control] = {}
+        self.gain_db = patch.gain_db
+        self.warnings: list[str] = []
+        self._bind(engine.model, patch, keep={})
+        self.gate_open = patch.gate.open
+        engine.set_gain_db(self.gain_db)
+        engine.set_gate(self.gate_open, attack_s=0.0, release_s=0.0)
+
+    # ---------------------------------------------------------------- binding
+
+    def _bind(self, model: Model, patch: Patch, keep: dict[str, float]) -> None:
+        """Build the controls of `model` under `patch`; `keep` holds wire values by label."""
+        maps: dict[int, ControlMap] = {}
+        self.warnings = []
+        for m in patch.controls:
+            info = next((c for c in model.controls if c.label == m.label), None) if m.label is not None \
+                else (model.controls[m.index] if m.index < model.latent_size else None)
+            if info is None:
+                self.warnings.append(f"patch {patch.name!r}: model {model.name!r} has no control {m.target()}; "
+                                     "that mapping is idle")
+            else:
+                maps[info.index] = m
+        controls = []
+        for info in model.controls:
+            m = maps.get(info.index, ControlMap(label=info.label))
+            if info.label in keep:
+                wire = keep[info.label]
+            elif m.default is not None:
+                wire = m.default
+            else:
+                span = info.maximum - info.minimum
+                wire = unshape(m, (info.default - info.minimum) / span)
+            caught = not patch.pickup_of(m) or m.cc is None
+            controls.append(Control(info=info, mapping=m, wire=wire, caught=caught))
+        by_name: dict[str, Control] = {}
+        for c in controls:
+            by_name[c.info.label] = c
+            by_name[str(c.info.index)] = c
+            if c.mapping.alias is not None:
+                by_name[c.mapping.alias] = c
+        self._controls, self._by_name = controls, by_name
+        for c in controls:
+            self.engine.set_latent(c.info.index, c.model_value(), glide_s=0.0)
+        for w in self.warnings:
+            log.warning("%s", w)
+
+    def rebind(self, *, model: Model | None = None, patch: Patch | None = None) -> None:
+        """After a model swap or a patch reload: keep every value whose label still exists.
+
+        With a new patch, its output gain is applied (ramped by the engine).
+        """
+        with self._lock:
+            keep = {c.info.label: c.wire for c in self._controls}
+            if patch is not None:
+                self.patch = patch
+                self.learning = None
+                self.dirty = False
+                self.gain_db = patch.gain_db
+                self.engine.set_gain_db(self.gain_db)
+            self._bind(model or self.engine.model, self.patch, keep)
+
+    @property
+    def controls(self) -> list[Control]:
+        return list(self._controls)
+
+    def find(self, key: str | int) -> Control | None:
+        """The control called `key` (label, index or alias), None when there is none."""
+        return self._by_name.get(str(key))
+
+    def _require(self, key: str | int) -> Control:
+        c = self.find(key)
+        if c is None:
+            raise KeyError(f"no control {key!r} (model {self.engine.model.name!r} has "
+                           f"{', '.join(c.info.label for c in self._controls)})")
+        return c
+
+    # ---------------------------------------------------------------- subscribers
+
+    def subscribe(self, fn: Subscriber) -> None:
+        with self._lock:
+            if fn not in self._subscribers:
+                self._subscribers.append(fn)
+
+    def unsubscribe(self, fn: Subscriber) -> None:
+        with self._lock:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
+    def _notify(self, kind: str, name: str, value: float, origin: object) -> None:
+        for fn in list(self._subscribers):
+            if fn is origin:
+                continue  # the sender knows what it sent
+            try:
+                fn(kind, name, value)
+            except Exception as exc:  # a broken listener must not break playing
+                log.debug("subscriber %r failed: %s", fn, exc)
+
+    # ---------------------------------------------------------------- setting values
+
+    def _clamp(self, value: float, lo: float, hi: float, count: bool) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
+        if value < lo or value > hi:
+            if count:
+                self.counters.clamped += 1
+            return min(hi, max(lo, value))
+        return value
+
+    def _apply(self, c: Control, *, glide_s: float | None, at: int | None, origin: object) -> None:
+        glide = c.mapping.smoothing if glide_s is None else glide_s
+        self.engine.set_latent(c.info.index, c.model_value(), glide_s=glide, at=at)
+        self._notify("control", c.info.label, c.wire, origin)
+
+    def set(self, key: str | int, value: float, *, glide_s: float | None = None, at: int | None = None,
+            origin: object = None, count_clamp: bool = True) -> float:
+        """Set control `key` to wire value `value` (clamped to 0..1, counted); returns it.
+
+        `at` is a time on the audio clock (samples); `glide_s` overrides the control's
+        smoothing. A knob under pickup is released: the next MIDI move must catch it.
+        Raises KeyError for an unknown control, ValueError for a non-finite value.
+        """
+        with self._lock:
+            c = self._require(key)
+            c.wire = self._clamp(float(value), 0.0, 1.0, count_clamp)
+            if self.patch.pickup_of(c.mapping) and c.mapping.cc is not None:
+                c.caught = False
+            self._apply(c, glide_s=glide_s, at=at, origin=origin)
+            return c.wire
+
+    def set_gain_db(self, db: float, *, at: int | None = None, origin: object = None) -> float:
+        """Output gain in dB, clamped to -120..+24 (counted); returns the value applied."""
+        with self._lock:
+            self.gain_db = self._clamp(float(db), *GAIN_RANGE_DB, True)
+            self.engine.set_gain_db(self.gain_db, at=at)
+            self._notify("gain", "gain", self.gain_db, origin)
+            return self.gain_db
+
+    def set_gate(self, on: bool, *, velocity: float = 1.0, at: int | None = None, origin: object = None) -> None:
+        """Open or close the gate with the patch's attack and release."""
+        with self._lock:
+            g = self.patch.gate
+            self.gate_open = bool(on)
+            self.engine.set_gate(self.gate_open, velocity=velocity, attack_s=g.attack, release_s=g.release, at=at)
+            self._notify("gate", "gate", 1.0 if on else 0.0, origin)
+
+    # ---------------------------------------------------------------- MIDI
+
+    def midi_cc(self, channel: int, number: int, value: int, *, at: int | None = None) -> bool:
+        """A CC on `channel` (1..16): learn, or move every control listening to it.
+
+        Returns True when the CC was used (learned or applied).
+        """
+        with self._lock:
+            if self.learning is not None:
+                self._learn(channel, number)
+                return True
+            used = False
+            for c in self._controls:
+                m = c.mapping
+                if m.cc is None or number not in m.ccs():
+                    continue
+                ch = self.patch.channel_of(m)
+                if ch is not None and ch != channel:
+                    continue
+                used = True
+                if m.hires:
+                    if number == m.cc:
+                        c.msb = value
+                        u = (value << 7) / 16383.0
+                    else:
+                        u = ((c.msb << 7) | value) / 16383.0
+                else:
+                    u = value / 127.0
+                if not self._pickup(c, u):
+                    continue
+                c.wire = u
+                self._apply(c, glide_s=None, at=at, origin=None)
+            return used
+
+    def _pickup(self, c: Control, u: float) -> bool:
+        """Soft takeover: True once the knob has reached or crossed the control's value."""
+        if c.caught:
+            c.knob = u
+            return True
+        prev, c.knob = c.knob, u
+        target = c.wire
+        if abs(u - target) <= PICKUP_WINDOW or (prev is not None and (prev - target) * (u - target) <= 0):
+            c.caught = True
+            return True
+        self.counters.pickup_waits += 1
+        return False
+
+    def arm_learn(self, key: str | int) -> str:
+        """Arm MIDI learn: the next CC moved binds to control `key`. Returns its label."""
+        with self._lock:
+            self.learning = self._require(key).info.label
+            return self.learning
+
+    def _learn(self, channel: int, number: int) -> None:
+        c = self._by_name[self.learning]
+        self.learning = None
+        patch = self.patch
+        for other in patch.controls:  # a learned CC moves away from whoever had it
+            if other.cc is not None and number in other.ccs() and other is not c.mapping:
+                other.cc, other.hires = None, False
+        m = c.mapping
+        if m not in patch.controls:
+            patch.controls.append(m)
+        m.cc, m.hires = number, False
+        m.channel = channel if patch.midi.channel is not None else None
+        c.caught, c.knob = True, None
+        self.counters.learned += 1
+        self.dirty = True
+        log.info("MIDI learn: CC %d (channel %d) -> %s", number, channel, c.info.label)
+
+    def note_on(self, note: int, velocity: int, *, at: int | None = None) -> None:
+        """Note-on: the note control follows the note, the gate opens scaled by velocity."""
+        if velocity <= 0:
+            self.note_off(note, at=at)
+            return
+        with self._lock:
+            if not self.patch.midi.notes:
+                return
+            if note in self._notes.held:
+                self._notes.held.remove(note)
+            self._notes.held.append(note)
+            self._note_pitch(note, at)
+            vel = velocity / 127.0 if self.patch.gate.velocity else 1.0
+            self.set_gate(True, velocity=vel, at=at)
+
+    def note_off(self, note: int, *, at: int | None = None) -> None:
+        """Note-off: back to the previous held note (legato), or close the gate."""
+        with self._lock:
+            if not self.patch.midi.notes or note not in self._notes.held:
+                return
+            was_last = self._notes.held[-1] == note
+            self._notes.held.remove(note)
+            if not self._notes.held:
+                self.set_gate(False, at=at)
+            elif was_last:
+                self._note_pitch(self._notes.held[-1], at)
+
+    def _note_pitch(self, note: int, at: int | None) -> None:
+        mid = self.patch.midi
+        c = self.find(mid.note_control) if mid.note_control else None
+        if c is not None:
+            self.set(c.info.label, (note - mid.note_low) / (mid.note_high - mid.note_low), glide_s=0.0,
+                     at=at, count_clamp=False)
+
+    def pitch_bend(self, value: int, *, at: int | None = None) -> None:
+        """Pitch bend (-8192..8191) moves the patch's bend control by up to ±bend_depth."""
+        with self._lock:
+            mid = self.patch.midi
+            c = self.find(mid.bend_control) if mid.bend_control else None
+            if c is None:
+                return
+            c.offset = max(-1.0, min(1.0, value / 8192.0)) * mid.bend_depth
+            self.engine.set_latent(c.info.index, c.model_value(), glide_s=0.0, at=at)
+
+    # ---------------------------------------------------------------- presets
+
+    def save_preset(self, name: str) -> Preset:
+        """Store the current values under `name` (replacing one of that name) and write the
+        patch file back when it has one, so the set list survives a restart."""
+        if not name:
+            raise ValueError("a preset needs a name")
+        with self._lock:
+            patch = self.patch
+            old = patch.preset(name)
+            used = {p.program for p in patch.presets if p.program is not None}
+            program = old.program if old is not None else next((n for n in range(128) if n not in used), None)
+            preset = Preset(name=name, values={c.info.label: round(c.wire, 6) for c in self._controls},
+                            program=program, gain_db=self.gain_db)
+            if old is not None:
+                patch.presets[patch.presets.index(old)] = preset
+            else:
+                patch.presets.append(preset)
+            self._write_back()
+            return preset
+
+    def recall_preset(self, key: str | int, *, at: int | None = None) -> Preset:
+        """Glide to preset `key` (name, or program number for an int) over the patch's glide
+        time. Raises KeyError when there is no such preset."""
+        with self._lock:
+            preset = self.patch.preset(key)
+            if preset is None:
+                names = ", ".join(p.name for p in self.patch.presets) or "none"
+                raise KeyError(f"no preset {key!r} in patch {self.patch.name!r} (presets: {names})")
+            for label, value in preset.values.items():
+                if self.find(label) is not None:
+                    self.set(label, value, glide_s=self.patch.preset_glide, at=at)
+            if preset.gain_db is not None:
+                self.set_gain_db(preset.gain_db, at=at)
+            self.counters.recalled += 1
+            return preset
+
+    def save_patch(self) -> str:
+        """Write learned mappings and presets to the patch file; returns its path.
+
+        Raises PatchError when the patch in use has no file (the built-in default)."""
+        with self._lock:
+            path = self._write_back()
+            if path is None:
+                raise PatchError("the patch in use is the built-in default and has no file "
+                                 "(start with --patch FILE.toml to keep changes)")
+            return str(path)
+
+    def _write_back(self) -> Path | None:
+        """Save the patch where it came from; None (and a warning) when it has no file."""
+        if self.patch.path is None:
+            log.warning("patch %r has no file: the change lives until synthd stops", self.patch.name)
+            return None
+        path = save_patch(self.patch)
+        self.dirty = False
+        return path
+
+    # ---------------------------------------------------------------- reading
+
+    def snapshot(self) -> list[tuple[str, int, float, float, float, float, str]]:
+        """Per control: (label, index, wire value, model value, min, max, label source)."""
+        with self._lock:
+            return [(c.info.label, c.info.index, c.wire, c.model_value(), c.info.minimum, c.info.maximum,
+                     c.info.source) for c in self._controls]
