@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 # Floor under magnitudes: keeps log() finite and its gradient bounded on digital silence.
 _MAG_FLOOR = 1e-5
+# RMS level (-60 dBFS) under which a target's energy no longer scales spectral convergence
+REFERENCE_FLOOR_RMS = 1e-3
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0,
@@ -49,13 +51,35 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0
     return fb.float()
 
 
+def _safe_sqrt(x: Tensor) -> Tensor:
+    # sqrt has an infinite slope at 0: a perfect reconstruction must not give NaN gradients
+    return torch.sqrt(x + 1e-14)
+
+
 @dataclass(frozen=True)
 class SpectralTerms:
-    """Per-example loss terms, each `(batch,)`, averaged over the resolutions that have them."""
+    """Loss terms of a batch. The energies are `(stft_resolutions, batch)`."""
 
-    spectral_convergence: Tensor
-    log_magnitude: Tensor
-    log_mel: Tensor | None
+    error_energy: Tensor    # ||Y - Ŷ||_F^2 per STFT resolution and example
+    target_energy: Tensor   # ||Y||_F^2 per STFT resolution and example
+    floor_energy: Tensor    # `(stft_resolutions, 1)`: ||Y||_F^2 of white noise at REFERENCE_FLOOR_RMS
+    log_magnitude: Tensor   # `(batch,)` mean |log Y - log Ŷ|, averaged over the resolutions
+    log_mel: Tensor | None  # `(batch,)` mean |log mel Y - log mel Ŷ|, averaged over the mel resolutions
+
+    @property
+    def spectral_convergence(self) -> Tensor:
+        """`(batch,)` ||Y - Ŷ||_F / ||Y||_F of each example, averaged over the resolutions.
+
+        A silent target would make the ratio infinite: its reference energy is floored at that of
+        noise at -60 dBFS, so errors far below the level of the sound stop counting."""
+        return _safe_sqrt(self.error_energy / torch.maximum(self.target_energy, self.floor_energy)).mean(0)
+
+    def batch_spectral_convergence(self) -> Tensor:
+        """Spectral convergence of the batch taken as one signal (scalar), the training form: a
+        crop of silence or of a quiet tail adds its error without dividing by its own tiny energy."""
+        batch = self.target_energy.shape[1]
+        reference = torch.maximum(self.target_energy.sum(1), self.floor_energy[:, 0] * batch)
+        return _safe_sqrt(self.error_energy.sum(1) / reference).mean()
 
     def distance(self) -> Tensor:
         """The multi-resolution STFT distance: spectral convergence + log magnitude, `(batch,)`."""
@@ -93,7 +117,7 @@ class MultiResolutionSpectralLoss(nn.Module):
         batch = y.shape[0]
         # one STFT over prediction and target together halves the number of calls
         both = torch.cat([y_hat.reshape(batch, -1), y.reshape(batch, -1)], dim=0).float()
-        sc, lm, mel = [], [], []
+        err, ref, floors, lm, mel = [], [], [], [], []
         for n in self.fft_sizes:
             spec = torch.stft(both, n_fft=n, hop_length=n // 4, window=getattr(self, f"window_{n}"),
                               center=True, pad_mode="constant", return_complex=True)
@@ -101,20 +125,22 @@ class MultiResolutionSpectralLoss(nn.Module):
             mag = torch.sqrt(spec.real.square() + spec.imag.square() + _MAG_FLOOR ** 2)
             pred, true = mag[:batch], mag[batch:]
             if n in self.stft_sizes:
-                diff = torch.linalg.vector_norm(true - pred, dim=(1, 2))
-                ref = torch.linalg.vector_norm(true, dim=(1, 2))
-                # a silent target would make convergence infinite: floor the reference norm
-                sc.append(diff / ref.clamp(min=1e-3 * math.sqrt(true[0].numel())))
+                err.append((true - pred).square().sum(dim=(1, 2)))
+                window = getattr(self, f"window_{n}")
+                floors.append(REFERENCE_FLOOR_RMS ** 2 * window.square().sum() * true.shape[1] * true.shape[2])
+                ref.append(true.square().sum(dim=(1, 2)))
                 lm.append((torch.log(true) - torch.log(pred)).abs().mean(dim=(1, 2)))
             if n in self.mel_sizes:
                 fb = getattr(self, f"mel_{n}")
                 mel_pred = torch.log(torch.matmul(fb, pred).clamp(min=_MAG_FLOOR))
                 mel_true = torch.log(torch.matmul(fb, true).clamp(min=_MAG_FLOOR))
                 mel.append((mel_true - mel_pred).abs().mean(dim=(1, 2)))
-        zero = both.new_zeros(batch)
+        zero = both.new_zeros(1, batch)
         return SpectralTerms(
-            spectral_convergence=torch.stack(sc).mean(0) if sc else zero,
-            log_magnitude=torch.stack(lm).mean(0) if lm else zero,
+            error_energy=torch.stack(err) if err else zero,
+            target_energy=torch.stack(ref) if ref else zero + 1.0,
+            floor_energy=torch.stack(floors)[:, None] if floors else zero[:, :1] + 1.0,
+            log_magnitude=torch.stack(lm).mean(0) if lm else zero[0],
             log_mel=torch.stack(mel).mean(0) if mel else None,
         )
 
