@@ -77,8 +77,13 @@ OMNI = 0  # a control's channel that listens on all 16, whatever [midi].channel 
 RANGE_LIMIT = (-1.0, 2.0)  # a range may reach one whole useful range past either end
 
 
-class PatchError(Exception):
-    """A patch that cannot be used; the message names the file, line and key at fault."""
+class TomlError(Exception):
+    """A TOML file (patch, config, automation) that cannot be used; the message names the
+    file, line and key at fault."""
+
+
+class PatchError(TomlError):
+    """A patch that cannot be used."""
 
 
 @dataclass
@@ -186,12 +191,24 @@ class Patch:
 # ---------------------------------------------------------------- reading
 
 
-class _Source:
+class TomlSource:
     """The TOML text of a file, to point errors at the line a key stands on."""
 
-    def __init__(self, path: Path, text: str):
+    def __init__(self, path: Path, text: str, arrays: tuple[str, ...] = ("control", "preset"),
+                 error: type[TomlError] = PatchError):
         self.path = path
         self.lines = text.splitlines()
+        self.arrays = arrays  # tables written [[name]], numbered in messages
+        self.error = error
+
+    def parse(self, text: str) -> dict[str, Any]:
+        """tomllib's reading of `text`; a syntax error names the line."""
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            m = re.search(r"line (\d+)", str(exc))
+            at = f"{self.path}:{m.group(1)}" if m else str(self.path)
+            raise self.error(f"{at}: not valid TOML ({exc})") from None
 
     def line_of(self, table: str, occurrence: int, key: str | None) -> int | None:
         """1-based line of `key` inside the `occurrence`-th `[table]`/`[[table]]` ("" = top level).
@@ -214,23 +231,23 @@ class _Source:
                 return n
         return header_line if key is None or table else None
 
-    def fail(self, message: str, table: str = "", occurrence: int = 0, key: str | None = None) -> PatchError:
+    def fail(self, message: str, table: str = "", occurrence: int = 0, key: str | None = None) -> TomlError:
         line = self.line_of(table, occurrence, key)
-        name = (f"[[{table}]] #{occurrence + 1}" if table in ("control", "preset")
+        name = (f"[[{table}]] #{occurrence + 1}" if table in self.arrays
                 else f"[{table}]" if table else "")
         where = f"{name} {key}" if key and name else (key or name)
         at = f"{self.path}:{line}" if line else str(self.path)
-        return PatchError(f"{at}: {where}: {message}" if where else f"{at}: {message}")
+        return self.error(f"{at}: {where}: {message}" if where else f"{at}: {message}")
 
 
-class _Reader:
+class TomlTable:
     """Typed access to one TOML table; every key read is marked, leftovers are unknown."""
 
-    def __init__(self, src: _Source, data: dict, table: str = "", occurrence: int = 0):
+    def __init__(self, src: TomlSource, data: dict, table: str = "", occurrence: int = 0):
         self.src, self.data, self.table, self.occurrence = src, data, table, occurrence
         self.used: set[str] = set()
 
-    def fail(self, key: str | None, message: str) -> PatchError:
+    def fail(self, key: str | None, message: str) -> TomlError:
         return self.src.fail(message, self.table, self.occurrence, key)
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -298,15 +315,10 @@ def load_patch(path: str | Path) -> Patch:
 def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
     """Validate patch TOML `text`; `path` is only used to name the file in errors."""
     path = Path(path)
-    src = _Source(path, text)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        at = f"{path}:{m.group(1)}" if m else str(path)
-        raise PatchError(f"{at}: not valid TOML ({exc})") from None
+    src = TomlSource(path, text)
+    data = src.parse(text)
 
-    top = _Reader(src, data)
+    top = TomlTable(src, data)
     version = top.get("version", int)
     if version is None:
         raise top.fail(None, f"no `version` key (this synthd reads version {SCHEMA_VERSION})")
@@ -316,16 +328,16 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
     patch.name = top.get("name", str, path.stem)
     patch.description = top.get("description", str, "")
 
-    out = _Reader(src, top.table_of("output"), "output")
+    out = TomlTable(src, top.table_of("output"), "output")
     patch.gain_db = out.number("gain_db", 0.0, -120.0, 24.0)
     out.finish()
 
-    g = _Reader(src, top.table_of("gate"), "gate")
+    g = TomlTable(src, top.table_of("gate"), "gate")
     patch.gate = GateSettings(open=g.get("open", bool, True), attack=g.number("attack", 0.005, 0.0, 30.0),
                               release=g.number("release", 0.25, 0.0, 30.0), velocity=g.get("velocity", bool, True))
     g.finish()
 
-    m = _Reader(src, top.table_of("midi"), "midi")
+    m = TomlTable(src, top.table_of("midi"), "midi")
     patch.midi = MidiSettings(
         channel=m.channel("channel", None), pickup=m.get("pickup", bool, False),
         program_change=m.get("program_change", bool, True), notes=m.get("notes", bool, True),
@@ -340,7 +352,7 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
             raise m.fail(key, f"{value!r} is not a control label (lowercase [a-z0-9_])")
     m.finish()
 
-    p = _Reader(src, top.table_of("presets"), "presets")
+    p = TomlTable(src, top.table_of("presets"), "presets")
     patch.preset_glide = p.number("glide", 0.5, 0.0, 60.0)
     p.finish()
 
@@ -353,7 +365,7 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
     seen_target: dict[str, int] = {}
     seen_alias: dict[str, int] = {}
     for i, c in enumerate(patch.controls):
-        r = _Reader(src, {}, "control", i)
+        r = TomlTable(src, {}, "control", i)
         if c.target() in seen_target:
             raise r.fail("label" if c.label is not None else "index",
                          f"{c.target()} is already mapped by [[control]] #{seen_target[c.target()] + 1}")
@@ -365,13 +377,13 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
     conflict = patch.cc_conflict()
     if conflict is not None:
         i, j, cc = conflict
-        raise _Reader(src, {}, "control", i).fail(
+        raise TomlTable(src, {}, "control", i).fail(
             "cc", f"CC {cc} is already used by [[control]] #{j + 1} ({patch.controls[j].target()})")
     return patch
 
 
-def _read_control(src: _Source, raw: Any, i: int, patch: Patch) -> ControlMap:
-    r = _Reader(src, raw if isinstance(raw, dict) else {}, "control", i)
+def _read_control(src: TomlSource, raw: Any, i: int, patch: Patch) -> ControlMap:
+    r = TomlTable(src, raw if isinstance(raw, dict) else {}, "control", i)
     if not isinstance(raw, dict):
         raise r.fail(None, "must be a table")
     c = ControlMap()
@@ -412,8 +424,8 @@ def _read_control(src: _Source, raw: Any, i: int, patch: Patch) -> ControlMap:
     return c
 
 
-def _read_preset(src: _Source, raw: Any, i: int, patch: Patch) -> Preset:
-    r = _Reader(src, raw if isinstance(raw, dict) else {}, "preset", i)
+def _read_preset(src: TomlSource, raw: Any, i: int, patch: Patch) -> Preset:
+    r = TomlTable(src, raw if isinstance(raw, dict) else {}, "preset", i)
     if not isinstance(raw, dict):
         raise r.fail(None, "must be a table")
     name = r.get("name", str)

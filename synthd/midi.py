@@ -1,0 +1,150 @@
+"""MIDI in: messages (mido) from a port (python-rtmidi) onto the control surface.
+
+`MidiRouter` turns one MIDI message into control-surface calls; live input and the
+offline renderer (MIDI files) share it. `MidiInput` opens a port through rtmidi's JACK
+API when a JACK server runs, else rtmidi's default API: `--midi-in virtual` creates a
+port `synthd:midi_in` for others to connect to, `--midi-in NAME` connects to the first
+output port whose name contains NAME (case-insensitive).
+
+Message handling: CC -> patch controls (or MIDI learn); note on/off -> gate and the
+patch's note control; pitch bend -> the patch's bend control; program change -> preset
+recall. System exclusive and anything that does not parse is counted and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import mido
+
+from synthd.controls import ControlSurface
+
+log = logging.getLogger(__name__)
+
+VIRTUAL = "virtual"
+CLIENT_NAME = "synthd"
+PORT_NAME = "midi_in"
+
+
+class MidiError(Exception):
+    """A MIDI port that cannot be opened; the message lists what is there."""
+
+
+@dataclass
+class MidiCounters:
+    messages: int = 0
+    sysex: int = 0  # system exclusive: counted, ignored
+    invalid: int = 0  # bytes that are no MIDI message
+    ignored: int = 0  # valid but unused (other channel, clock, aftertouch, ...)
+
+
+class MidiRouter:
+    """Applies MIDI messages to a control surface; `at` dates them on the audio clock."""
+
+    def __init__(self, surface: ControlSurface):
+        self.surface = surface
+        self.counters = MidiCounters()
+
+    def handle_bytes(self, data: list[int] | bytes, *, at: int | None = None) -> None:
+        """One raw MIDI message as a port delivers it."""
+        if data and data[0] == 0xF0:
+            self.counters.sysex += 1
+            return
+        try:
+            msg = mido.Message.from_bytes(list(data))
+        except (ValueError, TypeError, IndexError):
+            self.counters.invalid += 1
+            return
+        self.handle(msg, at=at)
+
+    def handle(self, msg: mido.Message, *, at: int | None = None) -> None:
+        """One parsed message (channels are 0-based in mido, 1-based in patches)."""
+        self.counters.messages += 1
+        surface = self.surface
+        kind = msg.type
+        if kind == "sysex":
+            self.counters.sysex += 1
+            return
+        if not hasattr(msg, "channel"):
+            self.counters.ignored += 1
+            return
+        channel = msg.channel + 1
+        if kind == "control_change":
+            if not surface.midi_cc(channel, msg.control, msg.value, at=at):
+                self.counters.ignored += 1
+            return
+        wanted = surface.patch.midi.channel
+        if wanted is not None and channel != wanted:
+            self.counters.ignored += 1
+            return
+        if kind == "note_on":
+            surface.note_on(msg.note, msg.velocity, at=at)
+        elif kind == "note_off":
+            surface.note_off(msg.note, at=at)
+        elif kind == "pitchwheel":
+            surface.pitch_bend(msg.pitch, at=at)
+        elif kind == "program_change" and surface.patch.midi.program_change:
+            try:
+                surface.recall_preset(msg.program, at=at)
+            except KeyError:
+                log.info("program change %d: the patch has no preset with that program", msg.program)
+                self.counters.ignored += 1
+        else:
+            self.counters.ignored += 1
+
+
+class MidiInput:
+    """A live MIDI input port feeding a router from rtmidi's thread."""
+
+    def __init__(self, router: MidiRouter, spec: str):
+        import rtmidi
+
+        from synthd.listing import midi_api
+
+        self.router = router
+        try:
+            self._port = rtmidi.MidiIn(rtapi=midi_api(), name=CLIENT_NAME)
+        except rtmidi.SystemError as exc:
+            raise MidiError(f"no MIDI back-end could be opened ({exc}); start a JACK server or make "
+                            "the ALSA sequencer available") from None
+        self.api = rtmidi.get_api_display_name(self._port.get_current_api())
+        # sysex arrives so that it is counted; clock and active sensing never reach Python
+        self._port.ignore_types(sysex=False, timing=True, active_sense=True)
+        try:
+            if spec == VIRTUAL:
+                self._port.open_virtual_port(PORT_NAME)
+                self.name = f"{CLIENT_NAME}:{PORT_NAME}" if "jack" in self.api.lower() else PORT_NAME
+            else:
+                ports = self._port.get_ports()
+                match = next((i for i, p in enumerate(ports) if spec.lower() in p.lower()), None)
+                if match is None:
+                    raise MidiError(f"no MIDI input port matches {spec!r} ({self.api}); ports: "
+                                    f"{', '.join(ports) or 'none'} (or use --midi-in virtual)")
+                self._port.open_port(match, PORT_NAME)
+                self.name = ports[match]
+        except rtmidi.SystemError as exc:
+            self._port.delete()
+            raise MidiError(f"cannot open MIDI port {spec!r} ({self.api}): {exc}") from None
+        except MidiError:
+            self._port.delete()
+            raise
+        self._port.set_callback(self._on_message)
+
+    def _on_message(self, event: tuple[list[int], float], _data: object = None) -> None:
+        try:
+            self.router.handle_bytes(event[0])
+        except Exception:  # rtmidi's thread must survive any message
+            self.router.counters.invalid += 1
+            log.debug("MIDI message %r failed", event, exc_info=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"midi:{self.name} ({self.api})"
+
+    def close(self) -> None:
+        try:
+            self._port.cancel_callback()
+            self._port.close_port()
+        finally:
+            self._port.delete()

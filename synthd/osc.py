@@ -1,0 +1,338 @@
+"""The OSC server: python-osc over UDP, routed onto the control surface.
+
+Addresses (numbers may be int or float everywhere; Pd sends floats, Max ints):
+
+    /synthd/control/<name> f   control by label or patch alias, wire value 0..1
+    <alias address> f          a patch alias given as a whole address (e.g. /1/fader1)
+    /synthd/latent/<i> f       control by decode input index, 0..1
+    /synthd/gain f             output gain, dB (-120..+24)
+    /synthd/gate i [f]         1 opens (optional velocity 0..1), 0 closes
+    /synthd/status             -> /synthd/status.reply (fields: STATUS_FIELDS, in order)
+    /synthd/controls           -> one /synthd/controls.reply per control:
+                                  name s, index i, value f (0..1), model value f,
+                                  min f, max f (model units), label source s
+    /synthd/model/load s       a model NAME from the model folder (never a path)
+    /synthd/patch/load s       a patch NAME from the patch folder (never a path)
+    /synthd/patch/save         write learned mappings and presets to the patch file
+    /synthd/learn s            arm MIDI learn for control s
+    /synthd/preset/save s      store the current values as preset s (in the patch file)
+    /synthd/preset/recall s|i  glide to preset s (or program number i)
+    /synthd/notify i           1: send this client every value change, 0: stop
+                               (/synthd/control/<label> f, /synthd/gain f, /synthd/gate i)
+    /synthd/quit               fade out and stop
+
+Replies follow scsynth: commands answer `/done <address> [detail]`; any refused message
+answers `/fail <address> <reason>`; value messages (control, latent, gain, gate) answer
+only when they fail, so a 1 kHz stream is not echoed. Replies carry no blobs.
+
+Nothing a client sends can stop the server: datagrams that do not parse are counted as
+`invalid` and ignored; wrong argument types are counted as `invalid` and answered with
+/fail; out-of-range values are clamped and counted (`clamped`). Bundles with a future
+timetag are applied on the audio clock (`Engine` events `at=`), never by sleeping in
+the server thread (the dispatcher runs with `strict_timing=False`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from pythonosc.dispatcher import Dispatcher
+from pythonosc.osc_message import OscMessage
+from pythonosc.osc_message_builder import build_msg
+from pythonosc.osc_packet import OscPacket
+from pythonosc.osc_server import BlockingOSCUDPServer
+
+from synthd.controls import ControlSurface
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/synthd"
+MAX_SUBSCRIBERS = 32
+MAX_DATAGRAM = 65535  # read whole datagrams, so a huge one is judged whole, not truncated
+# (field in Host.status(), OSC type) in the order /synthd/status.reply sends them
+STATUS_FIELDS: tuple[tuple[str, type], ...] = (
+    ("model", str), ("sample_rate", int), ("block_frames", int), ("latency_ms", float),
+    ("underruns", int), ("nan_blocks", int), ("render_load_mean", float), ("render_load_peak", float),
+    ("invalid", int), ("unknown", int), ("clamped", int), ("gate", int), ("gain_db", float),
+)
+
+Reply = tuple  # (address, *args)
+
+
+class Host(Protocol):
+    """What the OSC server needs from the daemon beyond the control surface."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def load_model(self, name: str) -> str: ...  # raises on refusal; returns what was loaded
+
+    def load_patch(self, name: str) -> str: ...
+
+    def quit(self) -> None: ...
+
+
+class Refused(Exception):
+    """A message that is answered with /fail; the text is the reason."""
+
+
+@dataclass
+class OscCounters:
+    received: int = 0  # messages routed (a bundle counts its messages)
+    invalid: int = 0  # datagrams that do not parse, or messages with wrong arguments
+    unknown: int = 0  # addresses nobody answers to
+    scheduled: int = 0  # messages from bundles with a future timetag
+
+
+def _number(msg: OscMessage, position: int = 0) -> float:
+    args = msg.params
+    if len(args) <= position:
+        raise Refused(f"expects a number as argument {position + 1}")
+    value = args[position]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Refused(f"argument {position + 1} must be a number (int or float), not {type(value).__name__}")
+    return float(value)
+
+
+def _text(msg: OscMessage) -> str:
+    args = msg.params
+    if len(args) != 1 or not isinstance(args[0], str) or not args[0]:
+        raise Refused("expects one non-empty string")
+    return args[0]
+
+
+class _ClockedDispatcher(Dispatcher):
+    """Parses each datagram itself, so that failures are counted and timetags kept."""
+
+    def __init__(self, route: Callable[[OscMessage, float, tuple], list[Reply]], counters: OscCounters):
+        super().__init__(strict_timing=False)
+        self._route = route
+        self._counters = counters
+
+    def call_handlers_for_packet(self, data: bytes, client_address: tuple) -> list[Reply]:
+        try:
+            packet = OscPacket(data)
+            messages = packet.messages
+        except Exception:  # python-osc raises several types on garbage; none may escape
+            self._counters.invalid += 1
+            return []
+        replies: list[Reply] = []
+        for timed in messages:
+            replies.extend(self._route(timed.message, timed.time, client_address))
+        return replies
+
+
+class _Server(BlockingOSCUDPServer):
+    max_packet_size = MAX_DATAGRAM
+
+    def __init__(self, address: tuple[str, int], dispatcher: Dispatcher, counters: OscCounters):
+        self._counters = counters
+        super().__init__(address, dispatcher)
+
+    def verify_request(self, request, client_address) -> bool:
+        ok = super().verify_request(request, client_address)
+        if not ok:
+            self._counters.invalid += 1
+        return ok
+
+    def handle_error(self, request, client_address) -> None:
+        self._counters.invalid += 1
+        log.debug("OSC message from %s failed", client_address, exc_info=True)
+
+
+class OscServer:
+    """Serves the OSC addresses above on UDP `host:port` in a thread of its own."""
+
+    def __init__(self, surface: ControlSurface, host_app: Host, *, host: str = "127.0.0.1", port: int = 9000):
+        self.surface = surface
+        self.app = host_app
+        self.counters = OscCounters()
+        self._subscribers: dict[tuple, Callable[[str, str, float], None]] = {}
+        self._busy = threading.Lock()  # one model/patch load at a time
+        self._server = _Server((host, port), _ClockedDispatcher(self._route, self.counters), self.counters)
+        self.address: tuple[str, int] = self._server.server_address[:2]
+        self._thread: threading.Thread | None = None
+        self._exact: dict[str, Callable[[OscMessage, tuple, int | None], list[Reply]]] = {
+            f"{PREFIX}/gain": self._gain,
+            f"{PREFIX}/gate": self._gate,
+            f"{PREFIX}/status": self._status,
+            f"{PREFIX}/controls": self._controls,
+            f"{PREFIX}/model/load": self._model_load,
+            f"{PREFIX}/patch/load": self._patch_load,
+            f"{PREFIX}/patch/save": self._patch_save,
+            f"{PREFIX}/learn": self._learn,
+            f"{PREFIX}/preset/save": self._preset_save,
+            f"{PREFIX}/preset/recall": self._preset_recall,
+            f"{PREFIX}/notify": self._notify,
+            f"{PREFIX}/quit": self._quit,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="synthd-osc", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        for fn in list(self._subscribers.values()):
+            self.surface.unsubscribe(fn)
+        self._subscribers.clear()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+
+    @property
+    def endpoint(self) -> str:
+        return f"osc.udp://{self.address[0]}:{self.address[1]}"
+
+    def send(self, client: tuple, address: str, *args: Any) -> None:
+        """Send one message to `client` from the server's socket (so replies reach the sender)."""
+        try:
+            self._server.socket.sendto(build_msg(address, list(args)).dgram, client)
+        except OSError as exc:
+            log.debug("cannot send %s to %s: %s", address, client, exc)
+
+    # ---------------------------------------------------------------- routing
+
+    def _at(self, when: float) -> int | None:
+        """Audio-clock sample for a bundle time (seconds since the epoch); None = now."""
+        ahead = when - time.time()
+        if ahead <= 0.0:
+            return None
+        engine = self.surface.engine
+        self.counters.scheduled += 1
+        return engine.clock + int(round(ahead * engine.sample_rate))
+
+    def _route(self, msg: OscMessage, when: float, client: tuple) -> list[Reply]:
+        self.counters.received += 1
+        address = msg.address
+        try:
+            handler = self._exact.get(address)
+            if handler is not None:
+                return handler(msg, client, self._at(when))
+            name = None
+            if address.startswith(f"{PREFIX}/control/"):
+                name = address[len(PREFIX) + 9:]
+            elif address.startswith(f"{PREFIX}/latent/"):
+                name = address[len(PREFIX) + 8:]
+                if not name.isdigit():
+                    raise Refused(f"{name!r} is not a latent index")
+            elif self.surface.find(address) is not None:
+                name = address  # a patch alias given as a whole address
+            if name is None or self.surface.find(name) is None:
+                self.counters.unknown += 1
+                return [("/fail", address, "unknown address" if name is None else f"no control {name!r}")]
+            self.surface.set(name, _number(msg), at=self._at(when), origin=self._subscribers.get(client))
+            return []
+        except Refused as exc:
+            self.counters.invalid += 1
+            return [("/fail", address, str(exc))]
+        except (KeyError, ValueError) as exc:
+            self.counters.invalid += 1
+            return [("/fail", address, str(exc.args[0]) if exc.args else type(exc).__name__)]
+
+    # ---------------------------------------------------------------- handlers
+
+    def _gain(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        self.surface.set_gain_db(_number(msg), at=at, origin=self._subscribers.get(client))
+        return []
+
+    def _gate(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        on = _number(msg) >= 0.5
+        velocity = _number(msg, 1) if len(msg.params) > 1 else 1.0
+        if not 0.0 <= velocity <= 1.0:
+            self.surface.counters.clamped += 1
+            velocity = min(1.0, max(0.0, velocity))
+        self.surface.set_gate(on, velocity=velocity, at=at, origin=self._subscribers.get(client))
+        return []
+
+    def _status(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        status = self.app.status()
+        return [("/synthd/status.reply", *(kind(status.get(key, kind())) for key, kind in STATUS_FIELDS))]
+
+    def _controls(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        return [("/synthd/controls.reply", label, index, float(wire), float(value), float(lo), float(hi), source)
+                for label, index, wire, value, lo, hi, source in self.surface.snapshot()]
+
+    def _in_background(self, address: str, client: tuple, job: Callable[[], str]) -> list[Reply]:
+        """Run a slow job (a model load) off the server thread; reply when it ends."""
+        if not self._busy.acquire(blocking=False):
+            return [("/fail", address, "another load is in progress")]
+
+        def run() -> None:
+            try:
+                self.send(client, "/done", address, job())
+            except Exception as exc:
+                log.error("%s refused: %s", address, exc)
+                self.send(client, "/fail", address, str(exc))
+            finally:
+                self._busy.release()
+
+        threading.Thread(target=run, name="synthd-load", daemon=True).start()
+        return []
+
+    def _model_load(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        name = _text(msg)
+        return self._in_background(msg.address, client, lambda: self.app.load_model(name))
+
+    def _patch_load(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        name = _text(msg)
+        return self._in_background(msg.address, client, lambda: self.app.load_patch(name))
+
+    def _patch_save(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        try:
+            return [("/done", msg.address, self.surface.save_patch())]
+        except Exception as exc:  # PatchError or OSError: the file is as it was
+            return [("/fail", msg.address, str(exc))]
+
+    def _learn(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        return [("/done", msg.address, self.surface.arm_learn(_text(msg)))]
+
+    def _preset_save(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        try:
+            preset = self.surface.save_preset(_text(msg))
+        except OSError as exc:
+            return [("/fail", msg.address, f"preset kept in memory, but the patch file cannot be written: {exc}")]
+        return [("/done", msg.address, preset.name)]
+
+    def _preset_recall(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        args = msg.params
+        if len(args) == 1 and isinstance(args[0], (int, float)) and not isinstance(args[0], bool):
+            key: str | int = int(args[0])
+        else:
+            key = _text(msg)
+        return [("/done", msg.address, self.surface.recall_preset(key, at=at).name)]
+
+    def _notify(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        on = _number(msg) >= 0.5
+        old = self._subscribers.pop(client, None)
+        if old is not None:
+            self.surface.unsubscribe(old)
+        if on:
+            if len(self._subscribers) >= MAX_SUBSCRIBERS:
+                raise Refused(f"already {MAX_SUBSCRIBERS} subscribers")
+            fn = self._feedback(client)
+            self._subscribers[client] = fn
+            self.surface.subscribe(fn)
+        return [("/done", msg.address, 1 if on else 0)]
+
+    def _feedback(self, client: tuple) -> Callable[[str, str, float], None]:
+        def fn(kind: str, name: str, value: float) -> None:
+            if kind == "control":
+                self.send(client, f"{PREFIX}/control/{name}", float(value))
+            elif kind == "gain":
+                self.send(client, f"{PREFIX}/gain", float(value))
+            else:
+                self.send(client, f"{PREFIX}/gate", int(value))
+        return fn
+
+    def _quit(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        self.app.quit()
+        return [("/done", msg.address)]
+
