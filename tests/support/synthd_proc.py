@@ -1,0 +1,134 @@
+"""A `synthd run` child process on a test JACK server, and a small OSC client for it.
+
+`SynthdProcess` starts the daemon with `--osc-port 0` (a free port), waits for its
+start-up line, and reads the port from it; `stop()` sends SIGTERM and returns the exit
+status and everything it logged. `OscClient` sends messages and bundles from one UDP
+socket and collects the replies that come back to it.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from pythonosc.osc_bundle_builder import OscBundleBuilder
+from pythonosc.osc_message import OscMessage
+from pythonosc.osc_message_builder import build_msg
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class SynthdProcess:
+    def __init__(self, server, *args: str, timeout: float = 60.0):
+        self.server = server
+        cmd = [sys.executable, "-m", "synthd", "run", "--osc-port", "0", *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=server.env(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("synthd did not start:\n" + self.log)
+        m = re.search(r"OSC osc\.udp://([\d.]+):(\d+)", self.startup)
+        self.osc_address = (m.group(1), int(m.group(2)))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("synthd: playing"):
+                self.startup = line
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait; the exit status (SIGKILL after `timeout`, status then -9)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+    def __enter__(self) -> "SynthdProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class OscClient:
+    """One UDP socket: sends to synthd, receives its replies."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+
+    def send(self, address: str, *args) -> None:
+        self.sock.sendto(build_msg(address, list(args)).dgram, self.target)
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendto(data, self.target)
+
+    def send_bundle(self, when: float, *messages: tuple) -> None:
+        """A bundle timed at `when` (seconds since the epoch) holding (address, *args) messages."""
+        builder = OscBundleBuilder(when)
+        for address, *args in messages:
+            builder.add_content(build_msg(address, args))
+        self.sock.sendto(builder.build().dgram, self.target)
+
+    def replies(self, timeout: float = 2.0, count: int | None = None) -> list[tuple[str, list]]:
+        """Replies received until `count` arrived or `timeout` passed with none."""
+        out = []
+        self.sock.settimeout(timeout)
+        try:
+            while count is None or len(out) < count:
+                data, _ = self.sock.recvfrom(65535)
+                msg = OscMessage(data)
+                out.append((msg.address, list(msg.params)))
+        except socket.timeout:
+            pass
+        return out
+
+    def ask(self, address: str, *args, reply: str, timeout: float = 5.0) -> list:
+        """Send, then return the arguments of the first reply at address `reply`."""
+        self.send(address, *args)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for addr, params in self.replies(timeout=deadline - time.monotonic(), count=1):
+                if addr == reply:
+                    return params
+        raise TimeoutError(f"no {reply} after {address}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def rms_db(x: np.ndarray) -> float:
+    return float(20 * np.log10(np.sqrt(np.mean(np.square(x, dtype=np.float64))) + 1e-12))
+
+
+def crossings_per_second(x: np.ndarray, rate: int) -> float:
+    """Zero crossings per second of a mono signal: twice its fundamental for a clean tone."""
+    signs = np.signbit(x)
+    return float(np.count_nonzero(signs[1:] != signs[:-1]) * rate / max(1, len(x) - 1))
