@@ -144,3 +144,14 @@ def test_attribute_regularization_rewards_ordered_dimension():
     assert torch.isfinite(z.grad).all() and float(z.grad[:, 1].abs().sum()) > 0
     with pytest.raises(KeyError, match="loudness"):
         D.attribute_regularization_loss(z, attrs, {"loudness": 0})
+
+
+def test_attribute_targets_match_the_full_descriptors():
+    batch = torch.stack([saw(220), sine(1000, 0.1)])[:, None]
+    full = D.analysis_values(D.compute(batch))
+    some = D.attribute_targets(batch, ["brightness", "pitch"])
+    assert set(some) == {"brightness", "pitch"}
+    for name, values in some.items():
+        assert torch.allclose(values, full[name], equal_nan=True), name
+    with pytest.raises(ValueError, match="timbre"):
+        D.attribute_targets(batch, ["timbre"])

@@ -50,9 +50,10 @@ class DescriptorConfig:
     yin_threshold: float = 0.15
     # frames whose YIN confidence is below this are unpitched for analysis
     pitch_confidence: float = 0.8
-    # attack: envelope window and hop in samples; a rise this large (dB) within `onset_span_s`
+    # attack: peak-envelope window and hop in samples (the window spans a period of f0_min, so
+    # the envelope of a steady tone has no ripple); a rise this large (dB) within `onset_span_s`
     # starts a new note even without silence in between
-    envelope_window: int = 96
+    envelope_window: int = 1200
     envelope_hop: int = 24
     onset_rise_db: float = 12.0
     onset_span_s: float = 0.03
@@ -255,15 +256,16 @@ def _rise_times(env: np.ndarray, env_db: np.ndarray, cfg: DescriptorConfig) -> n
 
 def attack(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> Tensor:
     """Onset rise time in seconds per frame, `(batch, frames)`: for each note (sound after
-    silence, or a re-attack rising `onset_rise_db` within `onset_span_s`), the time its RMS
-    envelope takes from 10 % to 90 % of the note's peak; NaN on silent frames. Not differentiable.
+    silence, or a re-attack rising `onset_rise_db` within `onset_span_s`), the time its peak
+    envelope (max |x| over `envelope_window`) takes from 10 % to 90 % of the note's peak; NaN on
+    silent frames. Not differentiable.
     """
     x = _as_batch(audio)
     hop, win, ehop = cfg.hop, cfg.envelope_window, cfg.envelope_hop
     count = x.shape[-1] // hop
     with torch.no_grad():
-        padded = F.pad(x.double().square()[:, None], (win // 2, win // 2))
-        env = torch.sqrt(F.avg_pool1d(padded, win, ehop)[:, 0]).numpy()
+        # a peak envelope, unlike RMS, rises as fast as the sound does and has no ripple
+        env = F.max_pool1d(x.double().abs()[:, None], win, ehop, padding=win // 2)[:, 0].numpy()
     result = np.full((x.shape[0], count), np.nan)
     centres = np.arange(count) * hop + hop // 2
     idx = np.clip(np.round(centres / ehop).astype(int), 0, env.shape[-1] - 1) if count else centres
@@ -302,6 +304,26 @@ def analysis_values(d: Descriptors, cfg: DescriptorConfig = DescriptorConfig()) 
         "noisiness": torch.where(silent, nan, torch.log10(d.noisiness.clamp(min=1e-12))),
         "attack": torch.where(silent, nan, torch.log10(d.attack.clamp(min=1e-5))),
     }
+
+
+def attribute_targets(audio: Tensor, names: list[str] | tuple[str, ...],
+                      cfg: DescriptorConfig = DescriptorConfig()) -> dict[str, Tensor]:
+    """The `analysis_values` of just the descriptors in `names`, each `(batch, frames)`, computing
+    only what they need (no YIN unless pitch is asked for, no segmentation unless attack is):
+    the targets of `attribute_regularization_loss` for a training batch `(batch, 1, samples)`."""
+    unknown = [n for n in names if n not in DESCRIPTOR_NAMES]
+    if unknown:
+        raise ValueError(f"unknown attribute(s) {', '.join(unknown)}; choose from {', '.join(DESCRIPTOR_NAMES)}")
+    x = _as_batch(audio).detach()
+    with torch.no_grad():
+        level, centroid, flatness = compute_spectral(x, cfg)
+        nan = torch.full_like(level, float("nan"))
+        f0, confidence = pitch(x, cfg) if "pitch" in names else (nan, torch.zeros_like(level))
+        rise = attack(x, cfg).to(level.device) if "attack" in names else nan
+    d = Descriptors(loudness=level, brightness=centroid, pitch=f0, pitch_confidence=confidence,
+                    noisiness=flatness, attack=rise)
+    values = analysis_values(d, cfg)
+    return {n: values[n] for n in names}
 
 
 def attribute_regularization_loss(z: Tensor, attributes: dict[str, Tensor], dims: dict[str, int],
