@@ -46,6 +46,11 @@ _BIT_DEPTH: dict[str, int | None] = {
 class AudioError(Exception):
     """A file that cannot become training audio; the message names the file and says why."""
 
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
 
 @dataclass(frozen=True)
 class SourceInfo:
@@ -107,8 +112,8 @@ def check_parameters(preprocessing: Mapping[str, Any]) -> None:
     expected = pipeline_parameters(int(preprocessing.get("sample_rate", SAMPLE_RATE)))
     for key, value in expected.items():
         if preprocessing.get(key) != value:
-            raise AudioError(f"preprocessing.{key} is {preprocessing.get(key)!r}; this version of the "
-                             f"audio pipeline does {value!r} (prepare the set again)")
+            raise AudioError(f"preprocessing.{key}", f"is {preprocessing.get(key)!r}; this version of "
+                             f"the audio pipeline does {value!r} (prepare the set again)")
 
 
 def _clip_count(block: np.ndarray, is_float: bool) -> int:
@@ -127,20 +132,20 @@ def convert(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> Con
     try:
         size = os.path.getsize(name)
     except OSError as exc:
-        raise AudioError(f"{name}: cannot be read ({exc.strerror})") from None
+        raise AudioError(name, f"cannot be read ({exc.strerror})") from None
     if size == 0:
-        raise AudioError(f"{name}: empty file (0 bytes)")
+        raise AudioError(name, "empty file (0 bytes)")
     try:
         fh = open(name, "rb")
     except OSError as exc:
-        raise AudioError(f"{name}: cannot be read ({exc.strerror})") from None
+        raise AudioError(name, f"cannot be read ({exc.strerror})") from None
     with fh:
         try:
             snd = sf.SoundFile(fh)
         except sf.LibsndfileError as exc:
-            raise AudioError(f"{name}: {_describe_unreadable(name, exc)}") from None
+            raise AudioError(name, _describe_unreadable(name, exc)) from None
         except (RuntimeError, TypeError, ValueError) as exc:
-            raise AudioError(f"{name}: not a readable audio file ({exc})") from None
+            raise AudioError(name, f"not a readable audio file ({exc})") from None
         with snd:
             return _convert_open(name, snd, sample_rate)
 
@@ -159,7 +164,7 @@ def _convert_open(name: str, snd: sf.SoundFile, sample_rate: int) -> Converted:
     subtype = str(snd.subtype)
     is_float = subtype in ("FLOAT", "DOUBLE")
     if rate <= 0 or channels <= 0:
-        raise AudioError(f"{name}: invalid header ({rate} Hz, {channels} channels)")
+        raise AudioError(name, f"invalid header ({rate} Hz, {channels} channels)")
     resampler = None if rate == sample_rate else soxr.ResampleStream(
         rate, sample_rate, 1, dtype="float64", quality=RESAMPLE_QUALITY)
     out: list[np.ndarray] = []
@@ -180,18 +185,19 @@ def _convert_open(name: str, snd: sf.SoundFile, sample_rate: int) -> Converted:
             peak = max(peak, float(np.max(np.abs(block))))
             clipped += _clip_count(block, is_float)
             mono = block.mean(axis=1) if channels > 1 else block[:, 0]
-            out.append(mono if resampler is None else resampler.resample_chunk(mono))
+            # float32 from here: the converted file is the one thing held whole in memory
+            out.append((mono if resampler is None else resampler.resample_chunk(mono)).astype(np.float32))
     except sf.LibsndfileError as exc:
-        raise AudioError(f"{name}: truncated or corrupt, cannot be decoded "
+        raise AudioError(name, f"truncated or corrupt, cannot be decoded "
                          f"(libsndfile: {str(exc).strip()})") from None
     if bad:
-        raise AudioError(f"{name}: {bad} NaN or infinite sample(s) out of {frames * channels}")
+        raise AudioError(name, f"{bad} NaN or infinite sample(s) out of {frames * channels}")
     if frames == 0:
-        raise AudioError(f"{name}: no audio frames (header only, or truncated before any audio)")
+        raise AudioError(name, "no audio frames (header only, or truncated before any audio)")
     notes = _notes_truncated(snd, frames)
     if resampler is not None:
-        out.append(resampler.resample_chunk(np.zeros(0, dtype=np.float64), last=True))
-    samples = np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        out.append(resampler.resample_chunk(np.zeros(0, dtype=np.float64), last=True).astype(np.float32))
+    samples = np.concatenate(out)
     info = SourceInfo(sample_rate=rate, channels=channels, frames=frames, format=str(snd.format),
                       subtype=subtype, bit_depth=_BIT_DEPTH.get(subtype), is_float=is_float,
                       peak=peak, clipped_samples=clipped)
