@@ -135,11 +135,13 @@ def loudness(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> Tenso
 
 def _spectral_shape(power: Tensor, freqs: Tensor, silent: Tensor) -> tuple[Tensor, Tensor]:
     """Centroid (Hz, magnitude-weighted) and flatness (power) per frame; NaN where `silent`."""
-    magnitude = torch.sqrt(power + _POWER_FLOOR * 1e-3)
-    centroid = (magnitude * freqs).sum(-1) / magnitude.sum(-1)
+    # floors far below any real content: an absolute one would pull the centroid of quiet
+    # sounds toward the middle of the band (a level change would move their brightness)
+    magnitude = torch.sqrt(power + 1e-30)
+    centroid = (magnitude * freqs).sum(-1) / magnitude.sum(-1).clamp(min=1e-30)
     # the floor relative to the frame's mean keeps log() finite on exact zeros without
     # flattening the spectrum of quiet but real sounds
-    floor = power.mean(-1, keepdim=True) * 1e-10 + _POWER_FLOOR * 1e-3
+    floor = power.mean(-1, keepdim=True) * 1e-10 + 1e-30
     log_power = torch.log(power + floor)
     flatness = torch.exp(log_power.mean(-1)) / (power + floor).mean(-1)
     nan = torch.full_like(centroid, float("nan"))
