@@ -35,9 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_mod.add_arguments(parser)
 
 
+def _not_from_python_osc(record: logging.LogRecord) -> bool:
+    # python-osc logs a root-logger warning per unreadable bundle element: a flood of
+    # garbage would become a flood of log lines. synthd counts those datagrams instead.
+    return "pythonosc" not in record.pathname
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_from_python_osc)
 
 
 class Daemon:

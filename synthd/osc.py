@@ -119,6 +119,9 @@ class _ClockedDispatcher(Dispatcher):
         except Exception:  # python-osc raises several types on garbage; none may escape
             self._counters.invalid += 1
             return []
+        if not messages:  # a bundle whose contents were all unreadable (python-osc skips them)
+            self._counters.invalid += 1
+            return []
         replies: list[Reply] = []
         for timed in messages:
             replies.extend(self._route(timed.message, timed.time, client_address))
@@ -228,6 +231,8 @@ class OscServer:
             if name is None or self.surface.find(name) is None:
                 self.counters.unknown += 1
                 return [("/fail", address, "unknown address" if name is None else f"no control {name!r}")]
+            if len(msg.params) != 1:
+                raise Refused("expects exactly one number, 0..1")
             self.surface.set(name, _number(msg), at=self._at(when), origin=self._subscribers.get(client))
             return []
         except Refused as exc:
@@ -240,10 +245,14 @@ class OscServer:
     # ---------------------------------------------------------------- handlers
 
     def _gain(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        if len(msg.params) != 1:
+            raise Refused("expects exactly one number, in dB")
         self.surface.set_gain_db(_number(msg), at=at, origin=self._subscribers.get(client))
         return []
 
     def _gate(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        if len(msg.params) not in (1, 2):
+            raise Refused("expects 0 or 1, and optionally a velocity 0..1")
         on = _number(msg) >= 0.5
         velocity = _number(msg, 1) if len(msg.params) > 1 else 1.0
         if not 0.0 <= velocity <= 1.0:
@@ -267,12 +276,13 @@ class OscServer:
 
         def run() -> None:
             try:
-                self.send(client, "/done", address, job())
+                reply: Reply = ("/done", address, job())
             except Exception as exc:
                 log.error("%s refused: %s", address, exc)
-                self.send(client, "/fail", address, str(exc))
+                reply = ("/fail", address, str(exc))
             finally:
-                self._busy.release()
+                self._busy.release()  # before replying: the client may ask for the next load at once
+            self.send(client, *reply)
 
         threading.Thread(target=run, name="synthd-load", daemon=True).start()
         return []
