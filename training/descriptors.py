@@ -189,7 +189,7 @@ def pitch(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> tuple[Te
         if t == 0:
             empty = x.new_zeros(b, 0)
             return empty, empty.clone()
-        n = 1 << (2 * span - 1).bit_length()
+        n = 1 << (span + w).bit_length()  # linear (not circular) correlation of the head with the span
         head = seg[..., :w]
         # cross term sum_j x_j x_{j+tau} for tau in 0..tau_max, by FFT correlation
         cross = torch.fft.irfft(torch.fft.rfft(seg, n) * torch.conj(torch.fft.rfft(head, n)), n)[..., :tau_max + 1]
