@@ -1,0 +1,338 @@
+"""The causal VAE: an encoder that may look ahead, and a causal decoder with an iSTFT head.
+
+Decoder: causal convolution in, a stack of causal ConvNeXt blocks at the frame rate (each
+left-padded, so streaming is only a matter of passing the cache in), then an iSTFT head that
+predicts per frame a log magnitude and a phase for a deterministic branch and a log magnitude
+for a noise branch (whose phases come from a fixed table, so the model stays deterministic),
+band-limited below `max_frequency` and overlap-added. Nothing runs at the sample rate except
+the inverse FFT and overlap-add of band-limited frames, so nothing can fold back: the decoder
+is alias-free by construction.
+
+Streaming: every stateful layer takes its state as an argument and returns the new one
+(`state` lists of tensors), so the training path (zero state) and the streaming export share
+one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from training import spectral_ops
+
+
+@dataclass
+class ModelConfig:
+    """Every size of the model. The defaults are the product's defaults (hop 256 at 48 kHz)."""
+
+    sample_rate: int = 48000
+    hop: int = 256
+    n_fft: int = 1024
+    latent_size: int = 16
+    # encoder (may look ahead)
+    encoder_dim: int = 192
+    encoder_blocks: int = 3
+    encoder_kernel: int = 5
+    # decoder (causal)
+    decoder_dim: int = 256
+    decoder_blocks: int = 6
+    decoder_kernel: int = 5
+    decoder_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 1, 2, 4])
+    decoder_mlp_ratio: int = 3
+    input_kernel: int = 3
+    # iSTFT head
+    max_frequency: float = 20000.0
+    band_taper_hz: float = 1000.0
+    noise_branch: bool = True
+    noise_table_frames: int = 512
+    max_frame_rms: float = 1.0
+    # logvar clamp keeps exp() finite on any input
+    logvar_min: float = -12.0
+    logvar_max: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "hop", "n_fft", "latent_size", "encoder_dim", "encoder_blocks",
+                     "decoder_dim", "decoder_blocks", "decoder_mlp_ratio", "input_kernel",
+                     "encoder_kernel", "decoder_kernel", "noise_table_frames"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_fft % self.hop or self.n_fft < 2 * self.hop:
+            raise ValueError(f"model.n_fft ({self.n_fft}) must be a multiple of model.hop ({self.hop}) "
+                             "and at least twice it")
+        if self.encoder_kernel % 2 == 0:
+            raise ValueError(f"model.encoder_kernel must be odd (centred), got {self.encoder_kernel}")
+        if len(self.decoder_dilations) != self.decoder_blocks:
+            raise ValueError(f"model.decoder_dilations has {len(self.decoder_dilations)} entries, "
+                             f"model.decoder_blocks is {self.decoder_blocks}")
+        if any(int(d) < 1 for d in self.decoder_dilations):
+            raise ValueError(f"model.decoder_dilations must be >= 1, got {self.decoder_dilations}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a plain dict (e.g. a checkpoint's "model" section); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def latency_samples(self) -> int:
+        """Samples from the start of a latent frame's output block until its synthesis window
+        has fully played: a control change is completely heard after this long. The causal
+        convolutions add none."""
+        return self.n_fft - self.hop
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels of `(batch, channels, time)`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left only; the padding is the cache of the previous input frames.
+
+    forward(x `(batch, in, T)`, cache `(batch, in, context)`) -> (y `(batch, out, T)`, new cache).
+    A zero cache is the start of a signal; passing each call's new cache to the next call makes
+    chunked processing equal one whole call.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
+                 groups: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation, groups=groups)
+        self.in_channels = in_channels
+        self.context = (kernel_size - 1) * dilation
+
+    def initial_state(self, batch: int) -> Tensor:
+        return torch.zeros(batch, self.in_channels, self.context)
+
+    def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
+        full = torch.cat([cache, x], dim=2)
+        return self.conv(full), full[:, :, full.shape[2] - self.context:]
+
+
+class CausalBlock(nn.Module):
+    """ConvNeXt block at the frame rate: causal depthwise conv, norm, pointwise MLP, scaled residual.
+
+    forward(x `(batch, dim, T)`, cache) -> (`(batch, dim, T)`, new cache).
+    """
+
+    def __init__(self, dim: int, kernel_size: int, dilation: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.dwconv = CausalConv1d(dim, dim, kernel_size, dilation, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.pw2 = nn.Linear(mlp_ratio * dim, dim)
+        # small residual scale: a deep stack starts close to the identity and trains stably
+        self.gamma = nn.Parameter(torch.full((dim,), 1.0 / 8))
+
+    def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
+        h, cache = self.dwconv(x, cache)
+        h = self.pw2(self.act(self.pw1(self.norm(h.transpose(1, 2)))))
+        return x + (self.gamma * h).transpose(1, 2), cache
+
+
+class CentredBlock(nn.Module):
+    """ConvNeXt block of the encoder: centred (looks ahead), `(batch, dim, T)` -> same."""
+
+    def __init__(self, dim: int, kernel_size: int, mlp_ratio: int = 3) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.pw2 = nn.Linear(mlp_ratio * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1.0 / 8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pw2(self.act(self.pw1(self.norm(self.dwconv(x).transpose(1, 2)))))
+        return x + (self.gamma * h).transpose(1, 2)
+
+
+class Encoder(nn.Module):
+    """Audio -> posterior mean and log-variance per frame.
+
+    forward(x `(batch, 1, samples)`) -> (mean, logvar), each `(batch, latent, samples // hop)`.
+    Frame t sees the spectrum of x[t*hop : t*hop + n_fft] (the span the decoder synthesises for
+    frame t) and, through centred convolutions, a few neighbouring frames either side.
+    """
+
+    def __init__(self, cfg: ModelConfig, bins: int) -> None:
+        super().__init__()
+        self.n_fft, self.hop, self.bins = cfg.n_fft, cfg.hop, bins
+        self.logvar_min, self.logvar_max = cfg.logvar_min, cfg.logvar_max
+        self.register_buffer("window", spectral_ops.hann_window(cfg.n_fft), persistent=False)
+        self.input = nn.Conv1d(bins, cfg.encoder_dim, 3, padding=1)
+        self.blocks = nn.ModuleList(CentredBlock(cfg.encoder_dim, cfg.encoder_kernel)
+                                    for _ in range(cfg.encoder_blocks))
+        self.norm = ChannelNorm(cfg.encoder_dim)
+        self.output = nn.Conv1d(cfg.encoder_dim, 2 * cfg.latent_size, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.input(spectral_ops.log_magnitude(x, self.n_fft, self.hop, self.window, self.bins))
+        for block in self.blocks:
+            h = block(h)
+        mean, logvar = self.output(self.norm(h)).chunk(2, dim=1)
+        return mean, logvar.clamp(self.logvar_min, self.logvar_max)
+
+
+class ISTFTHead(nn.Module):
+    """Frame features -> audio by inverse FFT and causal overlap-add.
+
+    Per frame and bin below the band limit: log magnitude and phase of a deterministic part,
+    and (with `noise_branch`) a log magnitude for a noise part whose phases come from a fixed
+    random table indexed by the frame count, so the output is a function of the latents and the
+    position in the stream only.
+
+    forward(h `(batch, dim, T)`, tail `(batch, n_fft - hop)`, frame_index `(1,)` int64)
+    -> (audio `(batch, T * hop)`, new tail).
+    """
+
+    def __init__(self, cfg: ModelConfig, dim: int) -> None:
+        super().__init__()
+        self.n_fft, self.hop = cfg.n_fft, cfg.hop
+        self.max_frame_rms = cfg.max_frame_rms
+        window = spectral_ops.hann_window(cfg.n_fft)
+        self.gain = spectral_ops.overlap_add_gain(window, cfg.hop)
+        self.register_buffer("window", window, persistent=False)
+        mask = spectral_ops.band_limit_mask(cfg.n_fft, cfg.sample_rate, cfg.max_frequency, cfg.band_taper_hz)
+        self.bins = mask.numel()
+        self.register_buffer("mask", mask, persistent=False)
+        self.noise_branch = cfg.noise_branch
+        parts = 3 if cfg.noise_branch else 2
+        self.proj = nn.Linear(dim, parts * self.bins)
+        # Start quiet (about -30 dB RMS) with the noise part 20 dB above the deterministic one:
+        # an untrained decoder gives a soft noise floor, not a frame-rate buzz.
+        with torch.no_grad():
+            self.proj.weight.mul_(0.1)
+            self.proj.bias.zero_()
+            level = math.log(0.03 / math.sqrt(2 * self.bins))
+            self.proj.bias[: self.bins] = level - (math.log(10.0) if cfg.noise_branch else 0.0)
+            if cfg.noise_branch:
+                self.proj.bias[2 * self.bins:] = level
+        generator = torch.Generator().manual_seed(0x5D)
+        angles = torch.rand(cfg.noise_table_frames, self.bins, generator=generator) * (2 * math.pi)
+        self.register_buffer("noise_phase", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def forward(self, h: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.proj(h.transpose(1, 2))  # (batch, T, parts * bins)
+        # safeguard: exp of an unbounded log magnitude would overflow to inf (then NaN)
+        log_mag = x[..., : self.bins].clamp(max=8.0)
+        phase = x[..., self.bins: 2 * self.bins]
+        spec = torch.polar(torch.exp(log_mag), phase)
+        if self.noise_branch:
+            rows = torch.remainder(frame_index + torch.arange(x.shape[1], device=x.device),
+                                   self.noise_phase.shape[0])
+            noise_mag = torch.exp(x[..., 2 * self.bins:].clamp(max=8.0))
+            spec = spec + noise_mag * self.noise_phase[rows]
+        spec = spec * self.mask
+        # safeguard: bound each frame's RMS (Parseval), so any latent gives bounded audio
+        rms = torch.sqrt(2.0 * (spec.real.square() + spec.imag.square()).sum(-1, keepdim=True) + 1e-12)
+        spec = spec * (self.max_frame_rms / rms).clamp(max=1.0)
+        frames = spectral_ops.synthesise_frames(spec, self.n_fft, self.window, self.gain)
+        return spectral_ops.overlap_add(frames, tail, self.hop)
+
+
+class Decoder(nn.Module):
+    """Causal decoder: latents `(batch, latent, T)` -> audio `(batch, 1, T * hop)`.
+
+    Output block t (samples t*hop .. (t+1)*hop) depends on latent frames <= t only.
+    `step` takes and returns the full streaming state (see `initial_state`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hop, self.n_fft = cfg.hop, cfg.n_fft
+        dim = cfg.decoder_dim
+        self.input = CausalConv1d(cfg.latent_size, dim, cfg.input_kernel)
+        self.blocks = nn.ModuleList(CausalBlock(dim, cfg.decoder_kernel, int(d), cfg.decoder_mlp_ratio)
+                                    for d in cfg.decoder_dilations)
+        self.norm = ChannelNorm(dim)
+        self.head = ISTFTHead(cfg, dim)
+
+    def initial_state(self, batch: int) -> list[Tensor]:
+        """Zero state for `batch` streams: the conv caches, the overlap-add tail, the frame count."""
+        state = [self.input.initial_state(batch)]
+        state += [block.dwconv.initial_state(batch) for block in self.blocks]
+        state.append(torch.zeros(batch, self.n_fft - self.hop))
+        state.append(torch.zeros(1, dtype=torch.long))
+        return state
+
+    def step(self, z: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Decode `z` `(batch, latent, T)` continuing from `state`; returns audio
+        `(batch, 1, T * hop)` and the state after it."""
+        h, cache = self.input(z, state[0])
+        new_state = [cache]
+        for i, block in enumerate(self.blocks):
+            h, cache = block(h, state[i + 1])
+            new_state.append(cache)
+        frame_index = state[-1]
+        audio, tail = self.head(self.norm(h), state[-2], frame_index)
+        new_state.append(tail)
+        new_state.append(frame_index + z.shape[2])
+        return audio.unsqueeze(1), new_state
+
+    def forward(self, z: Tensor, frame_index: int = 0) -> Tensor:
+        """Decode from silence (zero state): `(batch, latent, T)` -> `(batch, 1, T * hop)`.
+        `frame_index` offsets the noise table (training varies it; streaming starts at 0)."""
+        state = [s.to(z.device) for s in self.initial_state(z.shape[0])]
+        state[-1] = state[-1] + frame_index
+        return self.step(z, state)[0]
+
+
+class VAE(nn.Module):
+    """Causal VAE. encode: audio -> (mean, logvar); decode: latents -> audio (causal).
+
+    `latency_samples` is the decoder's algorithmic latency. In training mode `decode` starts the
+    noise table at a random frame, so no fixed noise pattern can be learned; in eval mode at 0.
+    The first `warmup_samples` of a decode from zero state lack the overlap of earlier frames:
+    losses should skip them (crop inputs with that much extra audio, or zeros, in front).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Decoder(cfg)
+        self.encoder = Encoder(cfg, self.decoder.head.bins)
+        self.latency_samples = cfg.latency_samples
+        self.warmup_samples = cfg.n_fft - cfg.hop
+        self.hop = cfg.hop
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`(batch, 1, samples)` -> mean, logvar (log-variance), each `(batch, latent, samples // hop)`."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """`(batch, latent, T)` -> `(batch, 1, T * hop)`, causal, from zero state."""
+        offset = 0
+        if self.training:
+            offset = int(torch.randint(0, self.decoder.head.noise_phase.shape[0], (1,)))
+        return self.decoder(z, offset)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`(batch, 1, samples)` -> (y `(batch, 1, frames * hop)`, mean, logvar).
+        In training mode z is sampled (reparameterised); in eval mode z is the mean."""
+        mean, logvar = self.encode(x)
+        z = mean
+        if self.training:
+            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        return self.decode(z), mean, logvar
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

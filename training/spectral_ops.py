@@ -1,0 +1,103 @@
+"""Signal maths of the model: the causal analysis frames, the band limit, and overlap-add.
+
+Frame convention, shared by the encoder and the decoder so they line up sample for sample:
+frame `t` covers samples `[t * hop, t * hop + n_fft)`. The encoder analyses that span; the
+decoder synthesises a windowed segment for the same span, and the block `[t * hop, (t + 1) * hop)`
+is complete once frame `t` has been added, so decoding is causal and streams with an
+overlap-add tail of `n_fft - hop` samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def hann_window(n_fft: int) -> Tensor:
+    """Periodic Hann window, `(n_fft,)`: its shifts by `n_fft / 4` or `n_fft / 2` sum to a constant."""
+    return torch.hann_window(n_fft, periodic=True)
+
+
+def overlap_add_gain(window: Tensor, hop: int) -> float:
+    """The constant sum of `window` shifted by multiples of `hop` (2.0 for Hann at n_fft / 4).
+
+    Raises ValueError when the shifted windows do not sum to a constant (within 1e-3), since
+    overlap-add would then modulate the output at the frame rate.
+    """
+    n_fft = window.numel()
+    if n_fft % hop:
+        raise ValueError(f"n_fft {n_fft} must be a multiple of hop {hop}")
+    total = window.double().reshape(n_fft // hop, hop).sum(0)
+    if float(total.max() - total.min()) > 1e-3 * float(total.mean()):
+        raise ValueError(f"window of {n_fft} samples does not overlap-add to a constant at hop {hop}")
+    return float(total.mean())
+
+
+def analysis_frames(x: Tensor, n_fft: int, hop: int) -> Tensor:
+    """Causal analysis frames of `x` `(batch, 1, samples)` -> `(batch, frames, n_fft)`.
+
+    frames = samples // hop; frame t holds x[t*hop : t*hop + n_fft], zero beyond the end.
+    """
+    frames = x.shape[-1] // hop
+    x = x[..., : frames * hop].reshape(x.shape[0], -1)
+    x = torch.nn.functional.pad(x, (0, n_fft - hop))
+    return x.unfold(-1, n_fft, hop)
+
+
+def log_magnitude(x: Tensor, n_fft: int, hop: int, window: Tensor, max_bin: int) -> Tensor:
+    """Log magnitude of the causal analysis frames, bins 0..max_bin-1: `(batch, max_bin, frames)`."""
+    spec = torch.fft.rfft(analysis_frames(x, n_fft, hop) * window, dim=-1)[..., :max_bin]
+    # floor inside the log: digital silence must stay finite
+    return torch.log(spec.abs() + 1e-5).transpose(1, 2)
+
+
+def band_limit_mask(n_fft: int, sample_rate: int, max_frequency: float, taper: float) -> Tensor:
+    """Per-bin gain `(bins,)` with bins = the number of bins that can be nonzero.
+
+    1 up to `max_frequency - taper`, a raised-cosine fall to 0 at `max_frequency`, and the DC bin
+    0 (a DC offset is never wanted in the output). The window's main lobe stays below
+    `max_frequency`, so the synthesis has (almost) no energy above it, whatever the network says.
+    """
+    if not 0 < max_frequency <= sample_rate / 2:
+        raise ValueError(f"max_frequency {max_frequency} must lie in (0, {sample_rate / 2}]")
+    bin_hz = sample_rate / n_fft
+    # the Hann main lobe spans two bins either side of its centre
+    top = max_frequency - 2 * bin_hz
+    start = top - taper
+    freqs = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * bin_hz
+    t = ((freqs - start) / max(taper, 1e-9)).clamp(0.0, 1.0)
+    mask = 0.5 * (1.0 + torch.cos(math.pi * t))
+    mask[freqs > top] = 0.0
+    mask[0] = 0.0
+    bins = int((mask > 0).nonzero().max()) + 1
+    return mask[:bins].float()
+
+
+def synthesise_frames(spectrum: Tensor, n_fft: int, window: Tensor, gain: float) -> Tensor:
+    """Windowed time frames from one-sided spectra: `(batch, frames, bins)` complex ->
+    `(batch, frames, n_fft)`. `bins` may be fewer than n_fft // 2 + 1 (the rest are zero).
+
+    Scaled so that a bin of magnitude m gives a sinusoid of amplitude m after overlap-add
+    with total window gain `gain`.
+    """
+    frames = torch.fft.irfft(spectrum, n=n_fft, dim=-1, norm="forward")
+    return frames * (window / (2.0 * gain))
+
+
+def overlap_add(frames: Tensor, tail: Tensor, hop: int) -> tuple[Tensor, Tensor]:
+    """Causal overlap-add of `frames` `(batch, T, n_fft)` onto the previous `tail`
+    `(batch, n_fft - hop)`.
+
+    Returns the `T * hop` completed samples `(batch, T * hop)` and the new tail. Frame t starts
+    at sample t * hop of this call's output.
+    """
+    batch, count, n_fft = frames.shape
+    length = count * hop + n_fft - hop
+    # fold: sums overlapping frames; one kernel, no Python loop over frames
+    out = torch.nn.functional.fold(
+        frames.transpose(1, 2), output_size=(1, length), kernel_size=(1, n_fft), stride=(1, hop)
+    ).reshape(batch, length)
+    out = torch.cat([out[:, : n_fft - hop] + tail, out[:, n_fft - hop:]], dim=1)
+    return out[:, : count * hop], out[:, count * hop:]
