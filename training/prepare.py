@@ -36,7 +36,6 @@ from typing import Any, Iterator
 import numpy as np
 import soundfile as sf
 
-from training import loudness
 from training.audio import SAMPLE_RATE, AudioError, amplitude_to_db, convert, pipeline_parameters
 from training.dataset import AUDIO_DIR, FORMAT, FORMAT_VERSION, MANIFEST
 from training.progress import Progress
@@ -221,6 +220,10 @@ def _process(c: Candidate, opts: Options, staging: Path, reusable: dict[str, dic
             entry = {**old, "source": c.rel, "audio": audio_rel, "id": file_id,
                      "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
             return Accepted(entry, 10.0 ** (float(old["peak_dbfs"]) / 20.0), True)
+    # imported here: pyloudnorm pulls in scipy (a second at start-up) and a re-run that
+    # changes nothing, or fails early, never needs it
+    from training import loudness
+
     converted = convert(c.path, opts.sample_rate)
     x = converted.samples
     peak = float(np.max(np.abs(x))) if len(x) else 0.0
