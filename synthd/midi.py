@@ -94,6 +94,22 @@ class MidiRouter:
             self.counters.ignored += 1
 
 
+def _free_client_name(api: int) -> str:
+    """`synthd`, or `synthd-2`, `synthd-3`... when another synthd already has a port, so the
+    name printed at start-up is the one other programs see (JACK would rename silently)."""
+    import rtmidi
+
+    probe = rtmidi.MidiOut(rtapi=api, name=f"{CLIENT_NAME}-probe")
+    try:
+        taken = {p.split(":", 1)[0] for p in probe.get_ports()}
+    finally:
+        probe.delete()
+    n = 1
+    while (name := CLIENT_NAME if n == 1 else f"{CLIENT_NAME}-{n}") in taken:
+        n += 1
+    return name
+
+
 class MidiInput:
     """A live MIDI input port feeding a router from rtmidi's thread."""
 
@@ -103,8 +119,10 @@ class MidiInput:
         from synthd.listing import midi_api
 
         self.router = router
+        api = midi_api()
         try:
-            self._port = rtmidi.MidiIn(rtapi=midi_api(), name=CLIENT_NAME)
+            client = _free_client_name(api) if spec == VIRTUAL else CLIENT_NAME
+            self._port = rtmidi.MidiIn(rtapi=api, name=client)
         except rtmidi.SystemError as exc:
             raise MidiError(f"no MIDI back-end could be opened ({exc}); start a JACK server or make "
                             "the ALSA sequencer available") from None
@@ -114,7 +132,7 @@ class MidiInput:
         try:
             if spec == VIRTUAL:
                 self._port.open_virtual_port(PORT_NAME)
-                self.name = f"{CLIENT_NAME}:{PORT_NAME}" if "jack" in self.api.lower() else PORT_NAME
+                self.name = f"{client}:{PORT_NAME}" if "jack" in self.api.lower() else PORT_NAME
             else:
                 ports = self._port.get_ports()
                 match = next((i for i, p in enumerate(ports) if spec.lower() in p.lower()), None)

@@ -1,0 +1,179 @@
+"""MIDI end to end: an rtmidi JACK MIDI port in the test drives `synthd run --midi-in`."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from support.jack import Recorder, jack_server  # noqa: F401  (fixture)
+from support.nnmodels import build_toy_model
+from support.synthd_proc import OscClient, SynthdProcess, crossings_per_second, rms_db
+
+RATE = 48000
+PATCH = """version = 1
+[gate]
+open = false
+attack = 0.005
+release = 0.05
+[midi]
+note_low = 54
+note_high = 78
+[[control]]
+label = "loudness"
+cc = 7
+[[control]]
+label = "brightness"
+cc = 1
+hires = true
+[[preset]]
+name = "low"
+program = 5
+values = { pitch = 0.25 }
+"""
+
+
+@pytest.fixture(scope="module")
+def midi_out(jack_server):
+    """A JACK MIDI output port `d2sender:out` owned by the test."""
+    import rtmidi
+
+    saved = {k: os.environ.get(k) for k in ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")}
+    os.environ.update({k: v for k, v in jack_server.env().items() if k in saved})
+    out = rtmidi.MidiOut(rtapi=rtmidi.API_UNIX_JACK, name="d2sender")
+    out.open_virtual_port("out")
+    yield out
+    out.close_port()
+    out.delete()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def synthd(jack_server, midi_out, tmp_path_factory):
+    d = tmp_path_factory.mktemp("midi")
+    build_toy_model(d / "toy.ts", latent_size=4)
+    (d / "rig.toml").write_text(PATCH)
+    with SynthdProcess(jack_server, "--model", str(d / "toy.ts"), "--patch", str(d / "rig.toml"),
+                       "--midi-in", "d2sender") as proc:
+        proc.patch_file = d / "rig.toml"
+        yield proc
+
+
+@pytest.fixture
+def osc(synthd):
+    c = OscClient(synthd.osc_address)
+    yield c
+    c.close()
+
+
+def values(osc: OscClient) -> dict[str, float]:
+    osc.send("/synthd/controls")
+    return {r[1][0]: r[1][2] for r in osc.replies(count=4)}
+
+
+def settled(osc: OscClient, check, timeout: float = 3.0) -> dict[str, float]:
+    """Control values once `check(values)` holds (MIDI travels through two JACK periods
+    and a busy machine); the last values seen otherwise, for the assertion to show."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = values(osc)
+        if check(v) or time.monotonic() > deadline:
+            return v
+        time.sleep(0.05)
+
+
+def record(server, seconds: float, actions) -> np.ndarray:
+    with Recorder(server.name, channels=1, seconds=seconds + 0.5) as rec:
+        rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 1))
+        rec.start()
+        t0 = time.monotonic()
+        for at, action in actions:
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            action()
+        rec.wait_frames(int(seconds * RATE))
+        return rec.data()[: int(seconds * RATE), 0]
+
+
+def w(x, a, b):
+    return x[int(a * RATE):int(b * RATE)]
+
+
+def test_startup_names_the_midi_port(synthd):
+    assert "MIDI midi:d2sender:out (Jack)" in synthd.startup, synthd.startup
+
+
+def test_cc_7_and_14_bit_move_controls(synthd, osc, midi_out):
+    midi_out.send_message([0xB0, 7, 127])
+    midi_out.send_message([0xB3, 1, 32])  # 14-bit MSB on channel 4 (omni patch)
+    midi_out.send_message([0xB3, 33, 64])  # ... and its LSB
+    hires = ((32 << 7) | 64) / 16383
+    v = settled(osc, lambda v: v["brightness"] == pytest.approx(hires, abs=1e-6))
+    assert v["loudness"] == 1.0 and v["brightness"] == pytest.approx(hires, abs=1e-6)
+
+
+def test_notes_gate_and_set_pitch(jack_server, synthd, osc, midi_out):
+    midi_out.send_message([0xB0, 7, 127])
+    midi_out.send_message([0xB0, 1, 0])
+    x = record(jack_server, 1.6, [
+        (0.3, lambda: midi_out.send_message([0x90, 66, 127])),  # wire 0.5 -> 220 Hz on the toy
+        (0.8, lambda: midi_out.send_message([0x90, 72, 127])),  # wire 0.75 -> 440 Hz (legato)
+        (1.2, lambda: midi_out.send_message([0x80, 72, 0])),
+        (1.2, lambda: midi_out.send_message([0x80, 66, 0])),
+    ])
+    assert rms_db(w(x, 0.0, 0.25)) < -80  # the patch starts closed
+    assert rms_db(w(x, 0.45, 0.75)) > -20
+    assert crossings_per_second(w(x, 0.45, 0.75), RATE) / 2 == pytest.approx(220, rel=0.05)
+    assert crossings_per_second(w(x, 0.95, 1.15), RATE) / 2 == pytest.approx(440, rel=0.05)
+    assert rms_db(w(x, 1.4, 1.6)) < -80  # closed again after the release
+
+
+def test_program_change_recalls_a_preset(synthd, osc, midi_out):
+    midi_out.send_message([0xC0, 5])
+    assert settled(osc, lambda v: v["pitch"] == 0.25)["pitch"] == 0.25
+
+
+def test_learn_binds_the_next_cc_and_saves(synthd, osc, midi_out):
+    assert osc.ask("/synthd/learn", "timbre_1", reply="/done") == ["/synthd/learn", "timbre_1"]
+    midi_out.send_message([0xB0, 30, 10])  # the learning move
+    midi_out.send_message([0xB0, 30, 127])
+    assert settled(osc, lambda v: v["timbre_1"] == 1.0)["timbre_1"] == 1.0
+    assert osc.ask("/synthd/patch/save", reply="/done")[1] == str(synthd.patch_file)
+    assert "cc = 30" in synthd.patch_file.read_text()
+
+
+def test_sysex_flood_and_garbage_keep_it_playing(jack_server, synthd, osc, midi_out):
+    before = osc.ask("/synthd/status", reply="/synthd/status.reply")
+    midi_out.send_message([0x90, 66, 100])
+    for i in range(2000):
+        midi_out.send_message([0xF0, 0x7D] + [i % 128] * 254 + [0xF7])
+        if i % 100 == 99:
+            time.sleep(0.005)
+    x = record(jack_server, 0.4, [])
+    after = osc.ask("/synthd/status", reply="/synthd/status.reply")
+    assert after[-1] - before[-1] >= 1900  # counted (a few may be lost by JACK's MIDI buffer)
+    assert synthd.alive and rms_db(x) > -20
+    midi_out.send_message([0x80, 66, 0])
+
+
+def test_virtual_port(jack_server, tmp_path):
+    import rtmidi
+
+    build_toy_model(tmp_path / "toy.ts", latent_size=4)
+    (tmp_path / "p.toml").write_text('version = 1\n[[control]]\nlabel = "brightness"\ncc = 74\n')
+    with SynthdProcess(jack_server, "--model", str(tmp_path / "toy.ts"), "--patch", str(tmp_path / "p.toml"),
+                       "--midi-in", "virtual") as proc:
+        # the module's synthd holds `synthd:midi_in`, so this one takes the next free name
+        assert "MIDI midi:synthd-2:midi_in (Jack)" in proc.startup, proc.startup
+        out = rtmidi.MidiOut(rtapi=rtmidi.API_UNIX_JACK, name="d2virtual")
+        ports = out.get_ports()
+        out.open_port(ports.index("synthd-2:midi_in"))
+        time.sleep(0.2)  # the JACK connection is made asynchronously
+        out.send_message([0xB0, 74, 0])
+        osc = OscClient(proc.osc_address)
+        assert settled(osc, lambda v: v["brightness"] == 0.0)["brightness"] == 0.0
+        osc.close()
+        out.close_port()
+        out.delete()
