@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -237,7 +237,10 @@ def _process(c: Candidate, opts: Options, staging: Path, reusable: dict[str, dic
     if converted.duration_s < VERY_SHORT_S:
         notes.append(f"very short ({converted.duration_s * 1000:.0f} ms): kept; the trainer pads it "
                      f"where it needs longer examples")
-    np.save(staging / audio_rel, x, allow_pickle=False)
+    with open(staging / audio_rel, "wb") as fh:
+        np.save(fh, x, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())  # the set is swapped in only once all of it is on disk
     entry = {"id": file_id, "source": c.rel, "audio": audio_rel, "content_hash": digest,
              "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
              "original": converted.source.as_dict(), "frames": len(x),
@@ -391,6 +394,7 @@ class _Lock:
     """One prepare at a time per OUT_DIR (an flock on a hidden file beside it)."""
 
     def __init__(self, out: Path) -> None:
+        self.out = out
         self.path = out.parent / f".{out.name}.lock"
 
     def __enter__(self) -> _Lock:
@@ -399,8 +403,8 @@ class _Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise PrepareError(f"{self.path.parent / self.path.name[1:-5]}: another prepare is "
-                               f"writing this set; wait for it to finish") from None
+            raise PrepareError(f"{self.out}: another prepare is writing this set; "
+                               f"wait for it to finish") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -429,7 +433,7 @@ class Result:
     warnings: list[str]
 
 
-def prepare(opts: Options, progress_label: str = "prepare") -> Result:
+def prepare(opts: Options) -> Result:
     """Build the set and install it at `opts.out`. Raises PrepareError (nothing written) for
     bad arguments, too few usable files, or an OUT_DIR that is not a prepared set."""
     src, out = opts.src.resolve(), opts.out.resolve()
@@ -445,16 +449,15 @@ def prepare(opts: Options, progress_label: str = "prepare") -> Result:
         previous, warnings = _previous_manifest(out)
         walk = walk_sources(src, exclude=[out])
         if not walk.candidates and not walk.rejected:
-            raise NoUsableAudio(f"{opts.src}: no audio files found (looked for "
-                               f"{', '.join(sorted({'wav', 'flac', 'aiff', 'ogg', 'mp3'}))}, ... "
-                               f"in every subfolder)" + (f"; {len(walk.ignored)} other file(s) ignored"
-                                                         if walk.ignored else ""))
+            raise NoUsableAudio(f"{opts.src}: no audio files found in it or its subfolders (WAV, FLAC, "
+                                f"AIFF, OGG, MP3, ...)" + (f"; {len(walk.ignored)} other file(s) ignored"
+                                                           if walk.ignored else ""))
         reusable: dict[str, dict[str, Any]] = {}
         if previous is not None and _pipeline_matches(previous, opts.sample_rate):
             reusable = {e["content_hash"]: e for e in previous.get("files", [])}
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
         try:
-            result = _build(opts, src, out, staging, walk, previous, reusable, warnings, progress_label)
+            result = _build(opts, src, out, staging, walk, previous, reusable, warnings)
             _install(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -464,12 +467,12 @@ def prepare(opts: Options, progress_label: str = "prepare") -> Result:
 
 def _build(opts: Options, src: Path, out: Path, staging: Path, walk: Walk,
            previous: dict[str, Any] | None, reusable: dict[str, dict[str, Any]],
-           warnings: list[str], progress_label: str) -> Result:
+           warnings: list[str]) -> Result:
     (staging / AUDIO_DIR).mkdir()
     rejected = list(walk.rejected)
     accepted: list[Accepted] = []
     seen: dict[str, str] = {}
-    progress = Progress(len(walk.candidates), progress_label, unit="file")
+    progress = Progress(len(walk.candidates), "prepare", unit="file")
     for c in walk.candidates:
         try:
             a = _process(c, opts, staging, reusable, out if previous is not None else None)
