@@ -88,6 +88,11 @@ def test_demo_set_is_prepared_with_report_and_manifest(demo_set) -> None:
 def test_bad_and_odd_files_are_rejected_or_noted_and_the_rest_is_prepared(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     tones(src / "good", 3)
+    # other containers and sample formats libsndfile reads
+    af.write(src / "formats/deep.aiff", af.tone(250.0, 0.6), subtype="PCM_32")
+    af.write(src / "formats/double.wav", af.tone(260.0, 0.6), subtype="DOUBLE")
+    af.write(src / "formats/voice.ogg", af.tone(270.0, 0.6), subtype="VORBIS")
+    af.write(src / "formats/take.mp3", af.tone(280.0, 0.6), subtype="MPEG_LAYER_III")
     af.empty(src / "bad/empty.wav")
     af.text_named_wav(src / "bad/notes.wav")
     af.truncated_flac(src / "bad/cut.flac")
@@ -142,7 +147,11 @@ def test_bad_and_odd_files_are_rejected_or_noted_and_the_rest_is_prepared(tmp_pa
     for source, note in expected_notes.items():
         assert any(note in n for n in files[source]["notes"]), (source, files[source]["notes"])
         assert note in proc.stdout
-    assert set(files) == set(expected_notes) | {f"good/tone_0{i}.wav" for i in range(3)}
+    formats = {"formats/deep.aiff": 32, "formats/double.wav": 64, "formats/voice.ogg": None,
+               "formats/take.mp3": None}
+    assert set(files) == set(expected_notes) | set(formats) | {f"good/tone_0{i}.wav" for i in range(3)}
+    for source, bits in formats.items():
+        assert files[source]["original"]["bit_depth"] == bits and files[source]["notes"] == []
     assert m["ignored"] == ["readme.txt"]
     ds = PreparedSet.open(out)
     tick = next(f for f in ds.files if f.source == "odd/tick.wav")
