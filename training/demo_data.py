@@ -4,8 +4,9 @@ Five kinds of sound, in turn: plucked strings (Karplus-Strong), FM bells, filter
 with slow or fast attacks, filtered noise bursts and drum-like hits. Each sound's pitch,
 brightness, attack, noisiness and level are drawn so that the set spans each of them evenly
 (several octaves, dark to bright, slow to percussive, pure to noisy, quiet to loud): a model
-trained on it has those controls to discover. Every drawn parameter is written to
-`OUT_DIR/demo-data.json`, the ground truth against which discovered controls can be checked.
+trained on it has those controls to discover. Each file's pitch, brightness, attack, noisiness,
+level and duration are written to `OUT_DIR/demo-data.json`, the ground truth against which
+discovered controls can be checked.
 
 Deterministic: file i of seed S is the same whatever `--count` is. Files are 24-bit WAV at
 48 kHz, 0.2 to 3 s long.
@@ -59,7 +60,8 @@ def note_name(midi: float) -> str:
 # --- the five instruments: each returns `(samples,)` float64 with a peak near 1 ---------------
 
 def _envelope(n: int, attack_s: float, decay_s: float, sr: int) -> np.ndarray:
-    """Attack ramp (raised cosine) then exponential decay with time constant `decay_s`."""
+    """Attack ramp (raised cosine) then exponential decay with time constant `decay_s`
+    (`math.inf`: none)."""
     t = np.arange(n) / sr
     a = max(attack_s, 1.0 / sr)
     rise = np.where(t < a, 0.5 - 0.5 * np.cos(np.pi * np.clip(t / a, 0.0, 1.0)), 1.0)
@@ -87,7 +89,7 @@ def _pluck(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
     den[delay:] -= g * np.convolve([1.0 - s, s], [c, 1.0])
     y = signal.lfilter([1.0, c], den, excitation)
     y = y / max(np.max(np.abs(y)), 1e-9) + _breath(v, n, rng, sr, 0.003)
-    return y * _envelope(n, v.attack_s, 1e9, sr)
+    return y * _envelope(n, v.attack_s, math.inf, sr)
 
 
 def _bell(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
@@ -119,7 +121,7 @@ def _saw(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
     y = signal.sosfilt(signal.butter(2, cutoff, fs=sr, output="sos"), y)
     t = np.arange(n) / sr
     release_start = 0.7 * v.duration_s
-    env = _envelope(n, v.attack_s, 1e9, sr) * np.where(
+    env = _envelope(n, v.attack_s, math.inf, sr) * np.where(
         t < release_start, 1.0, np.exp(-(t - release_start) / (0.08 * v.duration_s)))
     return (y / max(np.max(np.abs(y)), 1e-9) + _breath(v, n, rng, sr, v.attack_s)) * env
 
@@ -144,7 +146,7 @@ def _hit(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
     wires *= np.exp(-t / (0.15 * v.duration_s)) / max(np.std(wires), 1e-9) * 0.5
     click = np.exp(-t / 0.002) * (0.2 + 0.8 * v.brightness)
     y = (1.0 - v.noisiness) * body + v.noisiness * wires + click * rng.standard_normal(n) * 0.3
-    return y * _envelope(n, v.attack_s, 1e9, sr)
+    return y * _envelope(n, v.attack_s, math.inf, sr)
 
 
 def _breath(v: Voice, n: int, rng: np.random.Generator, sr: int, attack_s: float) -> np.ndarray:
