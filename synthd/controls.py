@@ -113,15 +113,16 @@ class ControlSurface:
     def _bind(self, model: Model, patch: Patch, keep: dict[str, float]) -> None:
         """Build the controls of `model` under `patch`; `keep` holds wire values by label."""
         maps: dict[int, ControlMap] = {}
-        self.warnings = []
+        missing = []
         for m in patch.controls:
             info = next((c for c in model.controls if c.label == m.label), None) if m.label is not None \
                 else (model.controls[m.index] if m.index < model.latent_size else None)
             if info is None:
-                self.warnings.append(f"patch {patch.name!r}: model {model.name!r} has no control {m.target()}; "
-                                     "that mapping is idle")
+                missing.append(m.target())
             else:
                 maps[info.index] = m
+        self.warnings = ([f"patch {patch.name!r}: model {model.name!r} ({model.latent_size} controls) has no "
+                          f"control {', '.join(missing)}; those mappings are idle"] if missing else [])
         controls = []
         for info in model.controls:
             m = maps.get(info.index, ControlMap(label=info.label))

@@ -192,6 +192,7 @@ def test_default_patch_binds_most_important_controls_of_any_model(model):
     engine = Engine(model, channels=1, block_frames=256)
     surface = ControlSurface(engine, default_patch())
     assert [c.mapping.cc for c in surface.controls] == [21, 22, 23, 24]  # 4-latent model
-    assert len(surface.warnings) == 4  # CCs 25-28 are idle
+    assert surface.warnings == ["patch 'default': model 'toy' (4 controls) has no control #4, #5, #6, #7; "
+                                "those mappings are idle"]  # CCs 25-28
     surface.midi_cc(16, 21, 127)
     assert engine.latents()[0] == pytest.approx(2.0)

@@ -1,0 +1,122 @@
+"""`synthd render` through its command line: MIDI and automation files to 48 kHz 24-bit WAV."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import mido
+import numpy as np
+import pytest
+import soundfile as sf
+
+from support.nnmodels import build_toy_model
+from support.synthd_proc import REPO, crossings_per_second, rms_db
+
+RATE = 48000
+
+AUTOMATION = """version = 1
+seconds = 3.0
+[[event]]
+time = 0.0
+control = "loudness"
+value = 1.0
+[[event]]
+time = 1.0
+control = "pitch"
+value = 0.75
+glide = 0.5
+[[event]]
+time = 2.0
+gain_db = -20
+"""
+
+
+def synthd_render(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synthd", "render", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("render")
+    build_toy_model(d / "toy.ts", latent_size=4)
+    (d / "a.toml").write_text(AUTOMATION)
+    (d / "p.toml").write_text('version = 1\n[gate]\nopen = false\nrelease = 0.1\n'
+                              '[midi]\nnote_low = 54\nnote_high = 78\n[[control]]\nlabel = "loudness"\ncc = 7\n')
+    midi = mido.MidiFile(ticks_per_beat=480)  # 120 bpm: 480 ticks = 0.5 s
+    track = mido.MidiTrack()
+    midi.tracks.append(track)
+    track += [mido.Message("control_change", control=7, value=127, time=0),
+              mido.Message("note_on", note=66, velocity=127, time=480),
+              mido.Message("sysex", data=[1, 2, 3], time=0),
+              mido.Message("note_off", note=66, time=960),
+              mido.Message("note_on", note=78, velocity=64, time=480),
+              mido.Message("note_off", note=78, time=480)]
+    midi.save(d / "song.mid")
+    return d
+
+
+def w(x, a, b):
+    return x[int(a * RATE):int(b * RATE)]
+
+
+def test_automation_render_duration_level_format(files):
+    out = files / "a.wav"
+    proc = synthd_render("--model", str(files / "toy.ts"), "--automation", str(files / "a.toml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    info = sf.info(out)
+    assert (info.samplerate, info.subtype, info.format, info.channels, info.frames) == (48000, "PCM_24", "WAV", 2, 3 * RATE)
+    x, _ = sf.read(out)
+    assert np.array_equal(x[:, 0], x[:, 1])  # a mono model feeds both channels
+    x = x[:, 0]
+    assert crossings_per_second(w(x, 0.2, 0.9), RATE) / 2 == pytest.approx(220, rel=0.03)
+    assert crossings_per_second(w(x, 1.6, 1.95), RATE) / 2 == pytest.approx(440, rel=0.03)  # after the glide
+    assert rms_db(w(x, 1.6, 1.95)) - rms_db(w(x, 2.1, 3.0)) == pytest.approx(20, abs=0.5)
+    assert "wrote" in proc.stderr and "24-bit" in proc.stderr
+
+
+def test_midi_file_render_follows_notes_and_tempo(files):
+    out = files / "m.wav"
+    proc = synthd_render("--model", str(files / "toy.ts"), "--midi", str(files / "song.mid"),
+                         "--patch", str(files / "p.toml"), "--out", str(out), "--channels", "1")
+    assert proc.returncode == 0, proc.stderr
+    x, rate = sf.read(out)
+    # the last event at 2.5 s; + release 0.1 s + 1 s tail
+    assert rate == 48000 and len(x) == int(round(3.6 * RATE))
+    assert rms_db(w(x, 0.0, 0.45)) < -90  # gate closed until the first note at 0.5 s
+    assert crossings_per_second(w(x, 0.6, 1.4), RATE) / 2 == pytest.approx(220, rel=0.03)
+    assert rms_db(w(x, 1.7, 1.95)) < -60  # released at 1.5 s
+    loud, soft = rms_db(w(x, 0.6, 1.4)), rms_db(w(x, 2.1, 2.45))
+    assert loud - soft == pytest.approx(20 * np.log10(127 / 64), abs=0.5)  # velocity scales the level
+    assert crossings_per_second(w(x, 2.1, 2.45), RATE) / 2 == pytest.approx(880, rel=0.03)
+    assert rms_db(w(x, 2.7, 3.6)) < -60
+
+
+def test_render_is_deterministic_and_atomic(files):
+    digests = []
+    for name in ("d1.wav", "d2.wav"):
+        proc = synthd_render("--model", str(files / "toy.ts"), "--automation", str(files / "a.toml"),
+                             "--midi", str(files / "song.mid"), "--out", str(files / name), "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        digests.append(hashlib.sha256((files / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    assert not [p for p in files.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+@pytest.mark.parametrize("edit, words", [
+    (("value = 0.75", 'value = "high"'), ["a.toml:10:", "[[event]] #2 value", "expected float"]),
+    (('control = "loudness"', 'control = "nope"'), ["a.toml:5:", "no control 'nope'"]),
+    (("gain_db = -20", "gain_db = -20\nvalue = 3"), ["[[event]] #3", "value", "unknown key"]),
+])
+def test_bad_automation_is_refused_and_writes_nothing(files, edit, words):
+    (files / "bad").mkdir(exist_ok=True)
+    path = files / "bad" / "a.toml"
+    path.write_text(AUTOMATION.replace(*edit))
+    out = files / "bad" / "never.wav"
+    proc = synthd_render("--model", str(files / "toy.ts"), "--automation", str(path), "--out", str(out))
+    assert proc.returncode == 1 and not out.exists()
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in proc.stderr, proc.stderr
