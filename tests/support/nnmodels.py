@@ -112,16 +112,76 @@ def toy_metadata(latent_size: int = 4, hop: int = 256, sample_rate: int = 48000,
 
 
 def build_toy_model(path: str | Path, *, latent_size: int = 4, hop: int = 256,
-                    sample_rate: int = 48000, with_metadata: bool = True, fault: str = "") -> Path:
+                    sample_rate: int = 48000, with_metadata: bool = True, fault: str = "",
+                    metadata: dict | None = None) -> Path:
     """Script a ToySynth and save it to `path`.
 
     with_metadata=False gives a RAVE-like file (no metadata). fault="nan" makes decode
     return NaN; fault="short" makes it return half the samples `decode_params` promise.
+    `metadata` replaces the generated metadata (to test how bad metadata is refused).
     """
-    meta = json.dumps(toy_metadata(latent_size, hop, sample_rate)) if with_metadata else ""
+    if metadata is None:
+        metadata = toy_metadata(latent_size, hop, sample_rate) if with_metadata else None
+    meta = json.dumps(metadata) if metadata is not None else ""
     cls = ToySynth if with_metadata else RaveLikeSynth
     module = cls(latent_size, hop, sample_rate, meta, fault)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(module), str(path))
+    return Path(path)
+
+
+class FrameProbe(torch.nn.Module):
+    """Shows the latent values an engine feeds, frame by frame.
+
+    Each frame's output is latent 0 held for the frame, times 0.5, times a carrier at the
+    Nyquist rate (+1, -1, ...) that a DC blocker passes unchanged: so |output| in frame k is
+    exactly 0.5 * z[0, k]. Channel c is scaled by 1 / (c + 1). Latent 1 is a fault switch:
+    above 1.5 (beyond its declared range, so the load probe passes) decode returns NaN.
+    """
+
+    def __init__(self, hop: int = 256, sample_rate: int = 48000, channels: int = 1, meta: str = ""):
+        super().__init__()
+        self.hop = hop
+        self.meta = meta
+        self.register_buffer("decode_params", torch.tensor([2, hop, channels, 1]))
+        self.register_buffer("carrier", torch.tensor([1.0, -1.0]).repeat(hop // 2))
+        self.register_buffer("scale", 1.0 / (torch.arange(channels, dtype=torch.float32) + 1.0))
+
+    @torch.jit.export
+    def get_methods(self) -> list[str]:
+        return ["decode"]
+
+    @torch.jit.export
+    def metadata(self) -> str:
+        return self.meta
+
+    @torch.jit.export
+    def reset(self) -> None:
+        pass
+
+    @torch.jit.export
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, 2, frames) -> (batch, channels, frames * hop)."""
+        batch, _, frames = z.shape
+        held = z[:, 0].unsqueeze(-1) * (0.5 * self.carrier)  # (batch, frames, hop)
+        out = held.reshape(batch, 1, frames * self.hop) * self.scale.view(1, -1, 1)
+        if bool((z[:, 1] > 1.5).any()):
+            out = out * float("nan")
+        return out
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z)
+
+
+def build_frame_probe(path: str | Path, *, hop: int = 256, sample_rate: int = 48000,
+                      channels: int = 1) -> Path:
+    """Script a FrameProbe with metadata (controls `level` 0..1 and `fault` 0..1) to `path`."""
+    meta = toy_metadata(2, hop, sample_rate, labels=["level", "fault"])
+    meta.update(name="probe", channels=channels)
+    for c in meta["controls"]:
+        c.update(min=0.0, max=1.0, default=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(FrameProbe(hop, sample_rate, channels, json.dumps(meta))), str(path))
     return Path(path)
