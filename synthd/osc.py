@@ -19,6 +19,9 @@ Addresses (numbers may be int or float everywhere; Pd sends floats, Max ints):
     /synthd/preset/recall s|i  glide to preset s (or program number i)
     /synthd/notify i           1: send this client every value change, 0: stop
                                (/synthd/control/<label> f, /synthd/gain f, /synthd/gate i)
+    /synthd/replyport i        send this client's replies and notifications to port i on
+                               its host instead of its source port (Max's udpsend cannot
+                               receive: pair it with a udpreceive on port i)
     /synthd/quit               fade out and stop
 
 Replies follow scsynth: commands answer `/done <address> [detail]`; any refused message
@@ -108,12 +111,14 @@ def _text(msg: OscMessage) -> str:
 class _ClockedDispatcher(Dispatcher):
     """Parses each datagram itself, so that failures are counted and timetags kept."""
 
-    def __init__(self, route: Callable[[OscMessage, float, tuple], list[Reply]], counters: OscCounters):
+    def __init__(self, route: Callable[[OscMessage, float, tuple], None], counters: OscCounters):
         super().__init__(strict_timing=False)
         self._route = route
         self._counters = counters
 
     def call_handlers_for_packet(self, data: bytes, client_address: tuple) -> list[Reply]:
+        """Route every message of the datagram; replies are sent by the router, so none
+        are returned for python-osc to send."""
         try:
             packet = OscPacket(data)
             messages = packet.messages
@@ -123,10 +128,9 @@ class _ClockedDispatcher(Dispatcher):
         if not messages:  # a bundle whose contents were all unreadable (python-osc skips them)
             self._counters.invalid += 1
             return []
-        replies: list[Reply] = []
         for timed in messages:
-            replies.extend(self._route(timed.message, timed.time, client_address))
-        return replies
+            self._route(timed.message, timed.time, client_address)
+        return []
 
 
 class _Server(BlockingOSCUDPServer):
@@ -155,6 +159,7 @@ class OscServer:
         self.app = host_app
         self.counters = OscCounters()
         self._subscribers: dict[tuple, Callable[[str, str, float], None]] = {}
+        self._reply_ports: dict[tuple, tuple] = {}  # sender -> where its replies go
         self._busy = threading.Lock()  # one model/patch load at a time
         self._server = _Server((host, port), _ClockedDispatcher(self._route, self.counters), self.counters)
         self.address: tuple[str, int] = self._server.server_address[:2]
@@ -171,6 +176,7 @@ class OscServer:
             f"{PREFIX}/preset/save": self._preset_save,
             f"{PREFIX}/preset/recall": self._preset_recall,
             f"{PREFIX}/notify": self._notify,
+            f"{PREFIX}/replyport": self._replyport,
             f"{PREFIX}/quit": self._quit,
         }
 
@@ -213,7 +219,13 @@ class OscServer:
         self.counters.scheduled += 1
         return engine.clock + int(round(ahead * engine.sample_rate))
 
-    def _route(self, msg: OscMessage, when: float, client: tuple) -> list[Reply]:
+    def _route(self, msg: OscMessage, when: float, client: tuple) -> None:
+        replies = self._answer(msg, when, client)
+        target = self._reply_ports.get(client, client)
+        for reply in replies:
+            self.send(target, *reply)
+
+    def _answer(self, msg: OscMessage, when: float, client: tuple) -> list[Reply]:
         self.counters.received += 1
         address = msg.address
         try:
@@ -275,6 +287,8 @@ class OscServer:
         if not self._busy.acquire(blocking=False):
             return [("/fail", address, "another load is in progress")]
 
+        target = self._reply_ports.get(client, client)
+
         def run() -> None:
             try:
                 reply: Reply = ("/done", address, job())
@@ -283,7 +297,7 @@ class OscServer:
                 reply = ("/fail", address, str(exc))
             finally:
                 self._busy.release()  # before replying: the client may ask for the next load at once
-            self.send(client, *reply)
+            self.send(target, *reply)
 
         threading.Thread(target=run, name="synthd-load", daemon=True).start()
         return []
@@ -333,7 +347,18 @@ class OscServer:
             self.surface.subscribe(fn)
         return [("/done", msg.address, 1 if on else 0)]
 
+    def _replyport(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        port = _number(msg)
+        if not port.is_integer() or not 1 <= port <= 65535:
+            raise Refused(f"{port} is not a UDP port")
+        if len(self._reply_ports) >= MAX_SUBSCRIBERS and client not in self._reply_ports:
+            raise Refused(f"already {MAX_SUBSCRIBERS} clients with a reply port")
+        self._reply_ports[client] = (client[0], int(port))
+        return [("/done", msg.address, int(port))]
+
     def _feedback(self, client: tuple) -> Callable[[str, str, float], None]:
+        client = self._reply_ports.get(client, client)
+
         def fn(kind: str, name: str, value: float) -> None:
             if kind == "control":
                 self.send(client, f"{PREFIX}/control/{name}", float(value))

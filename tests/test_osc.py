@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from support.jack import Recorder, jack_server  # noqa: F401  (fixture)
 from support.nnmodels import build_toy_model
-from support.synthd_proc import OscClient, SynthdProcess, crossings_per_second, rms_db
+from support.synthd_proc import REPO, OscClient, SynthdProcess, crossings_per_second, rms_db
 
 RATE = 48000
 
@@ -94,7 +95,7 @@ def test_control_sweep_raises_pitch(jack_server, synthd, client):
 
 def test_status_and_controls_replies(synthd, client):
     status = client.ask("/synthd/status", reply="/synthd/status.reply")
-    model, rate, block, latency, underruns, nan_blocks, load_mean, load_peak, invalid, unknown, clamped, gate, gain = status
+    model, rate, block, latency, underruns, nan_blocks, load_mean, load_peak, invalid, unknown, clamped, gate, gain, sysex = status
     assert (model, rate, block, nan_blocks, gate) == ("toy", 48000, 256, 0, 1)
     assert 0 < latency < 100 and 0 < load_mean < 1 and isinstance(underruns, int)
     client.send("/synthd/controls")
@@ -184,6 +185,47 @@ def test_model_and_patch_load_by_name_only(jack_server, synthd, client):
     assert client.ask("/synthd/model/load", "toy.ts", reply="/done")
     x = record(jack_server, 0.3, [])
     assert rms_db(x) > -40
+
+
+def test_replies_to_a_reply_port_reach_liblo_oscdump(synthd, client):
+    """Max's udpsend cannot receive: /synthd/replyport sends replies to a listening port."""
+    import socket
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    dump = subprocess.Popen(["oscdump", "-L", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.3)
+        client.send("/synthd/replyport", port)  # its /done already goes to the new port
+        client.send("/synthd/status")
+        client.send("/synthd/nope")
+        time.sleep(0.5)
+    finally:
+        dump.terminate()
+        out = dump.communicate(timeout=5)[0]
+    assert f'/done si "/synthd/replyport" {port}' in out, out
+    assert '/synthd/status.reply sii' in out and '"toy" 48000 256' in out, out
+    assert '/fail ss "/synthd/nope" "unknown address"' in out, out
+    assert client.replies(timeout=0.3) == []  # nothing went to the source port any more
+    client.ask("/synthd/replyport", client.sock.getsockname()[1], reply="/done")
+
+
+def test_config_file_and_quit_message(jack_server, models, tmp_path):
+    cfg = tmp_path / "synthd.toml"
+    cfg.write_text(f'model = "{models / "four.ts"}"\nlog_level = "warning"\nchannels = 1\n')
+    with SynthdProcess(jack_server, "--config", str(cfg)) as proc:
+        assert "four" in proc.startup or "toy" in proc.startup
+        c = OscClient(proc.osc_address)
+        assert c.ask("/synthd/quit", reply="/done") == ["/synthd/quit"]
+        c.close()
+        assert proc.proc.wait(timeout=15) == 0
+        assert " INFO " not in proc.log  # log_level from the file
+    cfg.write_text('model = "x.ts"\nosc_prot = 9000\n')
+    run = subprocess.run([sys.executable, "-m", "synthd", "run", "--config", str(cfg)], cwd=REPO,
+                         env=jack_server.env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and f"{cfg}:2: osc_prot: unknown key" in run.stderr, run.stderr
 
 
 def test_sigterm_fades_out_and_exits_cleanly(jack_server, models):
