@@ -39,15 +39,16 @@ class ModelConfig:
     encoder_kernel: int = 5
     # decoder (causal)
     decoder_dim: int = 256
-    decoder_blocks: int = 6
+    decoder_blocks: int = 4
     decoder_kernel: int = 5
-    decoder_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 1, 2, 4])
-    decoder_mlp_ratio: int = 3
+    decoder_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    decoder_mlp_ratio: int = 2
     input_kernel: int = 3
     # iSTFT head
     max_frequency: float = 20000.0
     band_taper_hz: float = 1000.0
     noise_branch: bool = True
+    noise_bands: int = 64
     noise_table_frames: int = 512
     max_frame_rms: float = 1.0
     # logvar clamp keeps exp() finite on any input
@@ -57,7 +58,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("sample_rate", "hop", "n_fft", "latent_size", "encoder_dim", "encoder_blocks",
                      "decoder_dim", "decoder_blocks", "decoder_mlp_ratio", "input_kernel",
-                     "encoder_kernel", "decoder_kernel", "noise_table_frames"):
+                     "encoder_kernel", "decoder_kernel", "noise_bands", "noise_table_frames"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_fft % self.hop or self.n_fft < 2 * self.hop:
@@ -102,38 +103,67 @@ class ChannelNorm(nn.Module):
         return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
-class CausalConv1d(nn.Module):
-    """Conv1d padded on the left only; the padding is the cache of the previous input frames.
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise convolution over time, padded on the left only; the padding is the cache of the
+    previous input frames. Works in `(batch, time, channels)` layout, the decoder's layout.
 
-    forward(x `(batch, in, T)`, cache `(batch, in, context)`) -> (y `(batch, out, T)`, new cache).
+    forward(x `(batch, T, dim)`, cache `(batch, context, dim)`) -> (y `(batch, T, dim)`, new cache).
     A zero cache is the start of a signal; passing each call's new cache to the next call makes
     chunked processing equal one whole call.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
-                 groups: int = 1) -> None:
+    def __init__(self, dim: int, kernel_size: int, dilation: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation, groups=groups)
-        self.in_channels = in_channels
+        self.dim, self.kernel_size, self.dilation = dim, kernel_size, dilation
         self.context = (kernel_size - 1) * dilation
+        self.weight = nn.Parameter(torch.randn(dim, kernel_size) / math.sqrt(kernel_size))
+        self.bias = nn.Parameter(torch.zeros(dim))
 
     def initial_state(self, batch: int) -> Tensor:
-        return torch.zeros(batch, self.in_channels, self.context)
+        return torch.zeros(batch, self.context, self.dim)
 
     def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
-        full = torch.cat([cache, x], dim=2)
-        return self.conv(full), full[:, :, full.shape[2] - self.context:]
+        full = torch.cat([cache, x], dim=1)
+        if x.shape[1] > 16:
+            # long inputs (training): the library convolution
+            y = nn.functional.conv1d(full.transpose(1, 2), self.weight.unsqueeze(1), self.bias,
+                                     dilation=self.dilation, groups=self.dim).transpose(1, 2)
+        else:
+            # a few frames (streaming): the explicit weighted sum of the taps, as the library
+            # convolution's set-up costs far more than the arithmetic at this size
+            taps = full.unfold(1, self.context + 1, 1)[..., :: self.dilation]  # (batch, T, dim, kernel)
+            y = self.bias + (taps * self.weight).sum(-1)
+        return y, full[:, full.shape[1] - self.context:]
+
+
+class CausalInput(nn.Module):
+    """Causal convolution from latents to the decoder's width, `(batch, T, latent)` ->
+    `(batch, T, dim)`, with its cache of the previous `kernel_size - 1` latent frames."""
+
+    def __init__(self, latent_size: int, dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.latent_size, self.context = latent_size, kernel_size - 1
+        self.proj = nn.Linear(kernel_size * latent_size, dim)
+
+    def initial_state(self, batch: int) -> Tensor:
+        return torch.zeros(batch, self.context, self.latent_size)
+
+    def forward(self, z: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
+        full = torch.cat([cache, z], dim=1)
+        taps = full.unfold(1, self.context + 1, 1)  # (batch, T, latent, kernel)
+        y = self.proj(taps.reshape(taps.shape[0], taps.shape[1], -1))
+        return y, full[:, full.shape[1] - self.context:]
 
 
 class CausalBlock(nn.Module):
     """ConvNeXt block at the frame rate: causal depthwise conv, norm, pointwise MLP, scaled residual.
 
-    forward(x `(batch, dim, T)`, cache) -> (`(batch, dim, T)`, new cache).
+    forward(x `(batch, T, dim)`, cache) -> (`(batch, T, dim)`, new cache).
     """
 
     def __init__(self, dim: int, kernel_size: int, dilation: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.dwconv = CausalConv1d(dim, dim, kernel_size, dilation, groups=dim)
+        self.dwconv = CausalDepthwiseConv(dim, kernel_size, dilation)
         self.norm = nn.LayerNorm(dim)
         self.pw1 = nn.Linear(dim, mlp_ratio * dim)
         self.act = nn.GELU()
@@ -143,8 +173,7 @@ class CausalBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
         h, cache = self.dwconv(x, cache)
-        h = self.pw2(self.act(self.pw1(self.norm(h.transpose(1, 2)))))
-        return x + (self.gamma * h).transpose(1, 2), cache
+        return x + self.gamma * self.pw2(self.act(self.pw1(self.norm(h)))), cache
 
 
 class CentredBlock(nn.Module):
@@ -199,7 +228,7 @@ class ISTFTHead(nn.Module):
     random table indexed by the frame count, so the output is a function of the latents and the
     position in the stream only.
 
-    forward(h `(batch, dim, T)`, tail `(batch, n_fft - hop)`, frame_index `(1,)` int64)
+    forward(h `(batch, T, dim)`, tail `(batch, n_fft - hop)`, frame_index `(1,)` int64)
     -> (audio `(batch, T * hop)`, new tail).
     """
 
@@ -208,14 +237,16 @@ class ISTFTHead(nn.Module):
         self.n_fft, self.hop = cfg.n_fft, cfg.hop
         self.max_frame_rms = cfg.max_frame_rms
         window = spectral_ops.hann_window(cfg.n_fft)
-        self.gain = spectral_ops.overlap_add_gain(window, cfg.hop)
-        self.register_buffer("window", window, persistent=False)
+        self.register_buffer("window", spectral_ops.synthesis_window(window, cfg.hop), persistent=False)
         mask = spectral_ops.band_limit_mask(cfg.n_fft, cfg.sample_rate, cfg.max_frequency, cfg.band_taper_hz)
         self.bins = mask.numel()
         self.register_buffer("mask", mask, persistent=False)
         self.noise_branch = cfg.noise_branch
-        parts = 3 if cfg.noise_branch else 2
-        self.proj = nn.Linear(dim, parts * self.bins)
+        # the noise part is a smooth spectral envelope: a few mel-spaced bands, interpolated
+        self.noise_bands = cfg.noise_bands if cfg.noise_branch else 0
+        self.proj = nn.Linear(dim, 2 * self.bins + self.noise_bands)
+        self.register_buffer("band_to_bin", spectral_ops.band_interpolation(
+            max(self.noise_bands, 2), self.bins, cfg.n_fft, cfg.sample_rate), persistent=False)
         # Start quiet (about -30 dB RMS) with the noise part 20 dB above the deterministic one:
         # an untrained decoder gives a soft noise floor, not a frame-rate buzz.
         with torch.no_grad():
@@ -223,28 +254,26 @@ class ISTFTHead(nn.Module):
             self.proj.bias.zero_()
             level = math.log(0.03 / math.sqrt(2 * self.bins))
             self.proj.bias[: self.bins] = level - (math.log(10.0) if cfg.noise_branch else 0.0)
-            if cfg.noise_branch:
-                self.proj.bias[2 * self.bins:] = level
+            self.proj.bias[2 * self.bins:] = level
         generator = torch.Generator().manual_seed(0x5D)
         angles = torch.rand(cfg.noise_table_frames, self.bins, generator=generator) * (2 * math.pi)
         self.register_buffer("noise_phase", torch.polar(torch.ones_like(angles), angles), persistent=False)
 
     def forward(self, h: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.proj(h.transpose(1, 2))  # (batch, T, parts * bins)
+        x = self.proj(h)  # (batch, T, parts * bins)
         # safeguard: exp of an unbounded log magnitude would overflow to inf (then NaN)
-        log_mag = x[..., : self.bins].clamp(max=8.0)
-        phase = x[..., self.bins: 2 * self.bins]
-        spec = torch.polar(torch.exp(log_mag), phase)
+        mag = torch.exp(x[..., : self.bins].clamp(max=8.0)) * self.mask
+        spec = torch.polar(mag, x[..., self.bins: 2 * self.bins])
         if self.noise_branch:
             rows = torch.remainder(frame_index + torch.arange(x.shape[1], device=x.device),
                                    self.noise_phase.shape[0])
-            noise_mag = torch.exp(x[..., 2 * self.bins:].clamp(max=8.0))
+            noise_log_mag = torch.matmul(x[..., 2 * self.bins:], self.band_to_bin)
+            noise_mag = torch.exp(noise_log_mag.clamp(max=8.0)) * self.mask
             spec = spec + noise_mag * self.noise_phase[rows]
-        spec = spec * self.mask
         # safeguard: bound each frame's RMS (Parseval), so any latent gives bounded audio
-        rms = torch.sqrt(2.0 * (spec.real.square() + spec.imag.square()).sum(-1, keepdim=True) + 1e-12)
-        spec = spec * (self.max_frame_rms / rms).clamp(max=1.0)
-        frames = spectral_ops.synthesise_frames(spec, self.n_fft, self.window, self.gain)
+        rms = torch.linalg.vector_norm(spec, dim=-1, keepdim=True) * math.sqrt(2.0)
+        spec = spec * torch.clamp(self.max_frame_rms / (rms + 1e-9), max=1.0)
+        frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1, norm="forward") * self.window
         return spectral_ops.overlap_add(frames, tail, self.hop)
 
 
@@ -259,10 +288,10 @@ class Decoder(nn.Module):
         super().__init__()
         self.hop, self.n_fft = cfg.hop, cfg.n_fft
         dim = cfg.decoder_dim
-        self.input = CausalConv1d(cfg.latent_size, dim, cfg.input_kernel)
+        self.input = CausalInput(cfg.latent_size, dim, cfg.input_kernel)
         self.blocks = nn.ModuleList(CausalBlock(dim, cfg.decoder_kernel, int(d), cfg.decoder_mlp_ratio)
                                     for d in cfg.decoder_dilations)
-        self.norm = ChannelNorm(dim)
+        self.norm = nn.LayerNorm(dim)
         self.head = ISTFTHead(cfg, dim)
 
     def initial_state(self, batch: int) -> list[Tensor]:
@@ -276,7 +305,7 @@ class Decoder(nn.Module):
     def step(self, z: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Decode `z` `(batch, latent, T)` continuing from `state`; returns audio
         `(batch, 1, T * hop)` and the state after it."""
-        h, cache = self.input(z, state[0])
+        h, cache = self.input(z.transpose(1, 2), state[0])
         new_state = [cache]
         for i, block in enumerate(self.blocks):
             h, cache = block(h, state[i + 1])

@@ -75,15 +75,10 @@ def band_limit_mask(n_fft: int, sample_rate: int, max_frequency: float, taper: f
     return mask[:bins].float()
 
 
-def synthesise_frames(spectrum: Tensor, n_fft: int, window: Tensor, gain: float) -> Tensor:
-    """Windowed time frames from one-sided spectra: `(batch, frames, bins)` complex ->
-    `(batch, frames, n_fft)`. `bins` may be fewer than n_fft // 2 + 1 (the rest are zero).
-
-    Scaled so that a bin of magnitude m gives a sinusoid of amplitude m after overlap-add
-    with total window gain `gain`.
-    """
-    frames = torch.fft.irfft(spectrum, n=n_fft, dim=-1, norm="forward")
-    return frames * (window / (2.0 * gain))
+def synthesis_window(window: Tensor, hop: int) -> Tensor:
+    """`window` scaled for synthesis with `torch.fft.irfft(..., norm="forward")` at `hop`: a bin of
+    magnitude m then gives a sinusoid of amplitude m after overlap-add."""
+    return window / (2.0 * overlap_add_gain(window, hop))
 
 
 def overlap_add(frames: Tensor, tail: Tensor, hop: int) -> tuple[Tensor, Tensor]:
@@ -101,3 +96,24 @@ def overlap_add(frames: Tensor, tail: Tensor, hop: int) -> tuple[Tensor, Tensor]
     ).reshape(batch, length)
     out = torch.cat([out[:, : n_fft - hop] + tail, out[:, n_fft - hop:]], dim=1)
     return out[:, : count * hop], out[:, count * hop:]
+
+
+def band_interpolation(n_bands: int, bins: int, n_fft: int, sample_rate: int) -> Tensor:
+    """Linear interpolation from `n_bands` values at mel-spaced centres to `bins` FFT bins,
+    `(n_bands, bins)`: each column's weights sum to 1. Used for smooth spectral envelopes."""
+    def to_mel(f: Tensor) -> Tensor:
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+    top = to_mel(torch.tensor((bins - 1) * sample_rate / n_fft, dtype=torch.float64))
+    centres = torch.linspace(0.0, float(top), n_bands, dtype=torch.float64)
+    mels = to_mel(torch.arange(bins, dtype=torch.float64) * sample_rate / n_fft)
+    position = (mels - centres[0]) / (centres[1] - centres[0]) if n_bands > 1 else torch.zeros(bins, dtype=torch.float64)
+    position = position.clamp(0, n_bands - 1)
+    low = position.floor().long().clamp(max=n_bands - 2) if n_bands > 1 else torch.zeros(bins, dtype=torch.long)
+    frac = position - low
+    weights = torch.zeros(n_bands, bins, dtype=torch.float64)
+    cols = torch.arange(bins)
+    weights[low, cols] = 1.0 - frac
+    if n_bands > 1:
+        weights[low + 1, cols] += frac
+    return weights.float()
