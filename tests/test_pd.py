@@ -39,3 +39,20 @@ def test_pd_patch_sets_controls_and_reads_status(synthd):
     values = {r[1][0]: r[1][2] for r in osc.replies(count=4)}
     osc.close()
     assert values["pitch"] == pytest.approx(0.75)  # latent 0's slider
+
+
+def test_max_patch_is_well_formed():
+    """Max is not available here: check the patch's structure and the addresses it sends."""
+    import json
+    import re
+
+    patcher = json.loads((REPO / "patches" / "max" / "synthd.maxpat").read_text())["patcher"]
+    boxes = {b["box"]["id"]: b["box"] for b in patcher["boxes"]}
+    for line in patcher["lines"]:
+        (src, outlet), (dst, inlet) = line["patchline"]["source"], line["patchline"]["destination"]
+        assert outlet < boxes[src]["numoutlets"] and inlet < boxes[dst]["numinlets"], line
+    texts = " ".join(b.get("text", "") for b in boxes.values())
+    assert "udpsend 127.0.0.1 9000" in texts and "udpreceive 9001" in texts
+    addresses = set(re.findall(r"/synthd/[a-z/.]+", texts))
+    assert addresses == {"/synthd/replyport", "/synthd/latent/", "/synthd/gain", "/synthd/gate", "/synthd/status",
+                         "/synthd/status.reply"}
