@@ -1,0 +1,219 @@
+"""Training quality on real recorded sets, measured on files held out of `prepare` entirely.
+
+Builds each set from sounds installed on this machine (the Hydrogen ElectricEmpireKit drum
+kit; notes of several instruments rendered from FluidR3_GM.sf2 with fluidsynth), holds every
+fifth file out, prepares the rest, and trains with the default config (and, with
+`--augment both`, again with every augmentation off) for a wall-clock budget. Every
+`--every` minutes it loads the run's latest checkpoint and prints, over the held-out files:
+
+    model   multi-resolution STFT distance (spectral convergence + log magnitude, FFT 64..4096)
+            between each held-out file and the model's reconstruction of it
+    noise   the same distance for noise shaped to each file's average spectrum and level
+    ratio   model / noise   (target: <= 0.45 within 20 minutes on 2 CPU cores)
+
+    .venv/bin/python bench/train_quality.py --set drums --minutes 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from training.audio import load_for_model  # noqa: E402
+from training.checkpoint import load_run  # noqa: E402
+from training.losses import mrstft_distance  # noqa: E402
+
+DRUMKIT = Path("/usr/share/hydrogen/data/drumkits/ElectricEmpireKit")
+SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+# General MIDI programs: piano, vibraphone, nylon guitar, violin, cello, trumpet, flute, synth lead
+GM_PROGRAMS = (0, 11, 24, 40, 42, 56, 73, 81)
+GM_PITCHES = (43, 52, 60, 67, 76)
+HOLD_OUT_EVERY = 5
+NOISE_FFT = 2048
+
+
+def build_drums(folder: Path) -> list[Path]:
+    files = sorted(DRUMKIT.glob("*.flac"))
+    if not files:
+        raise SystemExit(f"{DRUMKIT}: no drum kit (Debian package hydrogen-drumkits)")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        target = folder / f.name
+        if not target.exists():
+            shutil.copy(f, target)
+        out.append(target)
+    return out
+
+
+def build_gm(folder: Path) -> list[Path]:
+    """One WAV per (program, pitch): a 1.2 s note and its release, rendered by fluidsynth."""
+    import mido
+
+    if not SOUNDFONT.exists():
+        raise SystemExit(f"{SOUNDFONT}: no soundfont (Debian package fluid-soundfont-gm)")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for program in GM_PROGRAMS:
+        for pitch in GM_PITCHES:
+            wav = folder / f"gm{program:03d}_{pitch}.wav"
+            out.append(wav)
+            if wav.exists():
+                continue
+            song = mido.MidiFile(ticks_per_beat=480)
+            track = mido.MidiTrack()
+            song.tracks.append(track)
+            track.append(mido.MetaMessage("set_tempo", tempo=500000))  # 1 beat = 0.5 s
+            track.append(mido.Message("program_change", program=program, time=0))
+            track.append(mido.Message("note_on", note=pitch, velocity=100, time=0))
+            track.append(mido.Message("note_off", note=pitch, velocity=0, time=int(1.2 * 960)))
+            track.append(mido.MetaMessage("end_of_track", time=int(0.8 * 960)))
+            with tempfile.TemporaryDirectory() as tmp:
+                mid = Path(tmp) / "note.mid"
+                song.save(mid)
+                subprocess.run(["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.6", "-r", "48000", "-F", str(wav),
+                                str(SOUNDFONT), str(mid)], check=True, capture_output=True)
+    return out
+
+
+SETS = {"drums": build_drums, "gm": build_gm}
+
+
+def shaped_noise(x: np.ndarray, seed: int) -> np.ndarray:
+    """White noise filtered to `x`'s average power spectrum and scaled to its RMS level."""
+    xt = torch.from_numpy(x).float()
+    window = torch.hann_window(NOISE_FFT)
+    power = torch.stft(xt, NOISE_FFT, NOISE_FFT // 4, window=window, return_complex=True).abs().square().mean(1)
+    noise = torch.randn(len(x), generator=torch.Generator().manual_seed(seed))
+    spec = torch.stft(noise, NOISE_FFT, NOISE_FFT // 4, window=window, return_complex=True)
+    shaped = torch.istft(spec * power.sqrt()[:, None], NOISE_FFT, NOISE_FFT // 4, window=window, length=len(x))
+    rms_x = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+    rms_n = float(shaped.square().mean().sqrt())
+    return (shaped * (rms_x / max(rms_n, 1e-12))).numpy()
+
+
+class HeldOut:
+    """The held-out files in the model's format and their noise baselines."""
+
+    def __init__(self, files: list[Path], preprocessing: dict) -> None:
+        self.audio = [load_for_model(f, preprocessing) for f in files]
+        self.noise_distance = float(np.mean([
+            float(mrstft_distance(torch.from_numpy(shaped_noise(a, i)).reshape(1, 1, -1),
+                                  torch.from_numpy(a).reshape(1, 1, -1)))
+            for i, a in enumerate(self.audio)]))
+
+    @torch.no_grad()
+    def model_distance(self, model: torch.nn.Module, hop: int) -> float:
+        out = []
+        # silence in front for the decoder's warm-up, as in training: the onset is decoded in full
+        context = -(-model.warmup_samples // hop) * hop
+        for a in self.audio:
+            n = -(-len(a) // hop) * hop
+            x = torch.from_numpy(np.pad(a, (context, n - len(a)))).reshape(1, 1, -1)
+            y = model(x)[0][..., context:context + len(a)]
+            out.append(float(mrstft_distance(y, x[..., context:context + len(a)])))
+        return float(np.mean(out))
+
+
+def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, float] | None:
+    """(step, model distance, noise distance) of the run's latest checkpoint, None before the first."""
+    try:
+        ckpt, model = load_run(run_dir, "last")
+    except (FileNotFoundError, ValueError):
+        return None
+    if "held" not in cache:
+        cache["held"] = HeldOut(held, ckpt["preprocessing"])
+    h = cache["held"]
+    return int(ckpt["step"]), h.model_distance(model, int(ckpt["config"]["model"]["hop"])), h.noise_distance
+
+
+def run_one(name: str, prepared: Path, held: list[Path], work: Path, minutes: float, every: float,
+            config: Path | None, seed: int) -> float:
+    run_dir = work / f"run-{name.split('/')[-1]}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "training", "train", str(prepared), str(run_dir), "--minutes", f"{minutes:g}",
+           "--seed", str(seed)] + (["--config", str(config)] if config else [])
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    log_path = work / f"train-{name.split('/')[-1]}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    cache: dict = {}
+    started = time.monotonic()
+    next_check = every * 60
+    ratio = float("nan")
+    while True:
+        done = proc.poll() is not None
+        if done or time.monotonic() - started >= next_check:
+            result = measure(run_dir, held, cache)
+            if result is not None:
+                step, model_d, noise_d = result
+                ratio = model_d / noise_d
+                print(f"[{name}] {(time.monotonic() - started) / 60:5.1f} min  step {step:6d}  "
+                      f"held-out distance: model {model_d:.4f}  noise {noise_d:.4f}  ratio {ratio:.3f}",
+                      flush=True)
+            next_check += every * 60
+        if done:
+            break
+        time.sleep(2)
+    if proc.returncode != 0:
+        raise SystemExit(f"[{name}] training failed (exit {proc.returncode}); see {log_path}")
+    return ratio
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", choices=sorted(SETS) + ["all"], default="drums")
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--every", type=float, default=4.0, help="minutes between held-out measurements")
+    parser.add_argument("--augment", choices=["on", "off", "both"], default="both",
+                        help="defaults (on), every augmentation off, or one run of each")
+    parser.add_argument("--config", type=Path, help="config for the default run (e.g. to try a change)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "synthd-train-quality")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # measurements must not starve the training process
+
+    names = sorted(SETS) if args.set == "all" else [args.set]
+    summary = []
+    for set_name in names:
+        work = args.work / set_name
+        files = SETS[set_name](work / "sources")
+        held = files[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY]
+        train_dir = work / "train-sources"
+        shutil.rmtree(train_dir, ignore_errors=True)
+        train_dir.mkdir(parents=True)
+        for f in files:
+            if f not in held:
+                (train_dir / f.name).symlink_to(f)
+        prepared = work / "prepared"
+        subprocess.run([sys.executable, "-m", "training", "prepare", str(train_dir), str(prepared)],
+                       cwd=REPO, check=True)
+        print(f"{set_name}: {len(files) - len(held)} files prepared, {len(held)} held out", flush=True)
+        runs = []
+        if args.augment in ("on", "both"):
+            runs.append(("defaults", args.config))
+        if args.augment in ("off", "both"):
+            off = work / "augment-off.toml"
+            off.write_text("".join(f"[augment.{a}]\nenabled = false\n"
+                                   for a in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity")))
+            runs.append(("augment-off", off))
+        for name, config in runs:
+            ratio = run_one(f"{set_name}/{name}", prepared, held, work, args.minutes, args.every, config, args.seed)
+            summary.append(f"{set_name:6s} {name:12s} final ratio {ratio:.3f}")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""Training configuration: TOML files read into dataclasses, validated on load.
+
+Every section is a dataclass whose defaults are the product's defaults (tuned for a
+20-minute run on a 2-core CPU). A TOML file only names what it changes; an unknown key or a
+value of the wrong type is an error naming the key (`optim.lr: expected float, got 'fast'`).
+The resolved config (every value, defaults included) is written to the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from training.checkpoint import atomic_write_bytes
+from training.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """How training examples are cut from the prepared files."""
+
+    crop_frames: int = 64           # latent frames per training crop (x hop samples)
+    batch_size: int = 8
+    # sampling weight of a file ~ duration ** file_weight_power (0 = every file equally often,
+    # 1 = every second equally often); between the two, short hits are not drowned by long takes
+    file_weight_power: float = 0.5
+
+
+@dataclass
+class GainAugment:
+    enabled: bool = True
+    probability: float = 0.5
+    min_db: float = -6.0
+    max_db: float = 6.0
+
+
+@dataclass
+class PitchAugment:
+    """Resampling by up to `max_semitones` (pitch and speed move together, like a varispeed)."""
+
+    enabled: bool = False
+    probability: float = 0.3
+    max_semitones: float = 1.0
+
+
+@dataclass
+class StretchAugment:
+    """Time stretch without pitch change (phase vocoder), rate in [min_rate, max_rate]."""
+
+    enabled: bool = False
+    probability: float = 0.3
+    min_rate: float = 0.9
+    max_rate: float = 1.1
+
+
+@dataclass
+class NoiseAugment:
+    """White noise added to the encoder's input only, at a signal-to-noise ratio in the range."""
+
+    enabled: bool = False
+    probability: float = 0.3
+    min_snr_db: float = 30.0
+    max_snr_db: float = 50.0
+
+
+@dataclass
+class EqTiltAugment:
+    """Spectral tilt around 1 kHz, up to `max_db_per_octave` either way."""
+
+    enabled: bool = False
+    probability: float = 0.3
+    max_db_per_octave: float = 1.5
+
+
+@dataclass
+class PolarityAugment:
+    enabled: bool = True
+    probability: float = 0.5
+
+
+@dataclass
+class AugmentConfig:
+    gain: GainAugment = field(default_factory=GainAugment)
+    pitch: PitchAugment = field(default_factory=PitchAugment)
+    stretch: StretchAugment = field(default_factory=StretchAugment)
+    noise: NoiseAugment = field(default_factory=NoiseAugment)
+    eq_tilt: EqTiltAugment = field(default_factory=EqTiltAugment)
+    polarity: PolarityAugment = field(default_factory=PolarityAugment)
+
+
+@dataclass
+class LossConfig:
+    stft_fft_sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048, 4096])
+    mel_fft_sizes: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    n_mels: int = 64
+    spectral_convergence_weight: float = 1.0
+    log_magnitude_weight: float = 1.0
+    mel_weight: float = 1.0
+
+
+@dataclass
+class KLConfig:
+    beta: float = 0.01              # target weight of the KL term
+    beta_start: float = 1e-6
+    warmup: float = 0.3             # fraction of the run over which beta ramps (log scale)
+    free_bits: float = 0.05         # nats per frame and dimension
+    collapse_threshold: float = 0.01  # nats per frame: a dimension below carries nothing
+
+
+@dataclass
+class AdversarialConfig:
+    """GAN stage after reconstruction has converged; 'auto' = on with CUDA, off elsewhere."""
+
+    enabled: Literal["auto", "on", "off"] = "auto"
+    start: float = 0.5              # fraction of the run before the discriminators join
+    loss: Literal["hinge", "least_squares"] = "hinge"
+    periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    fft_sizes: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    channels: int = 16
+    normalization: Literal["weight", "spectral"] = "weight"
+    adversarial_weight: float = 0.1
+    feature_matching_weight: float = 2.0
+    lr: float = 1e-4
+    # the generator's adversarial loss is scaled down whenever it exceeds this multiple of
+    # the reconstruction loss, so a strong discriminator cannot wreck what was learned
+    max_loss_ratio: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    final_lr_ratio: float = 0.05    # cosine decay to lr * this at the end of the run
+    grad_clip: float = 5.0
+    amp: bool = True                # mixed precision, used on CUDA only
+    threads: int = 0                # torch threads on CPU; 0 = all cores
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = 250
+    log_every_steps: int = 25
+    crop_frames: int = 188          # ~1 s at hop 256
+    max_seconds: float = 20.0       # validation audio per check, spread over the held-out files
+    overfit_patience: int = 3       # consecutive validation rises while training falls
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against annotation `tp`, converted where lossless (int -> float, list ->
+    tuple); a ConfigError naming `key` otherwise."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, "
+                          f"got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        item = typing.get_args(tp)[0]
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # the section's own checks (__post_init__)
+        message = str(exc)
+        raise ConfigError(message if message.startswith(prefix) else f"{prefix.rstrip('.') or 'config'}: {message}") from exc
+
+
+def _check(cfg: TrainConfig) -> None:
+    """Cross-field checks the types alone cannot express."""
+    positive = {"data.crop_frames": cfg.data.crop_frames, "data.batch_size": cfg.data.batch_size,
+                "optim.lr": cfg.optim.lr, "validation.every_steps": cfg.validation.every_steps,
+                "validation.log_every_steps": cfg.validation.log_every_steps,
+                "validation.crop_frames": cfg.validation.crop_frames,
+                "validation.max_seconds": cfg.validation.max_seconds, "kl.beta": cfg.kl.beta,
+                "kl.beta_start": cfg.kl.beta_start}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key, value in {"kl.warmup": cfg.kl.warmup, "adversarial.start": cfg.adversarial.start,
+                       "optim.final_lr_ratio": cfg.optim.final_lr_ratio}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be between 0 and 1, got {value}")
+    for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity"):
+        p = getattr(cfg.augment, name).probability
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"augment.{name}.probability: must be between 0 and 1, got {p}")
+    for key, sizes in {"loss.stft_fft_sizes": cfg.loss.stft_fft_sizes,
+                       "loss.mel_fft_sizes": cfg.loss.mel_fft_sizes,
+                       "adversarial.fft_sizes": cfg.adversarial.fft_sizes}.items():
+        for n in sizes:
+            if n < 16 or n & (n - 1):
+                raise ConfigError(f"{key}: FFT size {n} is not a power of two >= 16")
+    if not cfg.loss.stft_fft_sizes and not cfg.loss.mel_fft_sizes:
+        raise ConfigError("loss.stft_fft_sizes: no reconstruction loss left (mel_fft_sizes is empty too)")
+    if not 0.5 <= cfg.augment.stretch.min_rate <= cfg.augment.stretch.max_rate <= 2.0:
+        raise ConfigError("augment.stretch.min_rate: need 0.5 <= min_rate <= max_rate <= 2")
+    if cfg.augment.gain.min_db > cfg.augment.gain.max_db:
+        raise ConfigError("augment.gain.min_db: greater than augment.gain.max_db")
+    if cfg.augment.noise.min_snr_db > cfg.augment.noise.max_snr_db:
+        raise ConfigError("augment.noise.min_snr_db: greater than augment.noise.max_snr_db")
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A validated TrainConfig from a (possibly partial) nested dict; errors name `source` and the key."""
+    try:
+        cfg = _build(TrainConfig, values)
+        _check(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None) -> TrainConfig:
+    """The defaults overridden by the TOML file at `path` (None: the defaults alone)."""
+    if path is None:
+        return config_from_dict({})
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(values, str(path))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain nested dict (lists, not tuples) of every value: what checkpoints and config.toml hold."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as TOML, atomically."""
+    atomic_write_bytes(path, tomli_w.dumps(config_to_dict(cfg)).encode())

@@ -1,0 +1,631 @@
+"""`synthd-train train`: fit the causal VAE to a prepared set.
+
+The run stops after `--steps` optimiser steps or `--minutes` of wall time (default 20). The
+learning-rate decay, the KL warm-up and the start of the adversarial stage follow the
+fraction of that budget already used, so a short run and a long one each end converged.
+Every step's randomness is derived from (seed, process rank, step), which is why a resumed
+run repeats the losses of an uninterrupted one exactly (same machine, `--steps` budget).
+
+Under `torchrun --nproc_per_node=N` it trains data-parallel (DDP: gloo on CPU, NCCL on CUDA);
+only rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from training.data import CropSampler, ValidationSet
+from training.augment import Augmenter
+from training.losses import (MultiResolutionSpectralLoss, collapsed_dims, free_bits_kl, kl_beta,
+                             kl_per_dim)
+
+DEFAULT_MINUTES = 20.0
+# seconds between checkpoints written on top of those at each validation
+CHECKPOINT_INTERVAL_S = 120.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset_dir", metavar="DATASET_DIR", help="a prepared set (synthd-train prepare)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder for checkpoints, config and log")
+    parser.add_argument("--config", metavar="C.toml", help="TOML file overriding the default config")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help=f"wall-clock budget (default {DEFAULT_MINUTES:g})")
+    budget.add_argument("--steps", type=int, help="number of optimiser steps")
+    parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+
+
+def select_device(requested: str | None) -> torch.device:
+    """The requested device, or CUDA, then Apple MPS, then CPU, whichever exists first."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: CUDA is not available on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {requested}: Apple MPS is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class Budget:
+    """When the run ends: after `steps` steps, or after `seconds` of (cumulative) wall time."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    def progress(self, step: int, elapsed: float) -> float:
+        """Fraction of the run done, in [0, 1]."""
+        if self.steps is not None:
+            return min(1.0, step / self.steps)
+        return min(1.0, elapsed / self.seconds)
+
+    def describe(self) -> str:
+        return f"{self.steps} steps" if self.steps is not None else f"{self.seconds / 60:g} minutes"
+
+
+def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over the first steps, then cosine decay to `final_lr_ratio` at the end."""
+    o = cfg.optim
+    warm = min(1.0, (step + 1) / max(1, o.warmup_steps))
+    decay = o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return o.lr * warm * decay
+
+
+def _step_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """The random source of one step of one process, independent of everything before it."""
+    sequence = np.random.SeedSequence([seed, rank, step])
+    torch.manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+    return np.random.default_rng(sequence)
+
+
+class RunLog:
+    """log.csv (always) and TensorBoard (when installed), written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, columns: list[str], resume_step: int | None) -> None:
+        self.path = run_dir / "log.csv"
+        self.columns = columns
+        if resume_step is not None and self.path.exists():
+            # rows past the checkpoint will be logged again by the resumed run
+            with open(self.path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= resume_step]
+        else:
+            rows = []
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # TensorBoard is optional
+            pass
+        else:
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = ",".join(_format(row.get(c)) for c in self.columns) + "\n"
+        with open(self.path, "a") as fh:  # one write per row: a kill leaves at most one partial line
+            fh.write(line)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, float):
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@dataclass
+class Meter:
+    """Running sums of the training losses between two log rows."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    kl_dims: Tensor | None = None
+    count: int = 0
+
+    def add(self, values: dict[str, float], kl_dims: Tensor) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.kl_dims = kl_dims.clone() if self.kl_dims is None else self.kl_dims + kl_dims
+        self.count += 1
+
+    def means(self) -> tuple[dict[str, float], Tensor]:
+        return ({k: v / self.count for k, v in self.sums.items()}, self.kl_dims / self.count)
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "kl_dims": self.kl_dims, "count": self.count}
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second signal: stop now, the last checkpoint stands
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run (one process of it under DDP)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from training.dataset import PreparedSet
+        from training.model import VAE
+
+        self.run_dir = Path(args.run_dir)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = select_device(args.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.main = self.rank == 0
+
+        self.dataset = PreparedSet.open(args.dataset_dir)
+        resume = self._resume_state(args)
+        if resume is None:
+            self.cfg = load_config(args.config)
+            self.seed = 0 if args.seed is None else args.seed
+        else:
+            self.cfg = self._resume_config(args, resume)
+            self.seed = resume["seed"] if args.seed is None else args.seed
+            if self.seed != resume["seed"]:
+                raise ConfigError(f"--seed {args.seed}: the run was started with seed {resume['seed']}")
+        self.budget = self._budget(args, resume)
+        cfg = self.cfg
+
+        sample_rate = int(self.dataset.preprocessing["sample_rate"])
+        if sample_rate != cfg.model.sample_rate:
+            raise ConfigError(f"model.sample_rate: {cfg.model.sample_rate} but the prepared set is at {sample_rate} Hz")
+        if self.device.type == "cpu":
+            threads = cfg.optim.threads or max(1, (os.cpu_count() or 1) // self.world)
+            torch.set_num_threads(threads)
+
+        torch.manual_seed(self.seed)  # the initial weights depend on the seed alone
+        model = VAE(cfg.model).to(self.device)
+        self.model = model
+        self.hop = cfg.model.hop
+        self.spectral = MultiResolutionSpectralLoss(cfg.loss.stft_fft_sizes, cfg.loss.mel_fft_sizes,
+                                                    cfg.loss.n_mels, sample_rate).to(self.device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        adversarial = cfg.adversarial.enabled
+        self.adversarial = adversarial == "on" or (adversarial == "auto" and self.device.type == "cuda")
+        self.discriminators = None
+        if self.adversarial:
+            from training.discriminators import Discriminators
+            torch.manual_seed(self.seed + 1)
+            self.discriminators = Discriminators(cfg.adversarial.periods, cfg.adversarial.fft_sizes,
+                                                 cfg.adversarial.channels,
+                                                 cfg.adversarial.normalization).to(self.device)
+            self.disc_optimizer = torch.optim.AdamW(self.discriminators.parameters(), lr=cfg.adversarial.lr,
+                                                    betas=(0.5, 0.9))
+        # bfloat16 autocast needs no loss scaling, so a resumed run has no scaler state to restore
+        self.amp = (cfg.optim.amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+        self.train_model: nn.Module = model
+        self.train_disc = self.discriminators
+        if self.world > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            if self.discriminators is not None:
+                self.train_disc = nn.parallel.DistributedDataParallel(self.discriminators, device_ids=ids)
+
+        train_audio = [self.dataset.load(f) for f in self.dataset.train_files]
+        val_audio = [self.dataset.load(f) for f in self.dataset.validation_files]
+        # the decoder's warm-up, rounded up to whole frames: losses skip it (see training.data)
+        self.context = -(-model.warmup_samples // self.hop) * self.hop
+        self.sampler = CropSampler(train_audio, cfg.data.crop_frames * self.hop, cfg.data.batch_size,
+                                   Augmenter(cfg.augment, sample_rate), cfg.data.file_weight_power,
+                                   self.context)
+        self.validation = ValidationSet.build(val_audio, cfg.validation.crop_frames * self.hop,
+                                              cfg.validation.max_seconds, sample_rate, self.context)
+        self.data_summary = self.dataset.summary()
+
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
+        self.overfit_streak = 0
+        self.finished = False
+        self.meter = Meter()
+        self.interval_train: list[float] = []  # training reconstruction losses since the last validation
+        if resume is not None:
+            self._restore(resume)
+
+    # -- set-up helpers -------------------------------------------------------------------
+
+    def _resume_state(self, args: argparse.Namespace) -> dict[str, Any] | None:
+        last = self.run_dir / "last.pt"
+        if not args.resume:
+            if last.exists():
+                raise FileExistsError(f"{self.run_dir}: already holds a run; add --resume to continue it "
+                                      "or choose another RUN_DIR")
+            return None
+        if not last.exists():
+            raise FileNotFoundError(f"{self.run_dir}: nothing to resume (no last.pt)")
+        ckpt = load_checkpoint(last, map_location="cpu")
+        if ckpt.get("manifest_hash") != self.dataset.manifest_hash:
+            raise ValueError(f"{args.dataset_dir}: not the prepared set this run was trained on "
+                             f"(manifest hash differs from {last})")
+        return ckpt
+
+    def _resume_config(self, args: argparse.Namespace, ckpt: dict[str, Any]) -> TrainConfig:
+        from training.config import config_from_dict
+        cfg = config_from_dict(ckpt["config"], f"{self.run_dir / 'last.pt'} config")
+        if args.config is not None and config_to_dict(load_config(args.config)) != config_to_dict(cfg):
+            raise ConfigError(f"{args.config}: differs from the config of the run being resumed "
+                              f"({self.run_dir / 'config.toml'}); a resumed run keeps its config")
+        return cfg
+
+    @staticmethod
+    def _budget(args: argparse.Namespace, ckpt: dict[str, Any] | None) -> Budget:
+        if args.steps is not None:
+            if args.steps <= 0:
+                raise ValueError(f"--steps {args.steps}: must be positive")
+            return Budget(steps=args.steps)
+        if args.minutes is not None:
+            if args.minutes <= 0:
+                raise ValueError(f"--minutes {args.minutes:g}: must be positive")
+            return Budget(seconds=args.minutes * 60.0)
+        if ckpt is not None:
+            return Budget(**ckpt["budget"])
+        return Budget(seconds=DEFAULT_MINUTES * 60.0)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.discriminators is not None and "discriminators" in ckpt:
+            self.discriminators.load_state_dict(ckpt["discriminators"])
+            self.disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
+        self.step = int(ckpt["step"])
+        self.elapsed = float(ckpt["elapsed_s"])
+        self.history = list(ckpt["history"])
+        self.best = ckpt["best"]
+        self.overfit_streak = int(ckpt["overfit_streak"])
+        self.meter = Meter(**ckpt["meter"])
+        self.interval_train = list(ckpt["interval_train"])
+
+    # -- training -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self, progress: float) -> tuple[dict[str, float], Tensor]:
+        cfg = self.cfg
+        rng = _step_rng(self.seed, self.rank, self.step)
+        target, inputs = (t.to(self.device) for t in self.sampler.batch(rng))
+        lr = learning_rate(cfg, self.step, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        beta = kl_beta(progress, cfg.kl.beta_start, cfg.kl.beta, cfg.kl.warmup)
+
+        self.train_model.train()
+        with self._autocast():
+            y, mean, logvar = self.train_model(inputs)
+        y = y.float()[..., self.context:]
+        target = target[..., self.context:]
+        terms = self.spectral.terms(y, target)
+        recon = self._reconstruction(terms)
+        kl_dims = kl_per_dim(mean.float(), logvar.float())
+        kl = free_bits_kl(kl_dims, cfg.kl.free_bits)
+        loss = recon + beta * kl
+        values = {"lr": lr, "beta": beta, "recon": recon.item(), "sc": terms.batch_spectral_convergence().item(),
+                  "logmag": terms.log_magnitude.mean().item(), "kl": kl_dims.sum().item()}
+        if terms.log_mel is not None:
+            values["mel"] = terms.log_mel.mean().item()
+
+        if self.discriminators is not None and progress >= cfg.adversarial.start:
+            loss = loss + self._adversarial(y, target, recon, values)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        values["loss"] = loss.item()
+        return values, kl_dims.detach().float().cpu()
+
+    def _reconstruction(self, terms) -> Tensor:
+        w = self.cfg.loss
+        recon = (w.spectral_convergence_weight * terms.batch_spectral_convergence()
+                 + w.log_magnitude_weight * terms.log_magnitude.mean())
+        if terms.log_mel is not None:
+            recon = recon + w.mel_weight * terms.log_mel.mean()
+        return recon
+
+    def _adversarial(self, y: Tensor, target: Tensor, recon: Tensor, values: dict[str, float]) -> Tensor:
+        """One discriminator update, then the generator's adversarial + feature-matching loss."""
+        from training.discriminators import (discriminator_loss, feature_matching_loss, generator_loss,
+                                             guard_ratio)
+        a = self.cfg.adversarial
+        with self._autocast():
+            d_loss = discriminator_loss(self.train_disc(target), self.train_disc(y.detach()), a.loss)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.float().backward()
+        self.disc_optimizer.step()
+        with self._autocast():
+            real, fake = self.train_disc(target), self.train_disc(y)
+            g_loss = a.adversarial_weight * generator_loss(fake, a.loss)
+            fm_loss = a.feature_matching_weight * feature_matching_loss(real, fake)
+        total = guard_ratio((g_loss + fm_loss).float(), recon, a.max_loss_ratio)
+        values.update(disc=d_loss.item(), adv=g_loss.item(), feature_matching=fm_loss.item())
+        return total
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """The training losses on the held-out crops (posterior mean, no noise), all processes' share."""
+        self.model.eval()
+        latent = self.cfg.model.latent_size
+        resolutions = max(1, len(self.cfg.loss.stft_fft_sizes))
+        # sums of: error and target energy per resolution, log magnitude, log mel, crop count,
+        # KL per dimension; spectral convergence is taken over all crops as one signal (as in training)
+        sums = torch.zeros(2 * resolutions + 3 + latent, dtype=torch.float64)
+        for batch in self.validation.batches(self.cfg.data.batch_size, self.rank, self.world):
+            batch = batch.to(self.device)
+            with self._autocast():
+                y, mean, logvar = self.model(batch)
+            terms = self.spectral.terms(y.float()[..., self.context:], batch[..., self.context:])
+            mel = terms.log_mel.sum() if terms.log_mel is not None else torch.zeros(())
+            kl = kl_per_dim(mean.float(), logvar.float()) * batch.shape[0]
+            sums += torch.cat([terms.error_energy.sum(1), terms.target_energy.sum(1),
+                               terms.log_magnitude.sum().reshape(1), mel.reshape(1),
+                               torch.tensor([float(batch.shape[0])], device=kl.device), kl]).double().cpu()
+        if self.world > 1:
+            dist.all_reduce(sums)
+        r = resolutions
+        count = float(sums[2 * r + 2])
+        sc = float((sums[:r] / sums[r:2 * r].clamp(min=1e-12)).sqrt().mean()) if self.cfg.loss.stft_fft_sizes else 0.0
+        lm, mel = float(sums[2 * r]) / count, float(sums[2 * r + 1]) / count
+        kl_dims = (sums[2 * r + 3:] / count).float()
+        w = self.cfg.loss
+        recon = w.spectral_convergence_weight * sc + w.log_magnitude_weight * lm
+        if self.cfg.loss.mel_fft_sizes:
+            recon += w.mel_weight * mel
+        score = recon + self.cfg.kl.beta * float(free_bits_kl(kl_dims, self.cfg.kl.free_bits))
+        return {"val_sc": sc, "val_logmag": lm, "val_mel": mel, "val_distance": sc + lm, "val_recon": recon,
+                "val_kl": float(kl_dims.sum()), "val_score": score, "kl_dims": kl_dims.tolist()}
+
+    def _checkpoint(self) -> dict[str, Any]:
+        ckpt = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "seed": self.seed,
+            "budget": {"steps": self.budget.steps, "seconds": self.budget.seconds},
+            "config": config_to_dict(self.cfg),
+            "manifest_hash": self.dataset.manifest_hash,
+            "dataset_dir": str(Path(self.dataset.root).resolve()),
+            "preprocessing": dict(self.dataset.preprocessing),
+            "data_summary": self.data_summary,
+            "history": self.history,
+            "best": self.best,
+            "overfit_streak": self.overfit_streak,
+            "meter": self.meter.state(),
+            "interval_train": list(self.interval_train),
+            "latency_samples": int(self.model.latency_samples),
+            "finished": self.finished,
+        }
+        if self.discriminators is not None:
+            ckpt["discriminators"] = self.discriminators.state_dict()
+            ckpt["disc_optimizer"] = self.disc_optimizer.state_dict()
+        return ckpt
+
+    def _agree(self, stop: bool) -> bool:
+        """Rank 0's decision to stop, shared so that every process stops at the same step."""
+        if self.world == 1:
+            return stop
+        flag = torch.tensor([1 if stop else 0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    def _say(self, message: str) -> None:
+        if self.main:
+            print(message, file=sys.stderr, flush=True)
+
+    def fit(self) -> int:
+        """Train until the budget is spent or a signal arrives; returns the exit status."""
+        from training.progress import Progress
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:  # leftovers of writes cut short by a kill; the files they were replacing are intact
+            for stale in [*self.run_dir.glob(".*.pt.*.tmp"), *self.run_dir.glob(".config.toml.*.tmp")]:
+                stale.unlink(missing_ok=True)
+        latent = cfg.model.latent_size
+        columns = (["step", "elapsed_s", "lr", "beta", "loss", "recon", "sc", "logmag", "mel", "kl",
+                    "disc", "adv", "feature_matching", "val_sc", "val_logmag", "val_mel", "val_distance",
+                    "val_recon", "val_kl", "val_score", "warning"] + [f"kl_{i}" for i in range(latent)])
+        log = RunLog(self.run_dir, columns, self.step if self.history or self.step else None) if self.main else None
+        if self.main:
+            save_config(cfg, self.run_dir / "config.toml")
+            self._say(f"training on {self.device} ({self.world} process{'es' if self.world > 1 else ''}), "
+                      f"{self.data_summary['train_files']} training / {self.data_summary['validation_files']} "
+                      f"validation files, budget {self.budget.describe()}, adversarial "
+                      f"{'on' if self.adversarial else 'off'}, seed {self.seed}"
+                      + (f", resuming at step {self.step}" if self.step else ""))
+        by_time = self.budget.steps is None
+        remaining = (int(math.ceil(self.budget.seconds - self.elapsed)) if by_time
+                     else self.budget.steps - self.step)
+        progress_bar = Progress(remaining, "train", unit="s" if by_time else "step") if self.main else None
+        shown = int(self.elapsed) if by_time else self.step
+        last_save = time.monotonic()
+        status = 0
+        if not self.history:  # the untrained model's figures: what training is measured against
+            row = self._validation_round({"step": 0, "elapsed_s": 0.0})
+            if log is not None:
+                log.write(row)
+        with StopRequest() as stop:
+            started = time.monotonic() - self.elapsed
+            while True:
+                self.elapsed = time.monotonic() - started
+                progress = self.budget.progress(self.step, self.elapsed)
+                if self._agree(progress >= 1.0 or stop.signal is not None):
+                    break
+                values, kl_dims = self._train_step(progress)
+                self.step += 1
+                self.meter.add(values, kl_dims)
+                self.interval_train.append(values["recon"])
+                self.elapsed = time.monotonic() - started
+                if progress_bar is not None:
+                    now = int(self.elapsed) if by_time else self.step
+                    progress_bar.update(now - shown, loss=f"{values['loss']:.3f}", kl=f"{values['kl']:.2f}",
+                                        step=self.step)
+                    shown = now
+                row = None
+                if self.step % cfg.validation.log_every_steps == 0:
+                    means, kl_mean = self.meter.means()
+                    row = {"step": self.step, "elapsed_s": self.elapsed, **means,
+                           **{f"kl_{i}": float(v) for i, v in enumerate(kl_mean)}}
+                    self.meter = Meter()
+                if self.step % cfg.validation.every_steps == 0:
+                    row = self._validation_round(row or {"step": self.step, "elapsed_s": self.elapsed})
+                    last_save = time.monotonic()
+                elif time.monotonic() - last_save > CHECKPOINT_INTERVAL_S:
+                    if self.main:
+                        save_checkpoint(self.run_dir / "last.pt", self._checkpoint())
+                    last_save = time.monotonic()
+                if row is not None and log is not None:
+                    log.write(row)
+            if stop.signal is not None:
+                status = 128 + stop.signal
+        if progress_bar is not None:
+            progress_bar.close()
+        self.finished = status == 0
+        if status == 0 and (not self.history or self.history[-1]["step"] != self.step):
+            row = self._validation_round({"step": self.step, "elapsed_s": self.elapsed})
+            if log is not None:
+                log.write(row)
+        elif self.main:
+            save_checkpoint(self.run_dir / "last.pt", self._checkpoint())
+        if log is not None:
+            log.close()
+        self._summary(status)
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return status
+
+    def _validation_round(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Validate, update best/overfitting state, save checkpoints; returns the log row."""
+        val = self.validate()
+        train_recon = float(np.mean(self.interval_train)) if self.interval_train else float("nan")
+        self.interval_train = []
+        record = {"step": self.step, "train_recon": train_recon, **val}
+        previous = self.history[-1] if self.history else None
+        self.history.append(record)
+        row = {**row, **val}
+        if previous is not None and val["val_recon"] > previous["val_recon"] and train_recon < previous["train_recon"]:
+            self.overfit_streak += 1
+        else:
+            self.overfit_streak = 0
+        if self.overfit_streak >= self.cfg.validation.overfit_patience:
+            warning = (f"validation loss rose for {self.overfit_streak} checks while training loss fell: "
+                       "overfitting (more data or augmentation would help; best.pt keeps the best model)")
+            row["warning"] = "overfitting"
+            self._say(f"warning: step {self.step}: {warning}")
+        improved = self.best is None or val["val_score"] < self.best["val_score"]
+        if improved:
+            self.best = {"step": self.step, "val_score": val["val_score"], "val_distance": val["val_distance"]}
+        if self.main:
+            ckpt = self._checkpoint()
+            save_checkpoint(self.run_dir / "last.pt", ckpt)
+            if improved:
+                save_checkpoint(self.run_dir / "best.pt", ckpt)
+            self._say(f"step {self.step}: validation distance {val['val_distance']:.4f} "
+                      f"(recon {val['val_recon']:.4f}, train recon {train_recon:.4f}, KL {val['val_kl']:.2f} "
+                      f"nats/frame: {' '.join(f'{v:.2f}' for v in val['kl_dims'])})"
+                      + (" best" if improved else ""))
+        return row
+
+    def _summary(self, status: int) -> None:
+        if not self.main:
+            return
+        if status:
+            self._say(f"stopped by signal at step {self.step}; saved {self.run_dir / 'last.pt'} "
+                      f"(continue with --resume)")
+            return
+        best = self.best or {}
+        self._say(f"done: {self.step} steps in {self.elapsed / 60:.1f} min; best validation distance "
+                  f"{best.get('val_distance', float('nan')):.4f} at step {best.get('step')}; "
+                  f"saved {self.run_dir / 'best.pt'} and {self.run_dir / 'last.pt'}")
+        report_collapse(self.run_dir, self.cfg)
+
+
+def report_collapse(run_dir: Path, cfg: TrainConfig) -> list[int]:
+    """Print the KL of every latent dimension (last log row) and name the collapsed ones."""
+    with open(run_dir / "log.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("kl_0")]
+    if not rows:
+        return []
+    kl = torch.tensor([float(rows[-1][f"kl_{i}"]) for i in range(cfg.model.latent_size)])
+    dead = collapsed_dims(kl, cfg.kl.collapse_threshold)
+    print("KL per latent dimension (nats/frame): " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(kl.tolist())),
+          file=sys.stderr)
+    if dead:
+        print(f"collapsed latent dimensions (KL < {cfg.kl.collapse_threshold:g}): "
+              + ", ".join(map(str, dead)) + f" — {len(dead)} of {len(kl)} carry no information",
+              file=sys.stderr)
+    else:
+        print("no collapsed latent dimension", file=sys.stderr)
+    return dead
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.dataset import PreparedSetError
+
+    try:
+        trainer = Trainer(args)
+    except (ConfigError, PreparedSetError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return trainer.fit()
