@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -243,10 +242,13 @@ def test_incremental_rerun_reuses_files_and_keeps_the_validation_split(tmp_path:
     removed = next(s for s, f in first.items() if f["split"] == "train")
     (src / removed).unlink()
     for i in range(14, 30):
-        af.write(src / f"new/tone_{i:02d}.wav", af.tone(200.0 * 1.1 ** i, 0.3))
+        af.write(src / f"new/tone_{i:02d}.wav", af.tone(200.0 * 1.1 ** i, 0.3, channels=2))
     proc = prepare(src, out)  # no --validation now: the forced file keeps its split anyway
     assert proc.returncode == 0, proc.stderr
     assert "16 converted, 13 unchanged" in proc.stdout
+    # a note shared by many files is said once in the report (and kept per file in the manifest)
+    assert "  16 files (new/tone_14.wav, new/tone_15.wav, ...): downmixed stereo to mono" in proc.stdout
+    assert "new/tone_16.wav: downmixed" not in proc.stdout
     second = by_source(manifest(out))
     assert removed not in second
     assert {s for s in valid} <= {s for s, f in second.items() if f["split"] == "validation"}
@@ -283,13 +285,12 @@ def test_interrupted_run_leaves_the_previous_set_readable(tmp_path: Path) -> Non
     tones(src, 3, seconds=0.3)
     assert prepare(src, out).returncode == 0
     old = manifest(out)
-    for i in range(60):  # slow enough to interrupt: 44.1 kHz files need resampling
-        af.write(src / f"more/m_{i:02d}.wav", af.tone(100.0 + 13 * i, 1.5, rate=44100), rate=44100)
+    for i in range(30):  # slow enough to interrupt: 44.1 kHz files need resampling
+        af.write(src / f"more/m_{i:02d}.wav", af.tone(100.0 + 13 * i, 1.0, rate=44100), rate=44100)
     for sig in (signal.SIGKILL, signal.SIGINT):
         proc = subprocess.Popen([sys.executable, "-m", "training", "prepare", str(src), str(out)],
                                 cwd=af.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert "prepare: 1/63" in proc.stderr.readline()  # the run is under way
-        time.sleep(0.2)
+        assert "prepare: 1/33" in proc.stderr.readline()  # the run is under way
         proc.send_signal(sig)
         proc.communicate(timeout=60)
         assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
@@ -299,7 +300,7 @@ def test_interrupted_run_leaves_the_previous_set_readable(tmp_path: Path) -> Non
         if sig == signal.SIGINT:  # a clean interruption removes its staging folder itself
             assert not list(tmp_path.glob(".out.prepare-*"))
     proc = prepare(src, out)  # the next run clears what the killed one left and completes
-    assert proc.returncode == 0 and manifest(out)["summary"]["files"] == 63
+    assert proc.returncode == 0 and manifest(out)["summary"]["files"] == 33
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [".out.lock"]
 
 

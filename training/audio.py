@@ -231,7 +231,7 @@ def _notes(info: SourceInfo, sample_rate: int) -> list[str]:
                      else "downmixed stereo to mono (mean)")
     if info.sample_rate != sample_rate:
         note = f"resampled {info.sample_rate} Hz -> {sample_rate} Hz"
-        if info.sample_rate < sample_rate:
+        if info.sample_rate < 40000:  # only a band-limit within hearing is worth saying
             note += (f"; no content above {info.sample_rate / 2000:g} kHz "
                      f"(the source's Nyquist frequency)")
         notes.append(note)

@@ -46,6 +46,7 @@ DEFAULT_PEAK_CEILING_DBFS = -1.0
 MIN_FILES = 2          # one to train on, one to validate on
 FEW_FILES = 5          # below this the model mostly memorises
 VERY_SHORT_S = 0.1     # shorter files get a note: the trainer pads them
+GROUP_NOTES = 3        # the report says a note shared by more files once, with a count
 EXIT_OK, EXIT_TOO_FEW, EXIT_USAGE = 0, 1, 2
 
 # Extensions of the formats libsndfile reads (its own names plus the usual aliases).
@@ -574,7 +575,16 @@ def _details(rejected: list[dict[str, str]], noted: list[dict[str, Any]]) -> lis
         lines += [f"  {r['source']}: {r['reason']}" for r in rejected]
     if noted:
         lines.append("notes:")
-        lines += [f"  {f['source']}: {note}" for f in noted for note in f["notes"]]
+        # a note shared by many files (a folder of 44.1 kHz stereo takes) is said once
+        sharing: dict[str, list[str]] = {}
+        for f in noted:
+            for note in f["notes"]:
+                sharing.setdefault(note, []).append(f["source"])
+        for f in noted:
+            lines += [f"  {f['source']}: {note}" for note in f["notes"] if len(sharing[note]) <= GROUP_NOTES]
+        for note, sources in sharing.items():
+            if len(sources) > GROUP_NOTES:
+                lines.append(f"  {len(sources)} files ({', '.join(sources[:2])}, ...): {note}")
     return lines
 
 
