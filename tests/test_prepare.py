@@ -312,7 +312,8 @@ def test_prepare_and_load_for_model_give_the_same_samples(tmp_path: Path) -> Non
     ds = PreparedSet.open(out)
     for f in ds.files:
         via_set = ds.load(f)
-        via_model = load_for_model(src / f.source, ds.preprocessing)
+        assert ds.source_path(f) == (src / f.source).resolve()
+        via_model = load_for_model(ds.source_path(f), ds.preprocessing)
         assert via_set.dtype == via_model.dtype == np.float32
         np.testing.assert_array_equal(via_set, via_model)
 

@@ -106,6 +106,15 @@ class PreparedSet:
         return [f for f in self.files if f.split == "validation"]
 
     @property
+    def source_dir(self) -> Path:
+        """The folder the set was prepared from (its files may have moved since)."""
+        return Path(self.manifest["source_dir"])
+
+    def source_path(self, f: PreparedFile) -> Path:
+        """Where `f`'s original file was when the set was prepared."""
+        return self.source_dir / f.source
+
+    @property
     def duration_s(self) -> float:
         return sum(f.duration_s for f in self.files)
 
