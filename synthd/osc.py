@@ -254,6 +254,9 @@ class OscServer:
         except (KeyError, ValueError) as exc:
             self.counters.invalid += 1
             return [("/fail", address, str(exc.args[0]) if exc.args else type(exc).__name__)]
+        except Exception as exc:  # a fault of ours: answer and log it, never stop serving
+            log.exception("OSC %s failed", address)
+            return [("/fail", address, f"internal error: {exc}")]
 
     # ---------------------------------------------------------------- handlers
 
