@@ -166,7 +166,8 @@ class CausalBlock(nn.Module):
         self.dwconv = CausalDepthwiseConv(dim, kernel_size, dilation)
         self.norm = nn.LayerNorm(dim)
         self.pw1 = nn.Linear(dim, mlp_ratio * dim)
-        self.act = nn.GELU()
+        # the tanh form: three times cheaper than erf for the one-frame calls of streaming
+        self.act = nn.GELU(approximate="tanh")
         self.pw2 = nn.Linear(mlp_ratio * dim, dim)
         # small residual scale: a deep stack starts close to the identity and trains stably
         self.gamma = nn.Parameter(torch.full((dim,), 1.0 / 8))
@@ -236,7 +237,7 @@ class ISTFTHead(nn.Module):
         super().__init__()
         self.n_fft, self.hop = cfg.n_fft, cfg.hop
         self.max_frame_rms = cfg.max_frame_rms
-        window = spectral_ops.hann_window(cfg.n_fft)
+        window = spectral_ops.squared_hann_window(cfg.n_fft)
         self.register_buffer("window", spectral_ops.synthesis_window(window, cfg.hop), persistent=False)
         mask = spectral_ops.band_limit_mask(cfg.n_fft, cfg.sample_rate, cfg.max_frequency, cfg.band_taper_hz)
         self.bins = mask.numel()
