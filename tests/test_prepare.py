@@ -155,6 +155,7 @@ def test_bad_and_odd_files_are_rejected_or_noted_and_the_rest_is_prepared(tmp_pa
     ds = PreparedSet.open(out)
     tick = next(f for f in ds.files if f.source == "odd/tick.wav")
     assert tick.frames == 480 and tick.original["duration_s"] == pytest.approx(0.01)
+    assert tick.split == "train", "a 10 ms file validates only when nothing else can"
     assert tick.loudness_lufs > -40, "a 10 ms tick is measured by the short-file fallback"
     lo = ds.load(next(f for f in ds.files if f.source == "odd/lo.wav"))
     assert abs(dominant_hz(lo, SR) - 500.0) < 1.0

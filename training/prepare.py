@@ -322,7 +322,8 @@ def assign_splits(entries: list[dict[str, Any]], previous: dict[str, Any] | None
     n = len(entries)
     target = min(max(1, round(opts.validation_fraction * n)), n - 1)
     have = sum(e.get("split") == "validation" for e in entries)
-    new.sort(key=lambda e: _order_key(opts.seed, e["content_hash"]))
+    # seeded order; a file too short to measure anything on validates only if nothing else can
+    new.sort(key=lambda e: (e["duration_s"] < VERY_SHORT_S, _order_key(opts.seed, e["content_hash"])))
     need = max(0, target - have)
     for i, e in enumerate(new):
         e["split"], e["split_reason"] = ("validation" if i < need else "train"), "new"
@@ -550,9 +551,10 @@ def _report(result: Result, out: Path) -> str:
     s, pre = m["summary"], m["preprocessing"]
     new = s["files"] - result.reused
     lines = [f"prepared set: {out}",
-             f"  accepted    {s['files']} files, {s['duration_s']:.1f} s "
+             f"  accepted    {_count(s['files'], 'file')}, {s['duration_s']:.1f} s "
              f"({new} converted, {result.reused} unchanged)",
-             f"  rejected    {s['rejected']} files" + (f"; {s['ignored']} non-audio files ignored" if s["ignored"] else ""),
+             f"  rejected    {_count(s['rejected'], 'file')}"
+             + (f"; {_count(s['ignored'], 'non-audio file')} ignored" if s["ignored"] else ""),
              f"  loudness    {s['loudness_min_lufs']:.1f} .. {s['loudness_max_lufs']:.1f} LUFS "
              f"(median {pre['set_loudness_lufs']:.1f}); after gain "
              f"{s['loudness_after_gain_min_lufs']:.1f} .. {s['loudness_after_gain_max_lufs']:.1f} LUFS",
@@ -561,11 +563,15 @@ def _report(result: Result, out: Path) -> str:
         lines.append(f"              lowered from {pre['wanted_gain_db']:+.1f} dB so that the loudest "
                      f"peak ({pre['limiting_file']}) stays under {pre['peak_ceiling_dbfs']:.1f} dBFS: "
                      f"the set reaches {pre['set_loudness_lufs'] + pre['gain_db']:.1f} LUFS")
-    lines.append(f"  split       train {s['train_files']} files ({s['train_duration_s']:.1f} s), "
-                 f"validation {s['validation_files']} files ({s['validation_duration_s']:.1f} s)")
+    lines.append(f"  split       train {_count(s['train_files'], 'file')} ({s['train_duration_s']:.1f} s), "
+                 f"validation {_count(s['validation_files'], 'file')} ({s['validation_duration_s']:.1f} s)")
     lines += _details(m["rejected"], [f for f in m["files"] if f["notes"]])
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _details(rejected: list[dict[str, str]], noted: list[dict[str, Any]]) -> list[str]:

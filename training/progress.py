@@ -39,7 +39,8 @@ class Progress:
     """Counts units of work out of `total` and reports rate, elapsed time and ETA on stderr.
 
     `total` may be None (unknown): no percentage or ETA is shown then. The ETA is the remaining
-    units at the average rate so far, which is stable for steady work (files, training steps).
+    units at the average rate since the first update, which is stable for steady work (files,
+    training steps) and not thrown off by a slow start.
     Usable as a context manager; `close()` prints the final line once (idempotent)."""
 
     def __init__(self, total: int | None, label: str, *, unit: str = "it",
@@ -53,6 +54,7 @@ class Progress:
         self.count = 0
         self.fields: dict[str, Any] = {}
         self._start = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (time, count) at the first update
         self._last_print = -math.inf
         self._line_open = False
         self._closed = False
@@ -62,14 +64,25 @@ class Progress:
         return time.monotonic() - self._start
 
     def eta(self) -> float:
-        """Seconds left at the average rate so far (nan when unknown)."""
+        """Seconds left at the average rate since the first update (nan when unknown).
+
+        Counting from the first update leaves start-up costs (imports, a first step that
+        compiles or warms caches) out of the rate; before a second update there is nothing
+        else to go on, so the rate since construction is used."""
         if self.total is None or self.count <= 0:
             return math.nan
-        return max(0, self.total - self.count) * self.elapsed / self.count
+        remaining = max(0, self.total - self.count)
+        if self._first is not None and self.count > self._first[1]:
+            since, done = time.monotonic() - self._first[0], self.count - self._first[1]
+        else:
+            since, done = self.elapsed, self.count
+        return remaining * since / done
 
     def update(self, n: int = 1, **fields: Any) -> None:
         """`n` more units done; `fields` (e.g. `loss=0.12, file="kick.wav"`) replace the shown ones."""
         self.count += n
+        if self._first is None:
+            self._first = (time.monotonic(), self.count)
         if fields:
             self.fields.update(fields)
         now = time.monotonic()
