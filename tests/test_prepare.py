@@ -263,6 +263,11 @@ def test_incremental_rerun_reuses_files_and_keeps_the_validation_split(tmp_path:
     proc = prepare(src, out)
     assert "0 converted, 29 unchanged" in proc.stdout
     assert PreparedSet.open(out).manifest_hash == before
+    # a new loudness target changes the one gain only: nothing is converted again
+    gain = PreparedSet.open(out).gain_db
+    proc = prepare(src, out, "--target-lufs", "-23")
+    assert "0 converted, 29 unchanged" in proc.stdout
+    assert PreparedSet.open(out).gain_db == pytest.approx(gain - 3.0, abs=1e-3)
     # a moved validation file keeps its split (found by content)
     moved = sorted(valid - {"tone_05.wav"})[0]
     os.rename(src / moved, src / "new" / Path(moved).name)
