@@ -1,0 +1,133 @@
+"""Live output through a real, paced JACK dummy server (PortAudio's JACK host API), recorded
+by a JACK client; and the listing commands against the same server.
+
+Underruns: `ring_underruns` counts callbacks that found synthd's ring short (the render
+thread fell behind): always 0 here. PortAudio's `output_underflow` flag reports any xrun of
+the JACK server, which on an overloaded host (a non-realtime dummy server sharing two cores)
+happens whatever the clients do; bench/soak.py reports both over minutes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from support.jack import Recorder, jack_server  # noqa: F401  (jack_server is a fixture)
+from support.nnmodels import build_toy_model
+from synthd.audio import LiveOutput
+from synthd.engine import Engine
+from synthd.model import load_model
+
+SR = 48000
+TOY_RMS = 0.0988  # the toy model at its defaults
+
+
+@pytest.fixture(scope="module")
+def portaudio_on_jack(jack_server):  # noqa: F811
+    jack_server.use_in_this_process()
+    torch.set_num_threads(1)
+    yield jack_server
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("live")
+    return build_toy_model(d / "toy.ts"), build_toy_model(d / "toy44.ts", sample_rate=44100)
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def record_live(server, engine: Engine, seconds: float, during=None) -> tuple[np.ndarray, LiveOutput]:
+    """Play `engine` live for `seconds` while recording it; `during(output)` runs halfway."""
+    output = LiveOutput(engine, channels=engine.channels)
+    output.start()
+    with Recorder(server.name, channels=engine.channels, seconds=seconds + 2) as rec:
+        rec.connect_from(rec.wait_for_ports(r"PortAudio.*:out_", engine.channels))
+        rec.start()
+        rec.wait_frames(int(seconds * SR / 2))
+        if during is not None:
+            during(output)
+        rec.wait_frames(int(seconds * SR))
+        output.stop(fade_s=0.02)
+        time.sleep(0.1)
+        return rec.data(), output
+
+
+def test_plays_sound_and_a_gain_step_shows(portaudio_on_jack, toy_models):
+    engine = Engine(load_model(toy_models[0]), channels=2, block_frames=256)
+    data, output = record_live(portaudio_on_jack, engine, 1.6, lambda _: engine.set_gain_db(-20.0))
+    assert output.device_name == "system" and output.sample_rate == SR
+    half = int(0.8 * SR)
+    before, after = data[half - 24000:half - 2400], data[-30000:-6000]
+    assert rms(before) == pytest.approx(TOY_RMS, rel=0.05)  # sound, at the model's level
+    assert rms(after) == pytest.approx(TOY_RMS / 10, rel=0.05)  # -20 dB
+    assert np.array_equal(data[:, 0], data[:, 1])  # a mono model on both outputs
+    assert output.ring_underruns == 0, output.stats()
+    assert output.callbacks > 200
+
+
+def test_stop_fades_out_instead_of_cutting(portaudio_on_jack, toy_models):
+    engine = Engine(load_model(toy_models[0]), channels=1)
+    data, output = record_live(portaudio_on_jack, engine, 0.6)
+    sound = np.flatnonzero(np.abs(data[:, 0]) > 1e-4)
+    tail = np.abs(data[sound[-1] - 480:sound[-1] + 1, 0])
+    steady = np.abs(data[SR // 4:SR // 2, 0]).max()
+    assert tail[-48:].max() < 0.2 * steady  # the last millisecond before silence is quiet
+    assert output.ring_underruns == 0
+
+
+def test_model_at_another_rate_is_resampled_not_detuned(portaudio_on_jack, toy_models):
+    engine = Engine(load_model(toy_models[1]), channels=1)
+    assert engine.sample_rate == 44100
+    data, output = record_live(portaudio_on_jack, engine, 1.2)
+    assert output.sample_rate == SR and output.stats()["resampling"]
+    steady = data[SR // 4:SR // 4 + SR // 2, 0]
+    spectrum = np.abs(np.fft.rfft(steady * np.hanning(len(steady))))
+    assert np.argmax(spectrum) * SR / len(steady) == pytest.approx(220.0, abs=2.5)
+    assert output.ring_underruns == 0
+
+
+def test_swap_while_playing_never_stops_the_stream(portaudio_on_jack, toy_models):
+    engine = Engine(load_model(toy_models[0]), channels=1)
+    other = load_model(toy_models[0])
+    data, output = record_live(portaudio_on_jack, engine, 1.2,
+                               lambda _: engine.swap_model(other, crossfade_s=0.05))
+    playing = data[SR // 10:int(1.1 * SR), 0]
+    windows = np.abs(playing[: len(playing) // 256 * 256]).reshape(-1, 256).max(axis=1)
+    assert windows.min() > 0.01  # no silent block (two sines can partly cancel mid-fade)
+    assert output.ring_underruns == 0 and engine.stats()["voices"] == 1
+
+
+def _synthd(server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synthd", *args], env=server.env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_devices_lists_the_jack_device(portaudio_on_jack):
+    result = _synthd(portaudio_on_jack, "devices")
+    assert result.returncode == 0, result.stderr
+    assert "system" in result.stdout and "JACK Audio Connection Kit" in result.stdout
+    assert "[default output]" in result.stdout
+
+
+def test_ports_lists_jack_midi_ports(portaudio_on_jack):
+    import rtmidi
+
+    out = rtmidi.MidiOut(rtapi=rtmidi.API_UNIX_JACK, name="keys")
+    out.open_virtual_port("d1-keyboard")
+    try:
+        result = _synthd(portaudio_on_jack, "ports")
+    finally:
+        out.close_port()
+        out.delete()
+    assert result.returncode == 0, result.stderr
+    assert "MIDI API: Jack" in result.stdout
+    inputs = result.stdout.split("MIDI outputs")[0]
+    assert "d1-keyboard" in inputs
