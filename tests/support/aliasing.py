@@ -1,0 +1,122 @@
+"""Measures of folded (aliased) energy, for any model file's output.
+
+Two signs of aliasing, each compared with the signal the model was given:
+- energy above 20 kHz, as a fraction of the total (dB): a decoder that upsamples through a
+  nonlinearity folds energy up there; a band-limited iSTFT head puts (almost) none;
+- partials the source lacks: spectral peaks that stand well above their neighbourhood, persist
+  over several analysis frames, and sit where the source (in the same frame) has no energy.
+
+`sine_sweep` is the standard probe; `aliasing_report(source, output)` measures both. The functions
+take numpy arrays and know nothing about the model, so they run unchanged on a trained file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.ndimage import maximum_filter, median_filter
+from scipy.signal import stft, welch
+
+
+def sine_sweep(seconds: float = 3.0, sample_rate: int = 48000, f0: float = 20.0, f1: float = 20000.0,
+               amplitude: float = 0.5) -> np.ndarray:
+    """Exponential sine sweep f0 -> f1, `(samples,)` float32, with 10 ms raised-cosine fades."""
+    n = int(seconds * sample_rate)
+    t = np.arange(n) / sample_rate
+    rate = np.log(f1 / f0) / seconds
+    x = amplitude * np.sin(2 * np.pi * f0 * (np.exp(rate * t) - 1) / rate)
+    fade = int(0.01 * sample_rate)
+    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)
+    x[:fade] *= ramp
+    x[-fade:] *= ramp[::-1]
+    return x.astype(np.float32)
+
+
+def energy_above_db(x: np.ndarray, sample_rate: int = 48000, cutoff: float = 20000.0) -> float:
+    """Energy above `cutoff` relative to the total, in dB (Welch, 8192 points, Kaiser window with
+    beta 20: side lobes near -150 dB, so the measure's own leakage does not mask the signal's)."""
+    freqs, psd = welch(np.asarray(x, dtype=np.float64), fs=sample_rate, window=("kaiser", 20.0),
+                       nperseg=8192, noverlap=6144)
+    total = psd.sum()
+    if total <= 0:
+        return float("-inf")
+    return float(10 * np.log10(max(psd[freqs > cutoff].sum(), 1e-30) / total))
+
+
+# A float32 signal cannot measure below this: its rounding noise alone (white, a sixth of it
+# above 20 kHz at 48 kHz) lies near -145 dB of the signal. A sweep that ends at 20 kHz measures
+# about -160 dB, which no float32 model output can match; folding puts -60 to -20 dB there.
+FLOOR_DB = -135.0
+
+
+@dataclass
+class Partial:
+    time_s: float
+    frequency_hz: float
+    level_db: float  # relative to the output's loudest bin
+
+
+@dataclass
+class AliasReport:
+    source_above_db: float
+    output_above_db: float
+    new_partials: list[Partial] = field(default_factory=list)
+
+    def passes(self, margin_db: float = 1.0, floor_db: float = FLOOR_DB) -> bool:
+        """No more energy above 20 kHz than the source (or the floor, when the source has less)
+        plus `margin_db`, and no new partial."""
+        return self.output_above_db <= max(self.source_above_db, floor_db) + margin_db and not self.new_partials
+
+    def describe(self) -> str:
+        head = (f"energy above 20 kHz: output {self.output_above_db:.1f} dB, source {self.source_above_db:.1f} dB; "
+                f"{len(self.new_partials)} new partial(s)")
+        shown = ", ".join(f"{p.frequency_hz:.0f} Hz at {p.time_s:.2f} s ({p.level_db:.0f} dB)"
+                          for p in self.new_partials[:8])
+        return head + (f": {shown}" if shown else "")
+
+
+def _db_spectrogram(x: np.ndarray, sample_rate: int, n_fft: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    freqs, times, spec = stft(np.asarray(x, dtype=np.float64), fs=sample_rate, window="hann",
+                              nperseg=n_fft, noverlap=3 * n_fft // 4, boundary=None, padded=False)
+    return freqs, times, 10 * np.log10(np.abs(spec) ** 2 + 1e-20)
+
+
+def new_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000, n_fft: int = 4096,
+                 prominence_db: float = 15.0, range_db: float = 50.0, absent_db: float = 40.0,
+                 tolerance_bins: int = 3, persist_frames: int = 3) -> list[Partial]:
+    """Partials of `output` that `source` lacks.
+
+    A partial is a local spectral maximum (STFT of `n_fft` points, hop n_fft/4) at least
+    `prominence_db` above the median of its ±32-bin neighbourhood and within `range_db` of the
+    output's loudest bin. It is new when, in the same frame, the source within ±`tolerance_bins`
+    is more than `absent_db` below the source frame's own maximum, and it persists (within ±2 bins)
+    for `persist_frames` consecutive frames: a lone noise peak is not a partial.
+    """
+    n = min(len(source), len(output))
+    freqs, times, out_db = _db_spectrogram(output[:n], sample_rate, n_fft)
+    _, _, src_db = _db_spectrogram(source[:n], sample_rate, n_fft)
+    floor = median_filter(out_db, size=(65, 1), mode="reflect")
+    top = out_db.max()
+    local_max = np.zeros_like(out_db, dtype=bool)
+    local_max[1:-1] = (out_db[1:-1] > out_db[:-2]) & (out_db[1:-1] >= out_db[2:])
+    candidate = local_max & (out_db - floor >= prominence_db) & (out_db >= top - range_db)
+    src_near = maximum_filter(src_db, size=(2 * tolerance_bins + 1, 1), mode="nearest")
+    absent = src_near < src_db.max(axis=0, keepdims=True) - absent_db
+    new = candidate & absent
+    # persistence: the same partial (±2 bins) in `persist_frames` consecutive frames
+    spread = maximum_filter(new.astype(np.uint8), size=(5, 1), mode="constant").astype(bool)
+    run = np.zeros_like(new, dtype=int)
+    for j in range(new.shape[1]):
+        run[:, j] = np.where(spread[:, j], (run[:, j - 1] if j else 0) + 1, 0)
+    persistent = new & (run >= persist_frames)
+    found = []
+    for b, j in zip(*np.nonzero(persistent)):
+        found.append(Partial(float(times[j]), float(freqs[b]), float(out_db[b, j] - top)))
+    return found
+
+
+def aliasing_report(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000) -> AliasReport:
+    """Both measures for `output` (what a model made of `source`)."""
+    return AliasReport(energy_above_db(source, sample_rate), energy_above_db(output, sample_rate),
+                       new_partials(source, output, sample_rate))

@@ -1,0 +1,246 @@
+"""`synthd-train export` and the model file it writes, through the command line and the file.
+
+Set `SYNTHD_ALIAS_MODEL=/path/to/model.ts` to run the aliasing checks on a trained file as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from support.aliasing import FLOOR_DB, aliasing_report, energy_above_db, sine_sweep
+from training.control_space import pca_space
+from training.dataset import PreparedSet
+from training.export import build_metadata, export_model
+from training.model import VAE, ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+TINY = """
+[model]
+latent_size = 4
+encoder_dim = 16
+encoder_blocks = 1
+decoder_dim = 24
+decoder_blocks = 2
+decoder_dilations = [1, 2]
+
+[data]
+batch_size = 2
+crop_frames = 8
+
+[loss]
+stft_fft_sizes = [256, 1024]
+mel_fft_sizes = []
+
+[optim]
+threads = 1
+
+[validation]
+every_steps = 2
+max_seconds = 2.0
+crop_frames = 16
+"""
+
+torch.set_num_threads(1)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _load(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(run folder, prepared set, model file) of a two-step tiny run exported through the CLI."""
+    root = tmp_path_factory.mktemp("export")
+    assert _cli("demo-data", str(root / "sounds"), "--count", "6").returncode == 0
+    result = _cli("prepare", str(root / "sounds"), str(root / "prepared"))
+    assert result.returncode == 0, result.stderr
+    (root / "tiny.toml").write_text(TINY)
+    result = _cli("train", str(root / "prepared"), str(root / "run"), "--steps", "2",
+                  "--config", str(root / "tiny.toml"), "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    out = root / "tiny.ts"
+    result = _cli("export", str(root / "run"), str(out))
+    assert result.returncode == 0, result.stderr
+    assert "chunks of 1, 2, 3, 8 frames equal one whole decode" in result.stderr
+    assert result.stdout.strip() == str(out)
+    return root / "run", root / "prepared", out
+
+
+@pytest.fixture(scope="module")
+def untrained_default(tmp_path_factory) -> Path:
+    """The default architecture, untrained, exported with a PCA space of its own latents."""
+    torch.manual_seed(0)
+    vae = VAE(ModelConfig()).eval()
+    with torch.no_grad():
+        mean, _ = vae.encode(torch.from_numpy(sine_sweep(2.0)).view(1, 1, -1))
+    space = pca_space(mean[0].T.numpy())
+    ckpt = {"step": 0, "preprocessing": {"sample_rate": 48000, "target_lufs": -20.0, "gain_db": 0.0}}
+    out = tmp_path_factory.mktemp("untrained") / "untrained.ts"
+    export_model(vae, space, build_metadata("untrained", vae, space, ckpt), out)
+    return out
+
+
+def test_nn_tilde_members_and_shapes(exported):
+    model = _load(exported[2])
+    assert model.get_methods() == ["encode", "decode", "forward"]
+    assert model.get_attributes() == []
+    assert model.decode_params.tolist() == [4, 256, 1, 1]
+    assert model.encode_params.tolist() == [1, 1, 4, 256]
+    assert model.forward_params.tolist() == [1, 1, 1, 1]
+    with torch.no_grad():
+        assert model.decode(torch.zeros(1, 4, 7)).shape == (1, 1, 7 * 256)
+        assert model.encode(torch.zeros(1, 1, 256 * 5 + 17)).shape == (1, 4, 5)
+        model.reset()
+        assert model.forward(torch.zeros(1, 1, 256 * 3)).shape == (1, 1, 3 * 256)
+        model.reset()
+        assert model.decode(torch.zeros(2, 4, 3)).shape == (2, 1, 3 * 256)  # another batch size starts afresh
+
+
+def test_metadata_follows_the_contract(exported):
+    run, prepared, out = exported
+    meta = json.loads(_load(out).metadata())
+    assert meta["format"] == "synthd-model" and meta["format_version"] == 1
+    assert (meta["sample_rate"], meta["channels"], meta["latent_size"], meta["hop"]) == (48000, 1, 4, 256)
+    assert meta["latency_samples"] == 768
+    labels = [c["label"] for c in meta["controls"]]
+    assert labels == ["timbre_1", "timbre_2", "timbre_3", "timbre_4"]
+    for i, c in enumerate(meta["controls"]):
+        assert c["index"] == i and c["min"] < c["default"] < c["max"] and c["source"] == "pca"
+    dataset = PreparedSet.open(prepared)
+    assert meta["preprocessing"] == dataset.preprocessing
+    assert meta["preprocessing"]["gain_db"] == dataset.gain_db
+    assert meta["data"]["files"] == len(dataset.files) == 6
+    assert meta["run"]["steps"] == 2
+
+
+def test_encode_returns_control_coordinates_deterministically(exported):
+    _, prepared, out = exported
+    model = _load(out)
+    dataset = PreparedSet.open(prepared)
+    meta = json.loads(model.metadata())
+    with torch.no_grad():
+        u = torch.cat([model.encode(torch.from_numpy(dataset.load(f)).view(1, 1, -1))[0].T for f in dataset.files])
+        again = model.encode(torch.from_numpy(dataset.load(dataset.files[0])).view(1, 1, -1))
+        assert torch.equal(again, model.encode(torch.from_numpy(dataset.load(dataset.files[0])).view(1, 1, -1)))
+    u = u.numpy()
+    # the ranges in the metadata are the percentiles of exactly these coordinates
+    for j, c in enumerate(meta["controls"]):
+        assert np.percentile(u[:, j], 2) == pytest.approx(c["min"], abs=1e-3)
+        assert np.percentile(u[:, j], 98) == pytest.approx(c["max"], abs=1e-3)
+    variances = u.var(axis=0)
+    assert all(variances[j] >= variances[j + 1] - 1e-6 for j in range(3))  # PCA order
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_file_streams_in_chunks_and_resets(exported, size):
+    model = _load(exported[2])
+    meta = json.loads(model.metadata())
+    lo = torch.tensor([c["min"] for c in meta["controls"]]).view(1, -1, 1)
+    hi = torch.tensor([c["max"] for c in meta["controls"]]).view(1, -1, 1)
+    u = lo + (hi - lo) * torch.rand(1, 4, 29, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        model.reset()
+        whole = model.decode(u)
+        model.reset()
+        chunked = torch.cat([model.decode(u[:, :, i:i + size]) for i in range(0, 29, size)], dim=2)
+        # without reset the stream goes on: the next call differs from a fresh start
+        continued = model.decode(u[:, :, :4])
+        model.reset()
+        fresh = model.decode(u[:, :, :4])
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5 * float(whole.abs().max()))
+    torch.testing.assert_close(fresh, whole[..., : 4 * 256], rtol=0, atol=1e-6)
+    assert not torch.allclose(continued, fresh)
+
+
+def test_loads_in_a_fresh_process_with_only_torch(exported):
+    # `training` made unimportable: the file must carry everything it needs
+    code = (
+        "import sys; sys.modules['training'] = None\n"
+        "import json, torch\n"
+        f"m = torch.jit.load({str(exported[2])!r})\n"
+        "meta = json.loads(m.metadata())\n"
+        "y = m.decode(torch.zeros(1, meta['latent_size'], 3))\n"
+        "print(tuple(y.shape), m.get_methods())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
+                            timeout=120, env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 1, 768) ['encode', 'decode', 'forward']"
+    assert "Warning" not in result.stderr
+
+
+def test_export_errors_are_clear_and_leave_nothing(exported, tmp_path):
+    run, _, _ = exported
+    result = _cli("export", str(tmp_path / "nowhere"), str(tmp_path / "x.ts"))
+    assert result.returncode != 0 and "nowhere" in result.stderr and "Traceback" not in result.stderr
+    result = _cli("export", str(run), str(tmp_path / "missing" / "x.ts"))
+    assert result.returncode != 0 and "missing" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_replaces_a_file_atomically(exported, tmp_path):
+    run, _, _ = exported
+    out = tmp_path / "model.ts"
+    out.write_bytes(b"old")
+    result = _cli("export", str(run), str(out), "--which", "last", "--name", "second")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(_load(out).metadata())["name"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ts"]  # no temporary left behind
+    assert out.stat().st_mode & 0o044 == 0o044  # readable like any file the user writes
+
+
+def _alias_models() -> list[str]:
+    extra = os.environ.get("SYNTHD_ALIAS_MODEL")
+    return ["untrained"] + ([extra] if extra else [])
+
+
+@pytest.fixture(params=_alias_models())
+def alias_model(request, untrained_default) -> torch.jit.ScriptModule:
+    return _load(untrained_default if request.param == "untrained" else Path(request.param))
+
+
+def test_sweep_through_the_file_folds_nothing(alias_model):
+    sweep = sine_sweep(3.0)
+    with torch.no_grad():
+        alias_model.reset()
+        out = alias_model.forward(torch.from_numpy(sweep).view(1, 1, -1))[0, 0].numpy()
+    report = aliasing_report(sweep, out)
+    assert report.passes(), report.describe()
+
+
+def test_decoded_latent_walks_fold_nothing_and_extremes_stay_bounded(alias_model):
+    meta = json.loads(alias_model.metadata())
+    size = meta["latent_size"]
+    lo = torch.tensor([c["min"] for c in meta["controls"]]).view(1, -1, 1)
+    hi = torch.tensor([c["max"] for c in meta["controls"]]).view(1, -1, 1)
+    generator = torch.Generator().manual_seed(0)
+    steps = torch.rand(1, size, 300, generator=generator)
+    walk = 0.5 + 0.5 * torch.sin(torch.cumsum(0.2 * torch.randn(1, size, 300, generator=generator), dim=2))
+    with torch.no_grad():
+        for u01 in (steps, walk):
+            alias_model.reset()
+            audio = alias_model.decode(lo + (hi - lo) * u01)[0, 0].numpy()
+            assert np.isfinite(audio).all()
+            assert energy_above_db(audio) <= FLOOR_DB + 1.0
+        for value in (10.0, -10.0):
+            alias_model.reset()
+            audio = alias_model.decode(torch.full((1, size, 100), value))
+            assert torch.isfinite(audio).all()
+            assert float(audio.square().mean().sqrt()) <= 4 / 3 and float(audio.abs().max()) <= 16.0

@@ -1,0 +1,194 @@
+"""The causal VAE, its signal maths and the control space: tiny configs, CPU, no training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from support.aliasing import FLOOR_DB, energy_above_db
+from training import spectral_ops
+from training.control_space import ControlSpace, ControlSpec, pca_space
+from training.model import VAE, ModelConfig
+
+torch.set_num_threads(1)
+
+TINY = dict(latent_size=4, encoder_dim=16, encoder_blocks=1, decoder_dim=24, decoder_blocks=2,
+            decoder_dilations=[1, 3], noise_bands=8)
+
+
+def tiny(**overrides) -> VAE:
+    torch.manual_seed(0)
+    return VAE(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+def stream(model: VAE, z: torch.Tensor, size: int) -> torch.Tensor:
+    state = model.decoder.initial_state(z.shape[0])
+    parts = []
+    for i in range(0, z.shape[2], size):
+        audio, state = model.decoder.step(z[:, :, i:i + size], state)
+        parts.append(audio)
+    return torch.cat(parts, dim=2)
+
+
+def test_shapes_and_posterior():
+    model = tiny()
+    x = 0.1 * torch.randn(3, 1, 256 * 20 + 100)
+    mean, logvar = model.encode(x)
+    assert mean.shape == logvar.shape == (3, 4, 20)
+    assert model.decode(mean).shape == (3, 1, 20 * 256)
+    y, m2, _ = model(x)
+    assert y.shape == (3, 1, 20 * 256) and torch.equal(m2, mean)
+    # in eval mode forward decodes the mean: deterministic
+    assert torch.equal(model(x)[0], y)
+    # logvar is clamped, so the posterior scale stays finite on any input
+    _, lv = model.encode(1e4 * torch.randn(1, 1, 256 * 8))
+    assert lv.min() >= model.cfg.logvar_min and lv.max() <= model.cfg.logvar_max
+
+
+def test_decoder_is_causal():
+    model = tiny()
+    z = torch.randn(1, 4, 30)
+    with torch.no_grad():
+        base = model.decode(z)
+        for k in (0, 7, 29):
+            changed = z.clone()
+            changed[:, :, k:] += 2.0
+            out = model.decode(changed)
+            assert torch.equal(out[..., : k * 256], base[..., : k * 256]), f"frame {k} changed earlier output"
+            assert not torch.allclose(out[..., k * 256:], base[..., k * 256:]), f"frame {k} changed nothing"
+
+
+def test_latency_matches_the_reach_of_one_frame():
+    model = tiny()
+    assert model.latency_samples == ModelConfig().n_fft - ModelConfig().hop == 768
+    z = torch.randn(1, 4, 40)
+    changed = z.clone()
+    changed[:, :, 10] += 3.0  # one frame only; the decoder's convolutions spread it over later frames
+    with torch.no_grad():
+        diff = (model.decode(changed) - model.decode(z)).abs()[0, 0]
+    first = int(torch.nonzero(diff > 1e-7)[0])
+    assert 10 * 256 <= first < 11 * 256
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_streaming_equals_whole_decoding(size):
+    model = tiny(decoder_dilations=[1, 4])  # a cache (16 frames) longer than every chunk
+    z = torch.randn(2, 4, 37)
+    with torch.no_grad():
+        whole = model.decode(z)
+        chunked = stream(model, z, size)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
+
+
+def test_training_mode_varies_the_noise_but_eval_is_deterministic():
+    model = tiny()
+    z = torch.randn(1, 4, 12)
+    with torch.no_grad():
+        assert torch.equal(model.decode(z), model.decode(z))
+        model.train()
+        torch.manual_seed(1)
+        a = model.decode(z)
+        torch.manual_seed(2)
+        b = model.decode(z)
+    assert not torch.equal(a, b)
+    without = tiny(noise_branch=False)
+    assert without.decoder.head.proj.out_features == 2 * without.decoder.head.bins
+
+
+def test_default_decoder_is_band_limited_and_bounded():
+    model = VAE(ModelConfig()).eval()
+    with torch.no_grad():
+        walk = torch.cumsum(0.3 * torch.randn(1, 16, 300), dim=2)
+        audio = model.decode(walk)[0, 0].numpy()
+        assert energy_above_db(audio) < FLOOR_DB
+        for value in (10.0, -10.0):
+            loud = model.decode(torch.full((1, 16, 100), value))
+            assert torch.isfinite(loud).all()
+            # each frame's RMS is at most max_frame_rms; four overlapping frames, window <= 1/3
+            assert float(loud.square().mean().sqrt()) <= 4 / 3 * model.cfg.max_frame_rms
+            assert float(loud.abs().max()) <= 16.0
+
+
+def test_head_output_calibration():
+    """A bin of magnitude m gives a sinusoid of amplitude m (the level the init is set by)."""
+    cfg = ModelConfig()
+    window = spectral_ops.synthesis_window(spectral_ops.squared_hann_window(cfg.n_fft), cfg.hop)
+    k = 64
+    spec = torch.zeros(1, 20, 420, dtype=torch.complex64)
+    spec[:, :, k] = torch.polar(torch.full((1, 20), 0.5), 2 * math.pi * k * cfg.hop / cfg.n_fft * torch.arange(20.0))
+    frames = torch.fft.irfft(spec, n=cfg.n_fft, dim=-1, norm="forward") * window
+    out, _ = spectral_ops.overlap_add(frames, torch.zeros(1, cfg.n_fft - cfg.hop), cfg.hop)
+    steady = out[0, cfg.n_fft:]
+    assert abs(float(steady.abs().max()) - 0.5) < 1e-3
+
+
+def test_overlap_add_matches_a_direct_sum():
+    frames = torch.randn(2, 5, 16)
+    tail = torch.randn(2, 12)
+    out, new_tail = spectral_ops.overlap_add(frames, tail, 4)
+    full = torch.zeros(2, 5 * 4 + 12)
+    full[:, :12] += tail
+    for t in range(5):
+        full[:, t * 4:t * 4 + 16] += frames[:, t]
+    torch.testing.assert_close(out, full[:, :20])
+    torch.testing.assert_close(new_tail, full[:, 20:])
+
+
+def test_windows_and_band_limit():
+    assert spectral_ops.overlap_add_gain(spectral_ops.squared_hann_window(1024), 256) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="does not overlap-add"):
+        spectral_ops.overlap_add_gain(spectral_ops.squared_hann_window(1024), 512)
+    mask = spectral_ops.band_limit_mask(1024, 48000, 20000.0, 1000.0)
+    bin_hz = 48000 / 1024
+    assert mask[0] == 0 and mask[1] == 1
+    assert (mask.numel() - 1) * bin_hz <= 20000.0 - 7 * bin_hz
+    assert torch.all(mask[1:-1] >= mask[2:])  # falls monotonically
+    with pytest.raises(ValueError, match="max_frequency"):
+        spectral_ops.band_limit_mask(1024, 48000, 30000.0, 1000.0)
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ValueError, match="n_fft"):
+        ModelConfig(n_fft=1000)
+    with pytest.raises(ValueError, match="decoder_dilations"):
+        ModelConfig(decoder_blocks=3)
+    with pytest.raises(ValueError, match="latent_size"):
+        ModelConfig(latent_size=0)
+    with pytest.raises(ValueError, match="unknown model config key.*latent_dim"):
+        ModelConfig.from_dict({"latent_dim": 8})
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
+
+
+def test_pca_space_orders_by_variance_and_inverts():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 3)) * [0.1, 3.0, 1.0] + [1.0, -2.0, 0.5]
+    space = pca_space(z)
+    assert [c.label for c in space.controls] == ["timbre_1", "timbre_2", "timbre_3"]
+    u = space.from_latent(z)
+    variances = u.var(axis=0)
+    assert variances[0] > variances[1] > variances[2]
+    np.testing.assert_allclose(space.to_latent(u), z, atol=1e-5)
+    for j, c in enumerate(space.controls):
+        assert c.minimum == pytest.approx(np.percentile(u[:, j], 2), abs=1e-4)
+        assert c.maximum == pytest.approx(np.percentile(u[:, j], 98), abs=1e-4)
+        assert c.default == pytest.approx(np.median(u[:, j]), abs=1e-4)
+    # a direction the data never moves along stays playable
+    flat = pca_space(np.column_stack([rng.normal(size=500), np.zeros(500)]))
+    assert flat.controls[1].maximum - flat.controls[1].minimum == pytest.approx(1.0)
+
+
+def test_control_space_validation():
+    spec = ControlSpec("a", -1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="used twice"):
+        ControlSpace(np.zeros(2), np.eye(2), [spec, spec]).validate()
+    with pytest.raises(ValueError, match="lowercase"):
+        ControlSpace(np.zeros(1), np.eye(1), [ControlSpec("Bright ness", -1, 1, 0)]).validate()
+    with pytest.raises(ValueError, match="invertible"):
+        ControlSpace(np.zeros(2), np.ones((2, 2)), [spec, ControlSpec("b", -1, 1, 0)]).validate()
+    with pytest.raises(ValueError, match="2 controls for a latent size of 3"):
+        ControlSpace(np.zeros(3), np.eye(3), [spec, ControlSpec("b", -1, 1, 0)]).validate()
+    with pytest.raises(ValueError, match="outside"):
+        ControlSpace(np.zeros(1), np.eye(1), [ControlSpec("a", -1, 1, 2)]).validate()

@@ -1,0 +1,243 @@
+"""`synthd-train export RUN_DIR OUT.ts`: a trained run as an nn~-convention TorchScript file.
+
+The file's latent dimensions are the controls of its metadata (see training/control_space.py):
+`decode` maps control values to VAE latents and streams them through the causal decoder,
+keeping the convolution caches, the overlap-add tail and the noise-table position between
+calls; `encode` returns the posterior mean in control coordinates. Before the file is written,
+decoding in chunks of 1, 2, 3 and 8 frames is checked against one whole decode, and the saved
+file is loaded back and checked again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from training.control_space import ControlSpace
+from training.model import VAE
+
+FORMAT_VERSION = 1
+CHECK_CHUNKS = (1, 2, 3, 8)
+
+
+class StreamingModel(nn.Module):
+    """The exported module: nn~ methods over a VAE, in control coordinates, with streaming state.
+
+    decode(u `(batch, L, T)`) -> `(batch, 1, T * hop)`; encode(x `(batch, 1, N)`) -> `(batch, L, N // hop)`.
+    State is kept for one batch size at a time; a call with another batch size starts afresh.
+    """
+
+    def __init__(self, vae: VAE, space: ControlSpace, metadata: str) -> None:
+        super().__init__()
+        space.validate()
+        self.decoder = vae.decoder
+        self.encoder = vae.encoder
+        size = vae.cfg.latent_size
+        self.latent_size = size
+        self.hop = vae.cfg.hop
+        basis = torch.as_tensor(np.asarray(space.basis), dtype=torch.float64)
+        self.register_buffer("offset", torch.as_tensor(np.asarray(space.offset), dtype=torch.float32).view(1, size, 1))
+        self.register_buffer("basis", basis.float())
+        self.register_buffer("inverse", torch.linalg.inv(basis).float())
+        self.register_buffer("decode_params", torch.tensor([size, self.hop, 1, 1]))
+        self.register_buffer("encode_params", torch.tensor([1, 1, size, self.hop]))
+        self.register_buffer("forward_params", torch.tensor([1, 1, 1, 1]))
+        self.meta = metadata
+        self.state: list[Tensor] = self.decoder.initial_state(1)
+
+    @torch.jit.export
+    def get_methods(self) -> list[str]:
+        return ["encode", "decode", "forward"]
+
+    @torch.jit.export
+    def get_attributes(self) -> list[str]:
+        return []
+
+    @torch.jit.export
+    def metadata(self) -> str:
+        return self.meta
+
+    @torch.jit.export
+    def reset(self) -> None:
+        self.state = self.decoder.initial_state(self.state[0].shape[0])
+
+    @torch.jit.export
+    def decode(self, u: Tensor) -> Tensor:
+        """Control values `(batch, latent_size, frames)` -> audio `(batch, 1, frames * hop)`, continuing
+        the stream of the previous call."""
+        if u.shape[0] != self.state[0].shape[0]:
+            self.state = self.decoder.initial_state(u.shape[0])
+        z = self.offset + torch.matmul(self.basis, u)
+        audio, state = self.decoder.step(z, self.state)
+        self.state = state
+        return audio
+
+    @torch.jit.export
+    def encode(self, x: Tensor) -> Tensor:
+        """Audio `(batch, 1, samples)` -> control values `(batch, latent_size, samples // hop)`: the
+        posterior mean, so the same audio always gives the same controls. Stateless: each call
+        analyses its own samples (zero beyond its end)."""
+        mean, _ = self.encoder(x)
+        return torch.matmul(self.inverse, mean - self.offset)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+def check_streaming(module: Any, u: Tensor, chunks: tuple[int, ...] = CHECK_CHUNKS, tolerance: float = 1e-4) -> float:
+    """Decode `u` `(1, L, T)` whole, then in chunks of each size in `chunks` (after `reset()`); raise
+    RuntimeError when any chunked decode differs from the whole by more than `tolerance` relative to
+    the whole's peak. Returns the largest relative difference. Leaves the module reset."""
+    with torch.no_grad():
+        module.reset()
+        whole = module.decode(u)
+        expected = (u.shape[0], 1, u.shape[2] * int(module.decode_params[1]))
+        if tuple(whole.shape) != expected:
+            raise RuntimeError(f"decode returned {tuple(whole.shape)}, expected {expected}")
+        if not bool(torch.isfinite(whole).all()):
+            raise RuntimeError("decode returned NaN or infinity")
+        scale = max(float(whole.abs().max()), 1e-6)
+        worst = 0.0
+        for size in chunks:
+            module.reset()
+            parts = [module.decode(u[:, :, i:i + size]) for i in range(0, u.shape[2], size)]
+            error = float((torch.cat(parts, dim=2) - whole).abs().max()) / scale
+            worst = max(worst, error)
+            if error > tolerance:
+                raise RuntimeError(f"streaming decode in chunks of {size} frames differs from one whole "
+                                   f"decode by {error:.3g} of its peak (tolerance {tolerance:g})")
+        module.reset()
+    return worst
+
+
+def latent_means(vae: VAE, dataset: Any, max_seconds: float = 600.0) -> np.ndarray:
+    """Posterior means `(frames, L)` of the prepared set's files (training and validation), up to
+    `max_seconds` of audio in file order."""
+    means = []
+    budget = int(max_seconds * vae.cfg.sample_rate)
+    with torch.no_grad():
+        for f in dataset.files:
+            if budget <= 0:
+                break
+            audio = np.asarray(dataset.load(f), dtype=np.float32)[:budget]
+            budget -= audio.shape[0]
+            if audio.shape[0] < vae.hop:
+                continue
+            mean, _ = vae.encode(torch.from_numpy(audio).view(1, 1, -1))
+            means.append(mean[0].T.numpy())
+    if not means:
+        raise ValueError(f"{dataset.root}: no file is long enough to encode (one frame is {vae.hop} samples)")
+    return np.concatenate(means, axis=0)
+
+
+def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any]) -> str:
+    """The metadata JSON of the README's model-file contract."""
+    cfg = vae.cfg
+    run: dict[str, Any] = {"steps": int(ckpt.get("step", 0)),
+                           "minutes": round(float(ckpt.get("elapsed_s", 0.0)) / 60.0, 2),
+                           "manifest_hash": ckpt.get("manifest_hash")}
+    run["model"] = {"n_fft": cfg.n_fft, "decoder_dim": cfg.decoder_dim, "decoder_blocks": cfg.decoder_blocks,
+                    "noise_branch": cfg.noise_branch, "max_frequency": cfg.max_frequency}
+    meta = {
+        "format": "synthd-model", "format_version": FORMAT_VERSION, "name": name,
+        "sample_rate": cfg.sample_rate, "channels": 1, "latent_size": cfg.latent_size, "hop": cfg.hop,
+        "latency_samples": vae.latency_samples,
+        "controls": space.metadata(),
+        "preprocessing": dict(ckpt.get("preprocessing") or {}),
+        "data": dict(ckpt.get("data_summary") or {}),
+        "run": run,
+    }
+    return json.dumps(meta, allow_nan=False)
+
+
+def export_model(vae: VAE, space: ControlSpace, metadata: str, out: str | Path, check_frames: int = 48) -> float:
+    """Script, check, and atomically write the model file; returns the worst streaming error found.
+
+    Checks (before the file replaces anything): chunked decoding equals whole decoding on the
+    scripted module and again on the file loaded back from bytes.
+    """
+    from training.checkpoint import atomic_write_bytes
+
+    vae = vae.eval()
+    module = StreamingModel(vae, space, metadata)
+    generator = torch.Generator().manual_seed(0)
+    lo = torch.tensor([c.minimum for c in space.controls]).view(1, -1, 1)
+    hi = torch.tensor([c.maximum for c in space.controls]).view(1, -1, 1)
+    # a latent walk across each control's useful range
+    u = lo + (hi - lo) * torch.rand(1, len(space.controls), check_frames, generator=generator)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(module)
+        worst = check_streaming(scripted, u)
+        torch.jit.save(scripted, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+    worst = max(worst, check_streaming(loaded, u))
+    if loaded.metadata() != metadata:
+        raise RuntimeError("the saved file's metadata does not read back unchanged")
+    atomic_write_bytes(out, buffer.getvalue())
+    # the temporary file was private; a model file is as readable as any file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)
+    return worst
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder")
+    parser.add_argument("out", metavar="OUT.ts", help="the model file to write")
+    parser.add_argument("--which", choices=("best", "last"), default="best",
+                        help="checkpoint to export (default: best by validation)")
+    parser.add_argument("--data", metavar="DATASET_DIR", help="prepared set for the PCA (default: the run's own)")
+    parser.add_argument("--name", help="model name in the metadata (default: the output file's stem)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.checkpoint import load_run
+    from training.dataset import PreparedSet, PreparedSetError
+
+    started = time.monotonic()
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        print(f"synthd-train export: {out.parent}: no such folder for the model file", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    try:
+        ckpt, vae = load_run(args.run_dir, args.which)
+        data_dir = args.data or ckpt.get("dataset_dir")
+        if not data_dir:
+            print(f"synthd-train export: {args.run_dir}: the run does not name its prepared set; pass --data",
+                  file=sys.stderr)
+            return 2
+        dataset = PreparedSet.open(data_dir)
+        space = pca_control_space(vae, dataset)  # control space
+        metadata = build_metadata(args.name or out.stem, vae, space, ckpt)
+        worst = export_model(vae, space, metadata, out)
+    except (FileNotFoundError, PreparedSetError, ValueError, RuntimeError) as exc:
+        print(f"synthd-train export: {exc}", file=sys.stderr)
+        return 2
+    print(f"streaming check: chunks of {', '.join(map(str, CHECK_CHUNKS))} frames equal one whole decode "
+          f"(worst difference {worst:.2g} of peak)", file=sys.stderr)
+    print(f"latency {vae.latency_samples} samples ({1000 * vae.latency_samples / vae.cfg.sample_rate:.1f} ms), "
+          f"{vae.cfg.latent_size} controls, written in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def pca_control_space(vae: VAE, dataset: Any) -> ControlSpace:
+    """The PCA control space of the run's latent means on its prepared set."""
+    from training.control_space import pca_space
+
+    return pca_space(latent_means(vae, dataset))
