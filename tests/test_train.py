@@ -1,0 +1,207 @@
+"""`synthd-train train` through its command line, on the demo data, with a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.augment import Augmenter
+from training.checkpoint import load_checkpoint, load_run
+from training.config import AugmentConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+TINY = """
+[model]
+latent_size = 4
+encoder_dim = 32
+encoder_blocks = 1
+decoder_dim = 32
+decoder_blocks = 2
+decoder_dilations = [1, 2]
+
+[data]
+batch_size = 4
+crop_frames = 16
+
+[loss]
+stft_fft_sizes = [128, 512, 2048]
+mel_fft_sizes = [1024]
+
+[optim]
+lr = 3e-3
+warmup_steps = 5
+threads = 1
+
+[validation]
+every_steps = 10
+log_every_steps = 2
+max_seconds = 3.0
+crop_frames = 32
+"""
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _train(data: Path, run: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "training", "train", str(data), str(run), *extra],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _wait_for_step(run: Path, proc: subprocess.Popen, step: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "log.csv").exists() and any(int(r["step"]) >= step for r in _rows(run) if r["step"]):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training never reached step {step}: {proc.communicate()[1][-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    """(prepared demo set, tiny config)."""
+    root = tmp_path_factory.mktemp("train")
+    assert _cli("demo-data", str(root / "sounds"), "--count", "15").returncode == 0
+    result = _cli("prepare", str(root / "sounds"), str(root / "prepared"))
+    assert result.returncode == 0, result.stderr
+    config = root / "tiny.toml"
+    config.write_text(TINY)
+    return root / "prepared", config
+
+
+def test_training_lowers_the_validation_distance_and_reports_kl(setup, tmp_path):
+    data, config = setup
+    run = tmp_path / "run"
+    result = _cli("train", str(data), str(run), "--steps", "60", "--config", str(config), "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    validations = [r for r in _rows(run) if r["val_distance"]]
+    untrained, trained = float(validations[0]["val_distance"]), float(validations[-1]["val_distance"])
+    assert validations[0]["step"] == "0" and validations[-1]["step"] == "60"
+    assert trained < 0.8 * untrained, (untrained, trained)
+
+    # KL of every dimension is logged; the report names exactly the dimensions under the threshold
+    last = [r for r in _rows(run) if r["kl_0"]][-1]
+    kl = [float(last[f"kl_{i}"]) for i in range(4)]
+    assert "KL per latent dimension" in result.stderr
+    dead = [i for i, v in enumerate(kl) if v < 0.01]
+    if dead:
+        assert "collapsed latent dimensions (KL < 0.01): " + ", ".join(map(str, dead)) in result.stderr
+    else:
+        assert "no collapsed latent dimension" in result.stderr
+
+    # the run folder: resolved config, checkpoints loadable with weights_only, model in eval mode
+    assert load_config(run / "config.toml").model.latent_size == 4
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        assert ckpt["config"]["model"]["latent_size"] == 4 and ckpt["manifest_hash"].startswith("sha256:")
+    ckpt, model = load_run(run)
+    assert not model.training and ckpt["step"] == int(ckpt["best"]["step"])
+    assert ckpt["dataset_dir"] == str(data.resolve()) and ckpt["preprocessing"]["sample_rate"] == 48000
+
+    # a finished run is never overwritten by accident
+    again = _cli("train", str(data), str(run), "--steps", "5", "--config", str(config))
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_sigterm_saves_and_resume_repeats_the_uninterrupted_run(setup, tmp_path):
+    data, config = setup
+    args = ("--steps", "30", "--config", str(config), "--seed", "1")
+    straight = _cli("train", str(data), str(tmp_path / "a"), *args)
+    assert straight.returncode == 0, straight.stderr
+
+    run = tmp_path / "b"
+    proc = _train(data, run, *args)
+    _wait_for_step(run, proc, 8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = load_checkpoint(run / "last.pt")["step"]
+    assert 8 <= stopped < 30 and "stopped by signal" in err
+
+    resumed = _cli("train", str(data), str(run), "--resume", "--steps", "30")
+    assert resumed.returncode == 0, resumed.stderr
+    columns = ("step", "loss", "recon", "kl", "val_distance", "kl_0", "kl_3")
+    a = [[r[c] for c in columns] for r in _rows(tmp_path / "a")]
+    b = [[r[c] for c in columns] for r in _rows(run)]
+    assert a == b
+
+
+def test_kill_9_never_leaves_an_unreadable_run(setup, tmp_path):
+    data, config = setup
+    run = tmp_path / "run"
+    # a checkpoint at every step: many writes for the kills to land in
+    config.with_name("every-step.toml").write_text(TINY.replace("every_steps = 10", "every_steps = 1"))
+    every_step = config.with_name("every-step.toml")
+    rng = random.Random(0)
+    for attempt in range(3):
+        extra = ("--resume",) if attempt else ("--config", str(every_step))
+        proc = _train(data, run, "--steps", "200", *extra)
+        _wait_for_step(run, proc, 1 + 3 * attempt)
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.communicate()
+        for name in ("last.pt", "best.pt"):
+            assert load_checkpoint(run / name)["step"] >= 0
+        load_config(run / "config.toml")
+    assert load_run(run, "last")[0]["step"] >= 1
+
+
+def test_config_errors_name_the_key(setup, tmp_path):
+    data, _ = setup
+    for text, key in (('[optim]\nlr = "fast"\n', "optim.lr"), ("[model]\nlatent_dims = 8\n", "model.latent_dims"),
+                      ("[augment.gain]\nprobability = 2.0\n", "augment.gain.probability")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        result = _cli("train", str(data), str(tmp_path / "run"), "--steps", "1", "--config", str(bad))
+        assert result.returncode == 2 and key in result.stderr, result.stderr
+        assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_two_process_ddp_with_gloo(setup, tmp_path):
+    data, config = setup
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "training", "train", str(data), str(run), "--steps", "12", "--config", str(config)],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 processes)" in result.stderr
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 12 and ckpt["finished"]
+    rows = [r for r in _rows(run) if r["val_distance"]]
+    assert float(rows[-1]["val_distance"]) < float(rows[0]["val_distance"])
+
+
+def test_augmentations_keep_the_length_and_noise_only_the_input():
+    cfg = AugmentConfig()
+    for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity"):
+        getattr(cfg, name).enabled = True
+        getattr(cfg, name).probability = 1.0
+    augmenter = Augmenter(cfg, 48000)
+    t = np.arange(augmenter.source_length(4096)) / 48000
+    source = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    target, noisy = augmenter(source, 4096, np.random.default_rng(0))
+    assert target.shape == noisy.shape == (4096,) and target.dtype == np.float32
+    residual = noisy - target
+    assert 0 < np.sqrt(np.mean(residual ** 2)) < 0.05 * np.sqrt(np.mean(target ** 2))
+    again, _ = augmenter(source, 4096, np.random.default_rng(0))
+    assert np.array_equal(target, again)
