@@ -148,6 +148,8 @@ def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any
                            "minutes": round(float(ckpt.get("elapsed_s", 0.0)) / 60.0, 2),
                            "manifest_hash": ckpt.get("manifest_hash")}
     run["model"] = {"n_fft": cfg.n_fft, "decoder_dim": cfg.decoder_dim, "decoder_blocks": cfg.decoder_blocks,
+                    "decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()),
+                    "receptive_frames": vae.decoder.receptive_frames,
                     "noise_branch": cfg.noise_branch, "max_frequency": cfg.max_frequency}
     meta = {
         "format": "synthd-model", "format_version": FORMAT_VERSION, "name": name,

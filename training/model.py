@@ -258,7 +258,7 @@ class ISTFTHead(nn.Module):
             self.proj.bias[2 * self.bins:] = level
         generator = torch.Generator().manual_seed(0x5D)
         angles = torch.rand(cfg.noise_table_frames, self.bins, generator=generator) * (2 * math.pi)
-        self.register_buffer("noise_phase", torch.polar(torch.ones_like(angles), angles), persistent=False)
+        self.register_buffer("noise_phase", angles, persistent=False)
 
     def forward(self, h: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor]:
         x = self.proj(h)  # (batch, T, parts * bins)
@@ -270,11 +270,12 @@ class ISTFTHead(nn.Module):
                                    self.noise_phase.shape[0])
             noise_log_mag = torch.matmul(x[..., 2 * self.bins:], self.band_to_bin)
             noise_mag = torch.exp(noise_log_mag.clamp(max=8.0)) * self.mask
-            spec = spec + noise_mag * self.noise_phase[rows]
-        # safeguard: bound each frame's RMS (Parseval), so any latent gives bounded audio
-        rms = torch.linalg.vector_norm(spec, dim=-1, keepdim=True) * math.sqrt(2.0)
-        spec = spec * torch.clamp(self.max_frame_rms / (rms + 1e-9), max=1.0)
-        frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1, norm="forward") * self.window
+            # complex only where it must be: a real factor on a complex tensor costs a conversion
+            spec = spec + torch.polar(noise_mag, self.noise_phase[rows])
+        frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1, norm="forward")
+        # safeguard: bound each frame's RMS, so any latent gives bounded audio
+        rms = torch.sqrt(frames.square().mean(dim=-1, keepdim=True))
+        frames = frames * (self.window * torch.clamp(self.max_frame_rms / (rms + 1e-9), max=1.0))
         return spectral_ops.overlap_add(frames, tail, self.hop)
 
 
@@ -294,6 +295,11 @@ class Decoder(nn.Module):
                                     for d in cfg.decoder_dilations)
         self.norm = nn.LayerNorm(dim)
         self.head = ISTFTHead(cfg, dim)
+
+    @property
+    def receptive_frames(self) -> int:
+        """Latent frames before the current one that still shape its output block."""
+        return self.input.context + sum(b.dwconv.context for b in self.blocks) + self.n_fft // self.hop - 1
 
     def initial_state(self, batch: int) -> list[Tensor]:
         """Zero state for `batch` streams: the conv caches, the overlap-add tail, the frame count."""

@@ -1,0 +1,121 @@
+"""Real-time factor of the exported streaming decoder on one thread, per call size.
+
+    python bench/decoder_speed.py [MODEL.ts] [--seconds 3] [--threads 1]
+
+Without MODEL.ts it exports the default architecture (untrained: the speed does not depend on
+the weights) to a temporary file and loads that, so the figures are those of a real model file.
+For each call size (256, 512, 1024, 2048 samples) it streams `--seconds` of audio through
+`decode` and prints the median and 99th-percentile time per call and the real-time factor
+(audio duration / compute time), by wall clock and by this thread's CPU time (the second is
+what the decoder costs when other processes share the cores).
+
+Baseline, measured in the same run: the same file decoded without its streaming caches, i.e.
+each call re-decodes the decoder's whole receptive field in front of the new frames (what a
+decoder without cached padding must do to stay continuous).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CALL_SIZES = (256, 512, 1024, 2048)
+
+
+def default_model_file(folder: str) -> Path:
+    import numpy as np
+
+    from training.control_space import pca_space
+    from training.export import build_metadata, export_model
+    from training.model import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    vae = VAE(ModelConfig()).eval()
+    space = pca_space(np.random.default_rng(0).normal(size=(1000, vae.cfg.latent_size)))
+    out = Path(folder) / "default.ts"
+    export_model(vae, space, build_metadata("bench", vae, space, {"step": 0}), out)
+    return out
+
+
+def receptive_frames(meta: dict) -> int:
+    """Latent frames in front of a call that a cache-free decoder must re-decode."""
+    recorded = meta.get("run", {}).get("model", {}).get("receptive_frames")
+    # a file without the figure (e.g. from elsewhere): a generous 64 frames
+    return int(recorded) if recorded else 64
+
+
+def time_calls(call, frames_per_call: int, latent: int, seconds: float, sample_rate: int, hop: int):
+    calls = max(20, int(seconds * sample_rate / (frames_per_call * hop)))
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, latent, frames_per_call, generator=generator) for _ in range(calls)]
+    for u in inputs[:10]:  # warm-up: TorchScript optimises on the first calls
+        call(u)
+    wall, cpu = [], []
+    for u in inputs:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        call(u)
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return wall, cpu
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", help="model file (default: export the default architecture)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="audio streamed per call size (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(args.model) if args.model else default_model_file(folder)
+        model = torch.jit.load(str(path))
+    meta = json.loads(model.metadata())
+    latent, hop, rate = meta["latent_size"], meta["hop"], meta["sample_rate"]
+    context = receptive_frames(meta)
+    print(f"model: {path if args.model else 'default architecture (untrained)'}; latent {latent}, hop {hop}, "
+          f"{rate} Hz, latency {meta['latency_samples']} samples; {args.threads} thread(s); "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(f"baseline: no streaming caches, re-decoding {context} frames of context per call\n")
+    header = (f"{'call':>6} {'frames':>6} | {'median ms':>9} {'p99 ms':>7} {'RTF wall':>8} {'RTF cpu':>8} | "
+              f"{'baseline RTF cpu':>16} {'speed-up':>8}")
+    print(header)
+    print("-" * len(header))
+    with torch.no_grad():
+        for size in CALL_SIZES:
+            frames = size // hop
+            model.reset()
+            wall, cpu = time_calls(model.decode, frames, latent, args.seconds, rate, hop)
+            history: list[torch.Tensor] = []
+
+            def cache_free(u: torch.Tensor) -> torch.Tensor:
+                history.append(u)
+                del history[:-(context // frames + 2)]
+                window = torch.cat(history, dim=2)[:, :, -(context + frames):]
+                model.reset()
+                return model.decode(window)[..., -frames * hop:]
+
+            _, base_cpu = time_calls(cache_free, frames, latent, args.seconds / 2, rate, hop)
+            audio = size / rate
+            med_wall, med_cpu, base = statistics.median(wall), statistics.median(cpu), statistics.median(base_cpu)
+            p99 = sorted(wall)[int(0.99 * (len(wall) - 1))]
+            print(f"{size:>6} {frames:>6} | {1e3 * med_wall:>9.3f} {1e3 * p99:>7.3f} {audio / med_wall:>8.1f} "
+                  f"{audio / med_cpu:>8.1f} | {audio / base:>16.1f} {base / med_cpu:>7.1f}x")
+    print("\nRTF = audio duration / compute time per call (median); targets: >= 10 at 256, >= 40 at 2048")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
