@@ -34,7 +34,7 @@ class ModelConfig:
     n_fft: int = 1024
     latent_size: int = 16
     # encoder (may look ahead)
-    encoder_dim: int = 192
+    encoder_dim: int = 128
     encoder_blocks: int = 3
     encoder_kernel: int = 5
     # decoder (causal)
@@ -207,7 +207,7 @@ class Encoder(nn.Module):
         self.n_fft, self.hop, self.bins = cfg.n_fft, cfg.hop, bins
         self.logvar_min, self.logvar_max = cfg.logvar_min, cfg.logvar_max
         self.register_buffer("window", spectral_ops.hann_window(cfg.n_fft), persistent=False)
-        self.input = nn.Conv1d(bins, cfg.encoder_dim, 3, padding=1)
+        self.input = nn.Conv1d(bins, cfg.encoder_dim, 1)
         self.blocks = nn.ModuleList(CentredBlock(cfg.encoder_dim, cfg.encoder_kernel)
                                     for _ in range(cfg.encoder_blocks))
         self.norm = ChannelNorm(cfg.encoder_dim)
