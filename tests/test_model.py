@@ -95,7 +95,7 @@ def test_training_mode_varies_the_noise_but_eval_is_deterministic():
         b = model.decode(z)
     assert not torch.equal(a, b)
     without = tiny(noise_branch=False)
-    assert without.decoder.head.proj.out_features == 2 * without.decoder.head.bins
+    assert without.decoder.head.proj.out_features == 3 * without.decoder.head.bins  # magnitude, phase deviation, offset
 
 
 def test_default_decoder_is_band_limited_and_bounded():

@@ -47,6 +47,9 @@ class ModelConfig:
     # iSTFT head
     max_frequency: float = 20000.0
     band_taper_hz: float = 1000.0
+    # phase = a running per-bin phase (advanced each frame by the bin's own frequency plus a
+    # predicted deviation) + a predicted offset; off: the predicted offset alone (as in Vocos)
+    phase_accumulation: bool = True
     noise_branch: bool = True
     noise_bands: int = 64
     noise_table_frames: int = 512
@@ -224,13 +227,16 @@ class Encoder(nn.Module):
 class ISTFTHead(nn.Module):
     """Frame features -> audio by inverse FFT and causal overlap-add.
 
-    Per frame and bin below the band limit: log magnitude and phase of a deterministic part,
-    and (with `noise_branch`) a log magnitude for a noise part whose phases come from a fixed
-    random table indexed by the frame count, so the output is a function of the latents and the
-    position in the stream only.
+    Per frame and bin below the band limit, a deterministic part: a log magnitude and a phase.
+    With `phase_accumulation` the phase is a running phase, advanced each frame by the bin's
+    centre frequency plus a predicted deviation, plus a predicted offset: a steady partial keeps
+    its phase from frame to frame (no frame-rate roughness) and a transient can still align the
+    bins through the offset. Without it, the predicted offset alone. With `noise_branch`, a noise
+    part: a smooth spectral envelope (mel-spaced bands) with phases from a fixed random table
+    indexed by the frame count, so the output depends on the latents and the stream position only.
 
-    forward(h `(batch, T, dim)`, tail `(batch, n_fft - hop)`, frame_index `(1,)` int64)
-    -> (audio `(batch, T * hop)`, new tail).
+    forward(h `(batch, T, dim)`, phase `(batch, bins)`, tail `(batch, n_fft - hop)`,
+    frame_index `(1,)` int64) -> (audio `(batch, T * hop)`, new phase, new tail).
     """
 
     def __init__(self, cfg: ModelConfig, dim: int) -> None:
@@ -242,33 +248,48 @@ class ISTFTHead(nn.Module):
         mask = spectral_ops.band_limit_mask(cfg.n_fft, cfg.sample_rate, cfg.max_frequency, cfg.band_taper_hz)
         self.bins = mask.numel()
         self.register_buffer("mask", mask, persistent=False)
+        self.accumulate = cfg.phase_accumulation
+        # phase advance of each bin's centre frequency over one hop, wrapped to [0, 2 pi)
+        advance = torch.remainder(2 * math.pi * torch.arange(self.bins, dtype=torch.float64) * cfg.hop / cfg.n_fft,
+                                  2 * math.pi)
+        self.register_buffer("bin_advance", advance.float(), persistent=False)
         self.noise_branch = cfg.noise_branch
         # the noise part is a smooth spectral envelope: a few mel-spaced bands, interpolated
         self.noise_bands = cfg.noise_bands if cfg.noise_branch else 0
-        self.proj = nn.Linear(dim, 2 * self.bins + self.noise_bands)
+        self.phase_parts = 2 if cfg.phase_accumulation else 1
+        self.proj = nn.Linear(dim, (1 + self.phase_parts) * self.bins + self.noise_bands)
         self.register_buffer("band_to_bin", spectral_ops.band_interpolation(
             max(self.noise_bands, 2), self.bins, cfg.n_fft, cfg.sample_rate), persistent=False)
         # Start quiet (about -30 dB RMS) with the noise part 20 dB above the deterministic one:
-        # an untrained decoder gives a soft noise floor, not a frame-rate buzz.
+        # an untrained decoder gives a soft noise floor, not a comb of steady partials.
         with torch.no_grad():
             self.proj.weight.mul_(0.1)
             self.proj.bias.zero_()
             level = math.log(0.03 / math.sqrt(2 * self.bins))
             self.proj.bias[: self.bins] = level - (math.log(10.0) if cfg.noise_branch else 0.0)
-            self.proj.bias[2 * self.bins:] = level
+            self.proj.bias[(1 + self.phase_parts) * self.bins:] = level
         generator = torch.Generator().manual_seed(0x5D)
         angles = torch.rand(cfg.noise_table_frames, self.bins, generator=generator) * (2 * math.pi)
         self.register_buffer("noise_phase", angles, persistent=False)
 
-    def forward(self, h: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.proj(h)  # (batch, T, parts * bins)
+    def forward(self, h: Tensor, phase: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.proj(h)  # (batch, T, outputs)
+        bins = self.bins
         # safeguard: exp of an unbounded log magnitude would overflow to inf (then NaN)
-        mag = torch.exp(x[..., : self.bins].clamp(max=8.0)) * self.mask
-        spec = torch.polar(mag, x[..., self.bins: 2 * self.bins])
+        mag = torch.exp(x[..., :bins].clamp(max=8.0)) * self.mask
+        angle = x[..., bins:2 * bins]
+        if self.accumulate:
+            # float64 and wrapped: the running phase must not lose precision over a long stream
+            advance = torch.remainder(x[..., 2 * bins:3 * bins] + self.bin_advance, 2 * math.pi)
+            running = torch.remainder(torch.cumsum(advance.double(), dim=1) + phase.double().unsqueeze(1),
+                                      2 * math.pi).float()
+            phase = running[:, -1]
+            angle = angle + running
+        spec = torch.polar(mag, angle)
         if self.noise_branch:
             rows = torch.remainder(frame_index + torch.arange(x.shape[1], device=x.device),
                                    self.noise_phase.shape[0])
-            noise_log_mag = torch.matmul(x[..., 2 * self.bins:], self.band_to_bin)
+            noise_log_mag = torch.matmul(x[..., (1 + self.phase_parts) * bins:], self.band_to_bin)
             noise_mag = torch.exp(noise_log_mag.clamp(max=8.0)) * self.mask
             # complex only where it must be: a real factor on a complex tensor costs a conversion
             spec = spec + torch.polar(noise_mag, self.noise_phase[rows])
@@ -276,7 +297,8 @@ class ISTFTHead(nn.Module):
         # safeguard: bound each frame's RMS, so any latent gives bounded audio
         rms = torch.sqrt(frames.square().mean(dim=-1, keepdim=True))
         frames = frames * (self.window * torch.clamp(self.max_frame_rms / (rms + 1e-9), max=1.0))
-        return spectral_ops.overlap_add(frames, tail, self.hop)
+        audio, tail = spectral_ops.overlap_add(frames, tail, self.hop)
+        return audio, phase, tail
 
 
 class Decoder(nn.Module):
@@ -302,9 +324,11 @@ class Decoder(nn.Module):
         return self.input.context + sum(b.dwconv.context for b in self.blocks) + self.n_fft // self.hop - 1
 
     def initial_state(self, batch: int) -> list[Tensor]:
-        """Zero state for `batch` streams: the conv caches, the overlap-add tail, the frame count."""
+        """Zero state for `batch` streams: the conv caches, the running phase, the overlap-add
+        tail, the frame count."""
         state = [self.input.initial_state(batch)]
         state += [block.dwconv.initial_state(batch) for block in self.blocks]
+        state.append(torch.zeros(batch, self.head.bins))
         state.append(torch.zeros(batch, self.n_fft - self.hop))
         state.append(torch.zeros(1, dtype=torch.long))
         return state
@@ -318,7 +342,8 @@ class Decoder(nn.Module):
             h, cache = block(h, state[i + 1])
             new_state.append(cache)
         frame_index = state[-1]
-        audio, tail = self.head(self.norm(h), state[-2], frame_index)
+        audio, phase, tail = self.head(self.norm(h), state[-3], state[-2], frame_index)
+        new_state.append(phase)
         new_state.append(tail)
         new_state.append(frame_index + z.shape[2])
         return audio.unsqueeze(1), new_state
