@@ -1,0 +1,144 @@
+"""Control latency: time from an OSC gain step, or a MIDI note-on, to the change in
+synthd's recorded output, on the JACK dummy server at 256-frame periods.
+
+Each trial reads the JACK frame clock, sends the message, and later finds the first
+recorded sample where the output moved by more than 5 % of the step. Times are on the
+JACK clock, so they include OSC/MIDI handling, the render-ahead ring and PortAudio, up to
+synthd's JACK output port; the dummy driver's playback latency (one period) is printed
+separately (from `jack_lsp -l`), as it would be added before a loudspeaker.
+
+The model is the tests' FrameProbe (a constant-level Nyquist carrier): gain and gate act
+after the decoder, so the model's content does not change the path being timed, and a
+constant |x| makes the change visible at the exact sample. Target: <= 15 ms in all.
+
+    .venv/bin/python bench/latency.py               # 20 trials each
+    .venv/bin/python bench/latency.py --trials 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from live_rig import LiveRig, Recorder
+
+THRESHOLD = 0.05  # fraction of the step that counts as "changed"
+
+
+def first_change(x: np.ndarray, start: int, rate: int) -> int | None:
+    """Index of the first sample from `start` that moved THRESHOLD of the way from the level
+    just before `start` to the level 100 ms later. None when the trial cannot be timed: the
+    level was not steady for 10 ms before `start` (an xrun, a release still sounding) or did
+    not move afterwards."""
+    pre = np.abs(x[max(0, start - rate // 100):start])
+    post = np.abs(x[start + rate // 10:start + rate // 10 + rate // 50])
+    if pre.size == 0 or post.size == 0:
+        return None
+    before, after = float(np.median(pre)), float(np.median(post))
+    step = abs(after - before)
+    if step < 0.1 * max(before, after, 1e-6) or np.ptp(pre) > THRESHOLD * step:
+        return None
+    edge = before + THRESHOLD * (after - before)
+    seg = np.abs(x[start:start + rate // 10])
+    hit = np.flatnonzero(seg < edge) if after < before else np.flatnonzero(seg > edge)
+    return start + int(hit[0]) if hit.size else None
+
+
+def playback_latency(env: dict[str, str]) -> int:
+    """The JACK server's playback latency of system:playback_1 in frames (from jack_lsp -l)."""
+    out = subprocess.run(["jack_lsp", "-l", "system:playback_1"], env=env, capture_output=True,
+                         text=True, timeout=10).stdout
+    m = re.search(r"playback latency = \[ *(\d+) +(\d+) *\]", out)
+    if not m:
+        raise RuntimeError(f"jack_lsp -l gave no playback latency: {out!r}")
+    return int(m.group(2))
+
+
+def summary(name: str, ms: list[float]) -> str:
+    a = np.array(ms)
+    return (f"  {name:<22} median {np.median(a):6.2f} ms, mean {a.mean():6.2f}, p95 {np.percentile(a, 95):6.2f}, "
+            f"min {a.min():6.2f}, max {a.max():6.2f}  ({len(a)} trials)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20, help="trials per kind (default 20)")
+    parser.add_argument("--period", type=int, default=256, help="JACK period and synthd block (default 256)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dump", metavar="FILE.npz", help="save the recording and the send times to inspect")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+
+    from support.nnmodels import build_frame_probe
+
+    with tempfile.TemporaryDirectory(prefix="synthd-latency-") as scratch:
+        model = build_frame_probe(Path(scratch) / "probe.ts")
+        with LiveRig(str(model), period=args.period) as rig:
+            rate = rig.server.rate
+            seconds = args.trials * 2 * 0.6 + 3
+            with Recorder(rig.server.name, channels=1, seconds=seconds, name="latency-rec") as rec:
+                rec.connect_from(rec.wait_for_ports(r"PortAudio.*:out_0", 1))
+                driver_frames = playback_latency(rig.server.env())
+                rig.osc.send("/synthd/control/level", 1.0)
+                rig.osc.send("/synthd/gain", 0.0)
+                time.sleep(0.3)
+                rec.start()
+                time.sleep(0.2)
+                trials: list[tuple[str, int]] = []  # (kind, JACK frame when sent)
+                for i in range(args.trials):  # OSC gain steps, alternately down and up
+                    time.sleep(rng.uniform(0.15, 0.3))
+                    down = i % 2 == 0
+                    sent = rec.frame_time()
+                    rig.osc.send("/synthd/gain", -20.0 if down else 0.0)
+                    trials.append(("osc", sent))
+                rig.osc.send("/synthd/gain", 0.0)
+                rig.osc.send("/synthd/gate", 0)
+                time.sleep(0.6)
+                for _ in range(args.trials):  # MIDI note-on into a closed gate
+                    time.sleep(rng.uniform(0.1, 0.2))
+                    sent = rec.frame_time()
+                    rig.midi.send_message([0x90, 60, 127])
+                    trials.append(("midi", sent))
+                    time.sleep(0.15)
+                    rig.midi.send_message([0x80, 60, 0])
+                    time.sleep(0.6)  # let the release (0.25 s in the default patch) finish
+                time.sleep(0.3)
+                x = rec.data()[:, 0]
+                origin = rec.first_frame_time
+            status = rig.status()
+
+    if args.dump:
+        np.savez(args.dump, recording=x, sent=np.array([sent - origin for _, sent in trials]),
+                 kinds=np.array([kind for kind, _ in trials]), rate=rate)
+    results: dict[str, list[float]] = {"osc": [], "midi": []}
+    missed = 0
+    for kind, sent in trials:
+        start = max(0, sent - origin)
+        hit = first_change(x, start, rate)
+        if hit is None:
+            missed += 1
+            continue
+        results[kind].append(1000.0 * (hit - start) / rate)
+    print(f"latency: JACK dummy {rate} Hz / {args.period} frames, synthd block {status['block_frames']}, "
+          f"synthd's own estimate {status['latency_ms']:.1f} ms (ring + device + model)")
+    print(summary("OSC /synthd/gain step", results["osc"]))
+    print(summary("MIDI note-on (gate)", results["midi"]))
+    print(f"  dummy driver playback latency: {driver_frames} frames ({1000.0 * driver_frames / rate:.2f} ms) "
+          "more to the (virtual) loudspeaker")
+    print(f"  trials that could not be timed (level not steady before, or no change): {missed}; underruns during the run: {status['underruns']}")
+    worst = max(max(v) for v in results.values() if v) if any(results.values()) else float("inf")
+    ok = missed == 0 and worst <= 15.0
+    print(f"  target (<= 15 ms in all, at synthd's output port): {'met' if ok else 'NOT met'} (worst {worst:.2f} ms)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

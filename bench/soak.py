@@ -1,0 +1,143 @@
+"""Soak: `synthd run` for N minutes on the JACK dummy server under a steady control stream.
+
+An OSC stream at 1 kHz sweeps every control (`/synthd/control/<name>`, slow sines, one
+message per millisecond, controls in turn) while a MIDI CC stream moves CCs 21-28 through
+synthd's virtual JACK MIDI input. Prints underruns, render time (mean, p99, max, against
+the block's time budget), NaN blocks, invalid messages, JACK server xruns, and synthd's
+resident memory at the start (after a warm-up) and at the end.
+
+Targets: 0 underruns, memory growth < 5 MB.
+
+    .venv/bin/python bench/soak.py                      # 10 minutes, make demo's model
+    .venv/bin/python bench/soak.py --minutes 2 --model demo-out/demo.ts
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import threading
+import time
+
+from live_rig import LiveRig, vm_rss_mb
+
+WARMUP_S = 5.0
+REPORT_EVERY_S = 10.0
+
+
+def osc_stream(rig: LiveRig, names: list[str], rate: float, stop: threading.Event, sent: list[int]) -> None:
+    """Send one control message every 1/rate s (paced on a deadline, so the rate holds)."""
+    period = 1.0 / rate
+    t0 = next_at = time.monotonic()
+    i = 0
+    while not stop.is_set():
+        t = time.monotonic() - t0
+        name = names[i % len(names)]
+        value = 0.5 + 0.45 * math.sin(2 * math.pi * t / (3.0 + (i % len(names))))
+        rig.osc.send(f"/synthd/control/{name}", value)
+        i += 1
+        sent[0] = i
+        next_at += period
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -0.1:
+            next_at = time.monotonic()  # fell far behind (host busy): do not burst to catch up
+
+
+def midi_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[int]) -> None:
+    period = 1.0 / rate
+    next_at = time.monotonic()
+    i = 0
+    while not stop.is_set():
+        cc = 21 + i % 8
+        value = int(63.5 + 63.5 * math.sin(2 * math.pi * i / (rate * 4.0)))
+        rig.midi.send_message([0xB0, cc, value])
+        i += 1
+        sent[0] = i
+        next_at += period
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -0.1:
+            next_at = time.monotonic()
+
+
+def fmt(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="soak time (default 10)")
+    parser.add_argument("--model", help="model file (default: demo-out/demo.ts from `make demo`)")
+    parser.add_argument("--period", type=int, default=256, help="JACK period and synthd block (default 256)")
+    parser.add_argument("--osc-rate", type=float, default=1000.0, help="OSC messages per second (default 1000)")
+    parser.add_argument("--cc-rate", type=float, default=100.0, help="MIDI CCs per second (default 100)")
+    parser.add_argument("--threads", type=int, default=1, help="synthd's torch threads (default 1)")
+    args = parser.parse_args()
+
+    with LiveRig(args.model, period=args.period, threads=args.threads) as rig:
+        names = rig.controls()
+        print(f"soak: {rig.model} ({len(names)} controls), JACK dummy {rig.server.rate} Hz / "
+              f"{args.period} frames, OSC {args.osc_rate:g}/s, MIDI CC {args.cc_rate:g}/s, "
+              f"{args.minutes:g} min", file=sys.stderr)
+        time.sleep(WARMUP_S)
+        pid = rig.synthd.proc.pid
+        mem_start = vm_rss_mb(pid)
+        before = rig.status()
+        xruns_before = rig.xruns
+        stop = threading.Event()
+        osc_sent, cc_sent = [0], [0]
+        workers = [threading.Thread(target=osc_stream, args=(rig, names, args.osc_rate, stop, osc_sent), daemon=True),
+                   threading.Thread(target=midi_stream, args=(rig, args.cc_rate, stop, cc_sent), daemon=True)]
+        for w in workers:
+            w.start()
+        total = args.minutes * 60.0
+        t0 = time.monotonic()
+        try:
+            while (elapsed := time.monotonic() - t0) < total:
+                time.sleep(min(REPORT_EVERY_S, total - elapsed))
+                elapsed = time.monotonic() - t0
+                status = rig.status()
+                print(f"soak {fmt(elapsed)}/{fmt(total)} ETA {fmt(total - elapsed)}: underruns "
+                      f"{status['underruns'] - before['underruns']}, render load "
+                      f"{status['render_load_mean']:.3f} (peak {status['render_load_peak']:.2f}), "
+                      f"RSS {vm_rss_mb(pid):.1f} MB, OSC {osc_sent[0]}, CC {cc_sent[0]}", file=sys.stderr)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+        time.sleep(0.5)
+        after = rig.status()
+        mem_end = vm_rss_mb(pid)
+        elapsed = time.monotonic() - t0
+        alive = rig.synthd.alive
+
+    block_ms = 1000.0 * args.period / after["sample_rate"]
+    underruns = after["underruns"] - before["underruns"]
+    growth = mem_end - mem_start
+    print(f"soak: {elapsed / 60:.2f} min of {after['model']} at {after['sample_rate']} Hz, "
+          f"block {args.period} frames ({block_ms:.2f} ms)")
+    print(f"  underruns           {underruns}   (synthd's count; JACK server xruns seen by a "
+          f"watcher client: {rig.xruns - xruns_before})")
+    p99 = after.get("render_ms_p99")
+    print(f"  render time (ms)    mean {after['render_load_mean'] * block_ms:.3f}, "
+          f"p99 {'%.3f' % p99 if p99 is not None else 'n/a (not in /synthd/status.reply)'}, "
+          f"max {after['render_load_peak'] * block_ms:.3f}   (whole run, budget {block_ms:.2f} per block)")
+    print(f"  render load         mean {after['render_load_mean']:.3f}, peak {after['render_load_peak']:.3f}"
+          "   (render time / audio time)")
+    print(f"  NaN blocks          {after['nan_blocks'] - before['nan_blocks']}")
+    print(f"  messages            OSC {osc_sent[0]} ({osc_sent[0] / elapsed:.0f}/s), MIDI CC {cc_sent[0]}, "
+          f"invalid {after['invalid'] - before['invalid']}, clamped {after['clamped'] - before['clamped']}")
+    print(f"  memory (RSS)        start {mem_start:.1f} MB, end {mem_end:.1f} MB, growth {growth:+.2f} MB")
+    print(f"  synthd still running at the end: {alive}")
+    ok = underruns == 0 and growth < 5.0 and alive
+    print(f"  targets (0 underruns, growth < 5 MB): {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
