@@ -1,0 +1,134 @@
+"""Control analysis: on a synthesiser whose latent meaning is known, then on the demo model
+through the real CLI (`train` -> `analyze` -> `export`), checked against the sweep rule."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from support.demo_model import synthd_train, trained_demo
+from training import analyze as A
+from training.descriptors import DescriptorConfig, analysis_values, compute
+
+HOP = 256
+SR = 48000
+# the known synth has no memory: a few frames per sweep point are enough
+FAST = A.AnalysisConfig(sweep_frames=32, settle_frames=8)
+
+
+def known_synth(z: np.ndarray) -> np.ndarray:
+    """A decoder whose latents mean what we say: z0 octaves above 220 Hz, z1 level (6 dB per
+    unit), z2 noise mix (logistic), z3 nothing. `(batch, 4, frames)` -> `(batch, frames * hop)`."""
+    z = np.repeat(np.asarray(z, dtype=np.float64), HOP, axis=2)
+    f0 = 220.0 * 2.0 ** z[:, 0]
+    amp = 0.1 * 10.0 ** (z[:, 1] * 6.0 / 20.0)
+    mix = 1.0 / (1.0 + np.exp(-2.0 * z[:, 2]))
+    phase = 2 * np.pi * np.cumsum(f0, axis=1) / SR
+    tone = sum(np.sin(k * phase) / k for k in range(1, 9))
+    noise = np.random.default_rng(0).standard_normal(tone.shape)
+    return (amp * ((1 - mix) * tone / 1.5 + mix * noise)).astype(np.float32)
+
+
+def known_table(files: int = 96, frames: int = 24, seed: int = 1) -> A.FrameTable:
+    rng = np.random.default_rng(seed)
+    z = np.stack([rng.uniform(-1.0, 1.5, files), rng.uniform(-2, 2, files), rng.uniform(-3.5, 0.0, files),
+                  rng.normal(0, 1, files)], axis=1)
+    latents = np.repeat(z[:, :, None], frames, axis=2)
+    latents[:, 3] += rng.normal(0, 0.3, latents[:, 3].shape)   # the inert dimension varies too
+    audio = known_synth(latents)
+    cfg = DescriptorConfig()
+    vals = analysis_values(compute(torch.from_numpy(audio), cfg), cfg)
+    keep = slice(4, -4)  # frames away from the zero-padded ends
+    return A.FrameTable(latents=latents[:, :, keep].transpose(0, 2, 1).reshape(-1, 4),
+                        values={k: v[:, keep].numpy().reshape(-1).astype(np.float64) for k, v in vals.items()},
+                        train=np.repeat(np.arange(files) % 4 != 0, frames - 8))
+
+
+@pytest.fixture(scope="module")
+def table() -> A.FrameTable:
+    return known_table()
+
+
+def test_analysis_names_what_the_known_synth_does(table):
+    result = A.analyze_table(table, known_synth, config=FAST)
+    fits = result.fits
+    for name in ("pitch", "loudness", "noisiness", "brightness"):
+        assert fits[name].heldout_rho > 0.8, (name, fits[name].heldout_rho)
+    # z1 is a pure level: named, its coordinate in dB, its range the data's (z1 spans +-12 dB)
+    assert result.named == ["loudness"]
+    loud = result.space.controls[0]
+    assert (loud.label, loud.source, loud.attribute) == ("loudness", "attribute", "loudness")
+    assert 18.0 < loud.maximum - loud.minimum < 26.0
+    assert loud.minimum < loud.default < loud.maximum
+    assert loud.quality["spearman"] >= 0.9
+    # a harmonic tone's centroid follows its pitch and the noise mix: neither can move alone
+    assert "brightness" in result.rejected["pitch"]
+    assert "noisiness" not in result.named and "brightness" not in result.named
+    assert [c.label for c in result.space.controls] == ["loudness", "timbre_1", "timbre_2", "timbre_3"]
+    assert np.linalg.matrix_rank(result.space.basis) == 4
+    # as shipped, the named control still passes the rule through the decoder
+    decode = A.control_decoder(known_synth, result.space)
+    s = A.sweep(decode, result.space.controls, 0, FAST)
+    assert A.sweep_verdict(s, "loudness", FAST) is None, s.rho
+    assert s.span["loudness"] > 15.0
+
+
+def test_sweep_rule_rejects_a_control_that_moves_two_things(table):
+    fits, white = A.fit_descriptors(table, FAST)
+    # a "loudness" control along z0 + z1 raises the level and the pitch together
+    gradients = {"loudness": np.array([0.0, 6.0, 0.0, 0.0])}
+    space = A.build_space(table, gradients, white, ["loudness"], {"loudness": np.array([1.0, 6.0, 0.0, 0.0]) / 36.0},
+                          {}, set(), FAST)
+    s = A.sweep(A.control_decoder(known_synth, space), space.controls, 0, FAST)
+    assert s.rho["loudness"] > 0.9
+    why = A.sweep_verdict(s, "loudness", FAST)
+    assert why is not None and ("pitch" in why or "brightness" in why), s.rho
+
+
+TRAINED_STEPS = 300
+
+
+def test_demo_model_has_a_brightness_control_that_means_it(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    run = trained_demo(base, TRAINED_STEPS)
+    proc = synthd_train("analyze", str(run))
+    assert "brightness" in proc.stdout
+    summary = json.loads((run / "analysis.json").read_text())
+    assert "brightness" in summary["named"], (summary["rejected"], summary["fits"])
+    model_path = base / "analyze-demo.ts"
+    synthd_train("export", str(run), str(model_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.jit.load(str(model_path))
+    meta = json.loads(model.metadata())
+    labels = [c["label"] for c in meta["controls"]]
+    assert "brightness" in labels and len(labels) == meta["latent_size"]
+    index = labels.index("brightness")
+    spec = meta["controls"][index]
+    assert spec["source"] == "attribute" and spec["attribute"] == "brightness"
+    assert spec["quality"]["spearman"] >= 0.9
+    # the rule, measured again through the exported file itself
+    controls = [A.ControlSpec(label=c["label"], minimum=c["min"], maximum=c["max"], default=c["default"],
+                              source=c["source"], attribute=c["attribute"], quality=c["quality"])
+                for c in meta["controls"]]
+
+    def decode(u: np.ndarray) -> np.ndarray:
+        out = []
+        for point in u:
+            model.reset()
+            with torch.no_grad():
+                out.append(model.decode(torch.from_numpy(point[None]))[0, 0].numpy())
+        return np.stack(out)
+
+    s = A.sweep(decode, controls, index)
+    assert s.rho["brightness"] >= 0.9, s.rho
+    for name, rho in s.rho.items():
+        if name != "brightness" and rho is not None and abs(rho) > 0.3:
+            assert s.span[name] < A.AnalysisConfig().noticeable[name], (name, rho, s.span[name])
+    # every named control of the file is one that passed; unnamed ones are timbre
+    for c in meta["controls"]:
+        assert c["label"] in summary["named"] or c["label"].startswith("timbre_")
