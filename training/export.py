@@ -172,7 +172,7 @@ def export_model(vae: VAE, space: ControlSpace, metadata: str, out: str | Path, 
     from training.checkpoint import atomic_write_bytes
 
     vae = vae.eval()
-    module = StreamingModel(vae, space, metadata)
+    module = PlayableModel(vae, space, metadata) if has_named_controls(space) else StreamingModel(vae, space, metadata)
     generator = torch.Generator().manual_seed(0)
     lo = torch.tensor([c.minimum for c in space.controls]).view(1, -1, 1)
     hi = torch.tensor([c.maximum for c in space.controls]).view(1, -1, 1)
@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         dataset = PreparedSet.open(data_dir)
-        space = pca_control_space(vae, dataset)  # control space
+        from training.analyze import control_space, regularized_attributes
+        space = control_space(vae, dataset, regularized=regularized_attributes(ckpt))  # control space
         metadata = build_metadata(args.name or out.stem, vae, space, ckpt)
         worst = export_model(vae, space, metadata, out)
     except (FileNotFoundError, PreparedSetError, ValueError, RuntimeError) as exc:
@@ -243,3 +244,37 @@ def pca_control_space(vae: VAE, dataset: Any) -> ControlSpace:
     from training.control_space import pca_space
 
     return pca_space(latent_means(vae, dataset))
+
+
+# -- nn~ `play` method (controls & evaluation, H5) ---------------------------------------------
+
+def has_named_controls(space: ControlSpace) -> bool:
+    """Whether any control is named for what it does (the README's condition for `play`)."""
+    return any(c.source != "pca" for c in space.controls)
+
+
+class PlayableModel(StreamingModel):
+    """The exported module plus the nn~ method `play`: its input channels are the control values
+    0..1 in decode's order (labelled by `play_input_labels`, the control labels), mapped to each
+    control's range and decoded at decode's ratio, so a Max or Pd user gets the named controls as
+    inlets. `play` and `decode` share one stream."""
+
+    def __init__(self, vae: VAE, space: ControlSpace, metadata: str) -> None:
+        super().__init__(vae, space, metadata)
+        size = len(space.controls)
+        low = torch.tensor([c.minimum for c in space.controls], dtype=torch.float32).view(1, size, 1)
+        high = torch.tensor([c.maximum for c in space.controls], dtype=torch.float32).view(1, size, 1)
+        self.register_buffer("control_min", low)
+        self.register_buffer("control_span", high - low)
+        self.register_buffer("play_params", torch.tensor([size, self.hop, 1, 1]))
+        self.play_input_labels: list[str] = [c.label for c in space.controls]
+        self.play_output_labels: list[str] = ["audio"]
+
+    @torch.jit.export
+    def get_methods(self) -> list[str]:
+        return ["encode", "decode", "forward", "play"]
+
+    @torch.jit.export
+    def play(self, x: Tensor) -> Tensor:
+        """Control values 0..1 `(batch, latent_size, frames)` -> audio `(batch, 1, frames * hop)`."""
+        return self.decode(self.control_min + x * self.control_span)
