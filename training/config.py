@@ -140,7 +140,7 @@ class AdversarialConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
     weight_decay: float = 0.0
     warmup_steps: int = 200
