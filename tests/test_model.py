@@ -199,7 +199,7 @@ def test_running_phase_gives_a_steady_partial_at_the_predicted_frequency(deviati
     """One bin with a constant phase deviation d per frame is a pure sinusoid at the bin frequency
     plus d / (2 pi hop) cycles per sample, continuous across frames and calls. (Off the bin
     centre a single bin loses a little level to the overlap; neighbouring bins make it up.)"""
-    cfg = ModelConfig(noise_branch=False)
+    cfg = ModelConfig(noise_branch=False, magnitude_gain=1.0, phase_gain=1.0)  # biases are the outputs
     head = VAE(cfg).decoder.head
     k, bins = 64, head.bins
     with torch.no_grad():

@@ -52,6 +52,13 @@ class ModelConfig:
     phase_accumulation: bool = True
     noise_branch: bool = True
     noise_bands: int = 64
+    # The head's outputs are multiplied by these (log magnitudes, phases): with Adam every weight
+    # moves about lr per step, so a gain lets the level and the phases move several units in the
+    # few thousand steps of a short run.
+    magnitude_gain: float = 4.0
+    phase_gain: float = 4.0
+    # level of the untrained output (RMS), near a loudness-normalised set's
+    initial_rms: float = 0.05
     noise_table_frames: int = 512
     max_frame_rms: float = 1.0
     # logvar clamp keeps exp() finite on any input
@@ -59,6 +66,8 @@ class ModelConfig:
     logvar_max: float = 4.0
 
     def __post_init__(self) -> None:
+        if not (self.magnitude_gain > 0 and self.phase_gain > 0 and self.initial_rms > 0):
+            raise ValueError("model.magnitude_gain, model.phase_gain and model.initial_rms must be > 0")
         for name in ("sample_rate", "hop", "n_fft", "latent_size", "encoder_dim", "encoder_blocks",
                      "decoder_dim", "decoder_blocks", "decoder_mlp_ratio", "input_kernel",
                      "encoder_kernel", "decoder_kernel", "noise_bands", "noise_table_frames"):
@@ -257,23 +266,27 @@ class ISTFTHead(nn.Module):
         # the noise part is a smooth spectral envelope: a few mel-spaced bands, interpolated
         self.noise_bands = cfg.noise_bands if cfg.noise_branch else 0
         self.phase_parts = 2 if cfg.phase_accumulation else 1
-        self.proj = nn.Linear(dim, (1 + self.phase_parts) * self.bins + self.noise_bands)
+        outputs = (1 + self.phase_parts) * self.bins + self.noise_bands
+        self.proj = nn.Linear(dim, outputs)
+        gain = torch.full((outputs,), cfg.magnitude_gain)
+        gain[self.bins:(1 + self.phase_parts) * self.bins] = cfg.phase_gain
+        self.register_buffer("output_gain", gain, persistent=False)
         self.register_buffer("band_to_bin", spectral_ops.band_interpolation(
             max(self.noise_bands, 2), self.bins, cfg.n_fft, cfg.sample_rate), persistent=False)
-        # Start quiet (about -30 dB RMS) with the noise part 20 dB above the deterministic one:
-        # an untrained decoder gives a soft noise floor, not a comb of steady partials.
+        # Start at `initial_rms` with the noise part 20 dB above the deterministic one: an
+        # untrained decoder gives a soft noise floor, not a comb of steady partials.
         with torch.no_grad():
-            self.proj.weight.mul_(0.1)
+            self.proj.weight.mul_(0.1 / gain.unsqueeze(1))
             self.proj.bias.zero_()
-            level = math.log(0.03 / math.sqrt(2 * self.bins))
-            self.proj.bias[: self.bins] = level - (math.log(10.0) if cfg.noise_branch else 0.0)
-            self.proj.bias[(1 + self.phase_parts) * self.bins:] = level
+            level = math.log(cfg.initial_rms / math.sqrt(2 * self.bins))
+            self.proj.bias[: self.bins] = (level - (math.log(10.0) if cfg.noise_branch else 0.0)) / cfg.magnitude_gain
+            self.proj.bias[(1 + self.phase_parts) * self.bins:] = level / cfg.magnitude_gain
         generator = torch.Generator().manual_seed(0x5D)
         angles = torch.rand(cfg.noise_table_frames, self.bins, generator=generator) * (2 * math.pi)
         self.register_buffer("noise_phase", angles, persistent=False)
 
     def forward(self, h: Tensor, phase: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.proj(h)  # (batch, T, outputs)
+        x = self.proj(h) * self.output_gain  # (batch, T, outputs)
         bins = self.bins
         # safeguard: exp of an unbounded log magnitude would overflow to inf (then NaN)
         mag = torch.exp(x[..., :bins].clamp(max=8.0)) * self.mask
