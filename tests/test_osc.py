@@ -126,21 +126,30 @@ def test_ints_floats_clamping_unknown_and_wrong_types(synthd, client):
 
 def test_future_bundle_is_applied_on_the_audio_clock(jack_server, synthd, client):
     client.send("/synthd/gain", 0)
-    answered = []
-
-    def send_bundle():
+    with Recorder(jack_server.name, channels=1, seconds=2.5) as rec:
+        rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 1))
+        rec.start()
+        rec.wait_frames(int(0.4 * RATE))
+        underruns = client.ask("/synthd/status", reply="/synthd/status.reply")[4]
+        sent = rec.frame_time()  # JACK frames: the clock synthd plays and the recorder records on
         client.send_bundle(time.time() + 0.5, ("/synthd/gain", -30.0))
         t = time.monotonic()
         client.ask("/synthd/status", reply="/synthd/status.reply")  # the server does not sleep
-        answered.append(time.monotonic() - t)
-
-    x = record(jack_server, 1.4, [(0.3, send_bundle)])
-    assert answered[0] < 0.2
-    assert rms_db(window(x, 0.3, 0.7)) - rms_db(window(x, 1.0, 1.4)) == pytest.approx(30, abs=2)
-    # the drop lands about 0.5 s after sending (0.3 s into the recording), not at once
-    env = np.array([rms_db(window(x, t, t + 0.02)) for t in np.arange(0.3, 1.2, 0.02)])
-    drop = 0.3 + 0.02 * int(np.argmax(env < env[0] - 15))
-    assert 0.7 < drop < 0.95, drop
+        answered = time.monotonic() - t
+        rec.wait_frames(int(1.6 * RATE))
+        underruns = client.ask("/synthd/status", reply="/synthd/status.reply")[4] - underruns
+        x = rec.data()[:, 0]
+        sent -= rec.first_frame_time
+    assert answered < 0.3
+    env = np.array([rms_db(x[i:i + 480]) for i in range(0, len(x) - 480, 480)])
+    drop = 480 * int(np.argmax(env < np.median(env[:30]) - 15))  # first 10 ms window 15 dB down
+    # applied 0.5 s after sending (plus the output latency), not at once; on an overloaded
+    # machine JACK's xruns and synthd's underruns bend the timeline, so only "later" holds
+    clean = rec.xruns == 0 and underruns == 0
+    low, high = (0.45, 0.6) if clean else (0.15, 1.2)
+    assert low * RATE < drop - sent < high * RATE, ((drop - sent) / RATE, rec.xruns, underruns)
+    before, after = x[drop - int(0.35 * RATE):drop - int(0.05 * RATE)], x[drop + int(0.05 * RATE):]
+    assert rms_db(before) - rms_db(after) == pytest.approx(30, abs=2)
     client.send("/synthd/gain", 0)
 
 
