@@ -120,6 +120,16 @@ class KLConfig:
 
 
 @dataclass
+class RegularizeConfig:
+    """Attribute-regularised latents: the k-th named attribute (training.descriptors) orders
+    latent dimension k, so that dimension becomes a control for it. Off when the list is empty."""
+
+    attributes: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    delta: float = 10.0   # sharpness of the pairwise ordering term
+
+
+@dataclass
 class AdversarialConfig:
     """GAN stage after reconstruction has converged; 'auto' = on with CUDA, off elsewhere."""
 
@@ -166,6 +176,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     kl: KLConfig = field(default_factory=KLConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -266,6 +277,14 @@ def _check(cfg: TrainConfig) -> None:
         for n in sizes:
             if n < 16 or n & (n - 1):
                 raise ConfigError(f"{key}: FFT size {n} is not a power of two >= 16")
+    from training.descriptors import DESCRIPTOR_NAMES
+    for i, name in enumerate(cfg.regularize.attributes):
+        if name not in DESCRIPTOR_NAMES or cfg.regularize.attributes.index(name) != i:
+            raise ConfigError(f"regularize.attributes[{i}]: {name!r} is not one of {', '.join(DESCRIPTOR_NAMES)} "
+                              "or is listed twice")
+    if len(cfg.regularize.attributes) > cfg.model.latent_size:
+        raise ConfigError(f"regularize.attributes: {len(cfg.regularize.attributes)} attributes for "
+                          f"{cfg.model.latent_size} latent dimensions")
     if not cfg.loss.stft_fft_sizes and not cfg.loss.mel_fft_sizes:
         raise ConfigError("loss.stft_fft_sizes: no reconstruction loss left (mel_fft_sizes is empty too)")
     if not 0.5 <= cfg.augment.stretch.min_rate <= cfg.augment.stretch.max_rate <= 2.0:

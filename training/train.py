@@ -356,6 +356,7 @@ class Trainer:
         self.train_model.train()
         with self._autocast():
             y, mean, logvar = self.train_model(inputs)
+        full_target = target
         y = y.float()[..., self.context:]
         target = target[..., self.context:]
         terms = self.spectral.terms(y, target)
@@ -367,6 +368,11 @@ class Trainer:
                   "logmag": terms.log_magnitude.mean().item(), "kl": kl_dims.sum().item()}
         if terms.log_mel is not None:
             values["mel"] = terms.log_mel.mean().item()
+
+        if cfg.regularize.attributes:
+            regularize = self._regularize(full_target, mean.float())
+            values["regularize"] = regularize.item()
+            loss = loss + cfg.regularize.weight * regularize
 
         if self.discriminators is not None and progress >= cfg.adversarial.start:
             loss = loss + self._adversarial(y, target, recon, values)
@@ -386,6 +392,16 @@ class Trainer:
         if terms.log_mel is not None:
             recon = recon + w.mel_weight * terms.log_mel.mean()
         return recon
+
+    def _regularize(self, audio: Tensor, mean: Tensor) -> Tensor:
+        """Attribute-ordering term: attribute k of `audio` `(batch, 1, samples)` orders latent
+        dimension k of the posterior means `(batch, latent, frames)`."""
+        from training.descriptors import attribute_regularization_loss, attribute_targets
+        names = self.cfg.regularize.attributes
+        targets = attribute_targets(audio, names)
+        frames = min(mean.shape[-1], *(t.shape[-1] for t in targets.values()))
+        return attribute_regularization_loss(mean[..., :frames], {n: t[..., :frames] for n, t in targets.items()},
+                                             {n: i for i, n in enumerate(names)}, self.cfg.regularize.delta)
 
     def _adversarial(self, y: Tensor, target: Tensor, recon: Tensor, values: dict[str, float]) -> Tensor:
         """One discriminator update, then the generator's adversarial + feature-matching loss."""
@@ -488,7 +504,7 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         latent = cfg.model.latent_size
         columns = (["step", "elapsed_s", "lr", "beta", "loss", "recon", "sc", "logmag", "mel", "kl",
-                    "disc", "adv", "feature_matching", "val_sc", "val_logmag", "val_mel", "val_distance",
+                    "regularize", "disc", "adv", "feature_matching", "val_sc", "val_logmag", "val_mel", "val_distance",
                     "val_recon", "val_kl", "val_score", "warning"] + [f"kl_{i}" for i in range(latent)])
         log = RunLog(self.run_dir, columns, self.step if self.history or self.step else None) if self.main else None
         if self.main:
