@@ -98,6 +98,14 @@ class Discriminators(nn.Module):
         return [d(x) for d in self.members]
 
 
+def split_verdicts(verdicts: list[Verdict], n: int) -> tuple[list[Verdict], list[Verdict]]:
+    """Verdicts on `cat([a, b])` split into those on the first `n` examples and on the rest:
+    one discriminator pass over both halves (one forward per backward, as DDP requires)."""
+    first = [(logits[:n], [f[:n] for f in feats]) for logits, feats in verdicts]
+    rest = [(logits[n:], [f[n:] for f in feats]) for logits, feats in verdicts]
+    return first, rest
+
+
 def discriminator_loss(real: list[Verdict], fake: list[Verdict], kind: str) -> Tensor:
     """Loss of the discriminators: push real logits up, fake ones down (hinge or least squares)."""
     total = real[0][0].new_zeros(())

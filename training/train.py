@@ -406,15 +406,20 @@ class Trainer:
     def _adversarial(self, y: Tensor, target: Tensor, recon: Tensor, values: dict[str, float]) -> Tensor:
         """One discriminator update, then the generator's adversarial + feature-matching loss."""
         from training.discriminators import (discriminator_loss, feature_matching_loss, generator_loss,
-                                             guard_ratio)
+                                             guard_ratio, split_verdicts)
         a = self.cfg.adversarial
+        n = target.shape[0]
         with self._autocast():
-            d_loss = discriminator_loss(self.train_disc(target), self.train_disc(y.detach()), a.loss)
+            real, fake = split_verdicts(self.train_disc(torch.cat([target, y.detach()])), n)
+            d_loss = discriminator_loss(real, fake, a.loss)
         self.disc_optimizer.zero_grad(set_to_none=True)
         d_loss.float().backward()
         self.disc_optimizer.step()
+        # the generator's pass needs no gradient sync of the discriminators (theirs are discarded)
         with self._autocast():
-            real, fake = self.train_disc(target), self.train_disc(y)
+            with torch.no_grad():
+                real = self.discriminators(target)
+            fake = self.discriminators(y)
             g_loss = a.adversarial_weight * generator_loss(fake, a.loss)
             fm_loss = a.feature_matching_weight * feature_matching_loss(real, fake)
         total = guard_ratio((g_loss + fm_loss).float(), recon, a.max_loss_ratio)
