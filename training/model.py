@@ -283,7 +283,17 @@ class ISTFTHead(nn.Module):
             self.proj.bias[(1 + self.phase_parts) * self.bins:] = level / cfg.magnitude_gain
         generator = torch.Generator().manual_seed(0x5D)
         angles = torch.rand(cfg.noise_table_frames, self.bins, generator=generator) * (2 * math.pi)
-        self.register_buffer("noise_phase", angles, persistent=False)
+        # stored twice over, so the rows of any call of up to `noise_table_frames` frames are one slice
+        self.register_buffer("noise_phase", torch.cat([angles, angles]), persistent=False)
+        self.noise_table_frames = cfg.noise_table_frames
+
+    def noise_angles(self, frame_index: Tensor, frames: int) -> Tensor:
+        """Noise phases `(frames, bins)` of the frames from `frame_index` (`(1,)` int64) on."""
+        start = int(frame_index) % self.noise_table_frames
+        if frames <= self.noise_table_frames:
+            return self.noise_phase.narrow(0, start, frames)
+        rows = torch.remainder(start + torch.arange(frames, device=frame_index.device), self.noise_table_frames)
+        return self.noise_phase[rows]
 
     def forward(self, h: Tensor, phase: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.proj(h) * self.output_gain  # (batch, T, outputs)
@@ -292,24 +302,20 @@ class ISTFTHead(nn.Module):
         mag = torch.exp(x[..., :bins].clamp(max=8.0)) * self.mask
         angle = x[..., bins:2 * bins]
         if self.accumulate:
-            # float64 and wrapped: the running phase must not lose precision over a long stream
-            advance = torch.remainder(x[..., 2 * bins:3 * bins] + self.bin_advance, 2 * math.pi)
-            running = torch.remainder(torch.cumsum(advance.double(), dim=1) + phase.double().unsqueeze(1),
-                                      2 * math.pi).float()
+            # wrapped once per call: the running phase stays small, so float32 keeps it exact
+            running = torch.cumsum(x[..., 2 * bins:3 * bins] + self.bin_advance, dim=1) + phase.unsqueeze(1)
+            running = torch.remainder(running, 2 * math.pi)
             phase = running[:, -1]
             angle = angle + running
         spec = torch.polar(mag, angle)
         if self.noise_branch:
-            rows = torch.remainder(frame_index + torch.arange(x.shape[1], device=x.device),
-                                   self.noise_phase.shape[0])
             noise_log_mag = torch.matmul(x[..., (1 + self.phase_parts) * bins:], self.band_to_bin)
             noise_mag = torch.exp(noise_log_mag.clamp(max=8.0)) * self.mask
-            # complex only where it must be: a real factor on a complex tensor costs a conversion
-            spec = spec + torch.polar(noise_mag, self.noise_phase[rows])
+            spec = spec + torch.polar(noise_mag, self.noise_angles(frame_index, x.shape[1]))
         frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1, norm="forward")
         # safeguard: bound each frame's RMS, so any latent gives bounded audio
-        rms = torch.sqrt(frames.square().mean(dim=-1, keepdim=True))
-        frames = frames * (self.window * torch.clamp(self.max_frame_rms / (rms + 1e-9), max=1.0))
+        norm = torch.linalg.vector_norm(frames, dim=-1, keepdim=True)
+        frames = frames * (self.window * torch.clamp(self.max_frame_rms * math.sqrt(self.n_fft) / (norm + 1e-6), max=1.0))
         audio, tail = spectral_ops.overlap_add(frames, tail, self.hop)
         return audio, phase, tail
 
@@ -395,7 +401,7 @@ class VAE(nn.Module):
         """`(batch, latent, T)` -> `(batch, 1, T * hop)`, causal, from zero state."""
         offset = 0
         if self.training:
-            offset = int(torch.randint(0, self.decoder.head.noise_phase.shape[0], (1,)))
+            offset = int(torch.randint(0, self.decoder.head.noise_table_frames, (1,)))
         return self.decoder(z, offset)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
