@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dump", metavar="FILE.npz", help="save the recording and the send times to inspect")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so synthd and the JACK server are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rng = random.Random(args.seed)
 
     from support.nnmodels import build_frame_probe

@@ -107,7 +107,6 @@ class LiveRig:
 
     def _close_midi(self) -> None:
         self.midi.close_port()
-        self.midi.delete()
 
     def status(self) -> dict:
         """synthd's /synthd/status.reply as a dict, fields named as in synthd.osc."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import threading
 import time
@@ -78,6 +79,8 @@ def main() -> int:
     parser.add_argument("--cc-rate", type=float, default=100.0, help="MIDI CCs per second (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="synthd's torch threads (default 1)")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so synthd and the JACK server are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with LiveRig(args.model, period=args.period, threads=args.threads) as rig:
         names = rig.controls()
@@ -91,8 +94,8 @@ def main() -> int:
         xruns_before = rig.xruns
         stop = threading.Event()
         osc_sent, cc_sent = [0], [0]
-        workers = [threading.Thread(target=osc_stream, args=(rig, names, args.osc_rate, stop, osc_sent), daemon=True),
-                   threading.Thread(target=midi_stream, args=(rig, args.cc_rate, stop, cc_sent), daemon=True)]
+        workers = [threading.Thread(target=osc_stream, name="osc", args=(rig, names, args.osc_rate, stop, osc_sent), daemon=True),
+                   threading.Thread(target=midi_stream, name="midi", args=(rig, args.cc_rate, stop, cc_sent), daemon=True)]
         for w in workers:
             w.start()
         total = args.minutes * 60.0
@@ -109,7 +112,9 @@ def main() -> int:
         finally:
             stop.set()
             for w in workers:
-                w.join()
+                # rtmidi's JACK output blocks while its client gets no process cycles
+                w.join(timeout=2.0)
+        stalled = [w.name for w in workers if w.is_alive()]
         time.sleep(0.5)
         after = rig.status()
         mem_end = vm_rss_mb(pid)
@@ -134,6 +139,8 @@ def main() -> int:
           f"invalid {after['invalid'] - before['invalid']}, clamped {after['clamped'] - before['clamped']}")
     print(f"  memory (RSS)        start {mem_start:.1f} MB, end {mem_end:.1f} MB, growth {growth:+.2f} MB")
     print(f"  synthd still running at the end: {alive}")
+    if stalled:
+        print(f"  stream threads still blocked at the end: {stalled} (the JACK server stopped serving them)")
     ok = underruns == 0 and growth < 5.0 and alive
     print(f"  targets (0 underruns, growth < 5 MB): {'met' if ok else 'NOT met'}")
     return 0 if ok else 1

@@ -22,8 +22,10 @@ Typical use in a test module:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -32,6 +34,13 @@ import numpy as np
 import pytest
 
 JACKD = shutil.which("jackd") or "/usr/bin/jackd"
+
+
+def _die_with_parent() -> None:
+    """In the child: have the kernel SIGTERM it when its parent dies, so a killed test run
+    leaves no jackd behind (JACK allows only a few servers at once)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class JackServer:
@@ -58,7 +67,8 @@ class JackServer:
         cmd = [JACKD, "--no-realtime", "-n", self.name, "-d", "dummy",
                "-r", str(self.rate), "-p", str(self.period)]
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, env=self.env())
+                                        stderr=subprocess.STDOUT, env=self.env(),
+                                        preexec_fn=_die_with_parent)
         import jack
 
         deadline = time.monotonic() + timeout
