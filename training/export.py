@@ -121,26 +121,6 @@ def check_streaming(module: Any, u: Tensor, chunks: tuple[int, ...] = CHECK_CHUN
     return worst
 
 
-def latent_means(vae: VAE, dataset: Any, max_seconds: float = 600.0) -> np.ndarray:
-    """Posterior means `(frames, L)` of the prepared set's files (training and validation), up to
-    `max_seconds` of audio in file order."""
-    means = []
-    budget = int(max_seconds * vae.cfg.sample_rate)
-    with torch.no_grad():
-        for f in dataset.files:
-            if budget <= 0:
-                break
-            audio = np.asarray(dataset.load(f), dtype=np.float32)[:budget]
-            budget -= audio.shape[0]
-            if audio.shape[0] < vae.hop:
-                continue
-            mean, _ = vae.encode(torch.from_numpy(audio).view(1, 1, -1))
-            means.append(mean[0].T.numpy())
-    if not means:
-        raise ValueError(f"{dataset.root}: no file is long enough to encode (one frame is {vae.hop} samples)")
-    return np.concatenate(means, axis=0)
-
-
 def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any]) -> str:
     """The metadata JSON of the README's model-file contract."""
     cfg = vae.cfg
@@ -202,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT.ts", help="the model file to write")
     parser.add_argument("--which", choices=("best", "last"), default="best",
                         help="checkpoint to export (default: best by validation)")
-    parser.add_argument("--data", metavar="DATASET_DIR", help="prepared set for the PCA (default: the run's own)")
+    parser.add_argument("--data", metavar="DATASET_DIR", help="prepared set the controls are measured on (default: the run's own)")
     parser.add_argument("--name", help="model name in the metadata (default: the output file's stem)")
 
 
@@ -237,13 +217,6 @@ def run(args: argparse.Namespace) -> int:
           f"{vae.cfg.latent_size} controls, written in {time.monotonic() - started:.1f} s", file=sys.stderr)
     print(out)
     return 0
-
-
-def pca_control_space(vae: VAE, dataset: Any) -> ControlSpace:
-    """The PCA control space of the run's latent means on its prepared set."""
-    from training.control_space import pca_space
-
-    return pca_space(latent_means(vae, dataset))
 
 
 # -- nn~ `play` method (controls & evaluation, H5) ---------------------------------------------
