@@ -21,7 +21,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -203,7 +203,9 @@ def _even(index: np.ndarray, limit: int) -> np.ndarray:
 def fit_descriptors(table: FrameTable, cfg: AnalysisConfig = AnalysisConfig()) -> tuple[dict[str, Fit], _Whitening]:
     """Ridge fit of each descriptor on training frames, scored on validation frames."""
     white = _whitening(table.latents[table.train] if table.train.sum() > 1 else table.latents)
-    fits = {}
+    fits: dict[str, Fit] = {}
+    if white.axes.shape[1] == 0:
+        return fits, white  # the encoder maps everything to one point: nothing to fit
     for name in DESCRIPTOR_NAMES:
         v = table.values[name]
         tr = _even(np.flatnonzero(table.train & np.isfinite(v)), cfg.max_fit_frames)
@@ -238,6 +240,8 @@ def disentangled_directions(gradients: dict[str, np.ndarray], white: _Whitening,
     target rises by one unit and every other `constrained` descriptor stays put, to first order
     under `gradients` (descriptor -> d value / d z, `(latent,)`)."""
     names = list(dict.fromkeys(list(targets) + list(constrained)))
+    if not names:
+        return {}
     # gradients seen from whitened coordinates: d value / d y = axes^T gradient * scale
     g = np.stack([(white.axes.T @ gradients[n]) * white.scale for n in names], axis=1)   # (active, n)
     # descriptors in different units: solve on unit-norm gradients. Nearly dependent constraints
@@ -301,6 +305,15 @@ def build_space(table: FrameTable, gradients: dict[str, np.ndarray], white: _Whi
     return space
 
 
+def settled_for(config: AnalysisConfig, receptive_frames: int | None) -> AnalysisConfig:
+    """`config` with each held decode just long enough for a decoder of that receptive field
+    (frames) to forget its zero start, plus 32 frames to measure; unchanged when unknown."""
+    if not receptive_frames:
+        return config
+    settle = int(receptive_frames) + 4
+    return replace(config, settle_frames=settle, sweep_frames=settle + 32)
+
+
 def _descriptor_medians(audio: np.ndarray, cfg: AnalysisConfig, desc_cfg: DescriptorConfig) -> dict[str, np.ndarray]:
     """Per decoded clip `(points, samples)`, the median of each descriptor over its frames after
     `settle_frames`; NaN where the descriptor is defined on fewer than half of them."""
@@ -324,6 +337,8 @@ def decoder_gradients(decode: Callable[[np.ndarray], np.ndarray], white: _Whiten
     centre). Descriptors undefined at the centre, or whose linear response explains less than
     `min_response_r2` of their change, are left out: they can neither be steered nor held still
     from here."""
+    if white.axes.shape[1] == 0:
+        return {}
     steps = np.linspace(-1.0, 1.0, 5)
     moves = (white.axes * white.scale).T                                    # (active, latent)
     points = centre[None, None] + steps[:, None, None] * moves[None]       # (steps, active, latent)
@@ -471,6 +486,7 @@ def analyze(model: torch.nn.Module, dataset, *, regularized: list[str] | tuple[s
             config: AnalysisConfig = AnalysisConfig(), show_progress: bool = True) -> Analysis:
     """The full analysis of a trained VAE on its prepared set (see the module docstring)."""
     model.eval()
+    config = settled_for(config, getattr(model.decoder, "receptive_frames", None))
     desc_cfg = DescriptorConfig(sample_rate=int(dataset.preprocessing.get("sample_rate", 48000)), hop=_hop(model))
     table = encode_set(model, dataset, desc_cfg, show_progress)
     return analyze_table(table, vae_latent_decoder(model), regularized=regularized, config=config,
@@ -487,7 +503,8 @@ def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.n
     for name in DESCRIPTOR_NAMES:
         fit = fits.get(name)
         if fit is None:
-            rejected[name] = "too few frames where it is defined"
+            rejected[name] = ("the encoder gives every frame the same latents" if white.axes.shape[1] == 0
+                              else "too few frames where it is defined")
         elif fit.heldout_rho is None:
             rejected[name] = f"too few validation frames ({fit.heldout_frames}) to score the fit"
         elif fit.heldout_rho < config.heldout_rho:
@@ -609,7 +626,9 @@ def format_table(result: Analysis) -> str:
         fit = result.fits.get(name)
         s = result.sweeps.get(name)
         own = s.rho.get(name) if s else None
-        others = [abs(v) for k, v in (s.rho.items() if s else []) if k != name and v is not None]
+        # crosstalk that the rule counts: descriptors that change noticeably
+        others = [abs(v) for k, v in (s.rho.items() if s else [])
+                  if k != name and v is not None and (s.span.get(k) or 0.0) >= AnalysisConfig().noticeable[k]]
         verdict = "named" if name in result.named else f"not named: {result.rejected.get(name, '')}"
         lines.append(f"{name:<11} {fmt(fit.heldout_rho if fit else None):>7} {fmt(own):>9} "
                      f"{fmt(max(others) if others else None):>9}  {verdict}")

@@ -38,7 +38,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from training.analyze import AnalysisConfig, sweep, sweep_verdict
+from training.analyze import AnalysisConfig, settled_for, sweep, sweep_verdict
 from training.control_space import ControlSpec
 from training.descriptors import DESCRIPTOR_NAMES, DescriptorConfig, analysis_values, compute
 from training.losses import MultiResolutionSpectralLoss, kl_per_dim
@@ -581,7 +581,8 @@ class Evaluation:
         self.verdicts["collapse"] = verdict
 
     def control_map(self) -> None:
-        acfg = AnalysisConfig()
+        receptive = (self.s.metadata.get("run") or {}).get("model", {}).get("receptive_frames")
+        acfg = settled_for(AnalysisConfig(), receptive)
         desc_cfg = DescriptorConfig(sample_rate=self.sr, hop=self.s.hop)
         rho = np.full((len(self.s.controls), len(DESCRIPTOR_NAMES)), np.nan)
         named = {}
