@@ -286,8 +286,8 @@ class TomlTable:
         return value
 
     def table_of(self, key: str) -> dict:
-        value = self.get(key, dict, {})
-        return value
+        """The sub-table `key` ({} when absent; refused when it is not a table)."""
+        return self.get(key, dict, {})
 
     def finish(self) -> None:
         unknown = [k for k in self.data if k not in self.used]

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from pythonosc.osc_message_builder import build_msg
 

@@ -29,14 +29,19 @@ class SynthdProcess:
     def __init__(self, server, *args: str, timeout: float = 120.0):
         self.server = server
         cmd = [sys.executable, "-m", "synthd", "run", "--osc-port", "0", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=server.env(), stdin=subprocess.DEVNULL,
+        env = server.env()
+        env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT on a start-up timeout prints every thread's stack
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._ready.wait(timeout) or self.proc.poll() is not None:
-            self.stop()
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGABRT)
+                self.proc.wait(timeout=10)
+            self._reader.join(timeout=5)
             raise RuntimeError("synthd did not start:\n" + self.log)
         m = re.search(r"OSC osc\.udp://([\d.]+):(\d+)", self.startup)
         self.osc_address = (m.group(1), int(m.group(2)))
