@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from support.aliasing import FLOOR_DB, energy_above_db
+from support.aliasing import energy_above_db
 from training import spectral_ops
 from training.control_space import ControlSpace, ControlSpec, pca_space
 from training.model import VAE, ModelConfig
@@ -103,7 +103,7 @@ def test_default_decoder_is_band_limited_and_bounded():
     with torch.no_grad():
         walk = torch.cumsum(0.3 * torch.randn(1, 16, 300), dim=2)
         audio = model.decode(walk)[0, 0].numpy()
-        assert energy_above_db(audio) < FLOOR_DB
+        assert energy_above_db(audio) < -130.0  # untrained: at the float32 floor
         for value in (10.0, -10.0):
             loud = model.decode(torch.full((1, 16, 100), value))
             assert torch.isfinite(loud).all()
