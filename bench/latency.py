@@ -85,6 +85,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="synthd-latency-") as scratch:
         model = build_frame_probe(Path(scratch) / "probe.ts")
         with LiveRig(str(model), period=args.period) as rig:
+            rig.watchdog(args.trials * 1.5 + 60.0)
             rate = rig.server.rate
             seconds = args.trials * 2 * 0.6 + 3
             with Recorder(rig.server.name, channels=1, seconds=seconds, name="latency-rec") as rec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -87,6 +88,25 @@ class LiveRig:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
+
+    def watchdog(self, seconds: float) -> None:
+        """After `seconds`, if still running, stop synthd and jackd and exit with status 3.
+
+        An overloaded non-realtime JACK server can drop this process's clients, after which
+        libjack and rtmidi calls block forever; a benchmark must end and say so instead.
+        """
+        def fire() -> None:
+            print(f"bench: no result after {seconds:.0f} s (the JACK server stopped serving this "
+                  "process's clients); stopping synthd and jackd", file=sys.stderr, flush=True)
+            for proc in (self.synthd.proc, self.server.process):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+            os._exit(3)
+
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+        self._stack.callback(timer.cancel)
 
     def _count_xrun(self, delay: float) -> None:
         self.xruns += 1

@@ -83,6 +83,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with LiveRig(args.model, period=args.period, threads=args.threads) as rig:
+        rig.watchdog(args.minutes * 60.0 + WARMUP_S + 60.0)
         names = rig.controls()
         print(f"soak: {rig.model} ({len(names)} controls), JACK dummy {rig.server.rate} Hz / "
               f"{args.period} frames, OSC {args.osc_rate:g}/s, MIDI CC {args.cc_rate:g}/s, "
