@@ -2,9 +2,10 @@
 
 Decoder: causal convolution in, a stack of causal ConvNeXt blocks at the frame rate (each
 left-padded, so streaming is only a matter of passing the cache in), then an iSTFT head that
-predicts per frame a log magnitude and a phase for a deterministic branch and a log magnitude
-for a noise branch (whose phases come from a fixed table, so the model stays deterministic),
-band-limited below `max_frequency` and overlap-added. Nothing runs at the sample rate except
+predicts per frame a log magnitude and a phase (a running per-bin phase plus an offset) for a
+deterministic branch and a smooth log-magnitude envelope for a noise branch (whose phases come
+from a fixed table, so the model stays deterministic), band-limited below `max_frequency` and
+overlap-added with a Hann-squared window. Nothing runs at the sample rate except
 the inverse FFT and overlap-add of band-limited frames, so nothing can fold back: the decoder
 is alias-free by construction.
 
