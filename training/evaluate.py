@@ -585,10 +585,12 @@ class Evaluation:
         acfg = settled_for(AnalysisConfig(), receptive)
         desc_cfg = DescriptorConfig(sample_rate=self.sr, hop=self.s.hop)
         rho = np.full((len(self.s.controls), len(DESCRIPTOR_NAMES)), np.nan)
+        span = np.full_like(rho, np.nan)
         named = {}
         for i, c in enumerate(self.s.controls):
             s = sweep(self.s.decode_batch, self.s.controls, i, acfg, desc_cfg)
             rho[i] = [np.nan if s.rho[d] is None else s.rho[d] for d in DESCRIPTOR_NAMES]
+            span[i] = [np.nan if s.span[d] is None else s.span[d] for d in DESCRIPTOR_NAMES]
             if c.attribute in DESCRIPTOR_NAMES:
                 why = sweep_verdict(s, c.attribute, acfg)
                 named[c.label] = {"attribute": c.attribute, "rho": s.rho[c.attribute], "passes": why is None,
@@ -603,20 +605,28 @@ class Evaluation:
             verdict = f"every named control passes the sweep rule ({', '.join(named)})"
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 0.35 * len(self.s.controls) + 1.5))
-        im = ax.imshow(np.nan_to_num(rho), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        # a change below the descriptor's noticeable step is shown in brackets and left uncoloured:
+        # the rule does not count it, whatever its rho
+        noticeable = np.array([acfg.noticeable[d] for d in DESCRIPTOR_NAMES])[None]
+        audible = np.nan_to_num(span) >= noticeable
+        im = ax.imshow(np.where(audible, np.nan_to_num(rho), 0.0), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
         ax.set_xticks(range(len(DESCRIPTOR_NAMES)), DESCRIPTOR_NAMES, rotation=30)
         ax.set_yticks(range(len(self.s.controls)), [c.label for c in self.s.controls])
         for i in range(rho.shape[0]):
             for j in range(rho.shape[1]):
-                ax.text(j, i, "n/a" if np.isnan(rho[i, j]) else f"{rho[i, j]:.2f}", ha="center", va="center", fontsize=7)
-        fig.colorbar(im, ax=ax, label="Spearman rho along the sweep")
+                text = "n/a" if np.isnan(rho[i, j]) else (f"{rho[i, j]:.2f}" if audible[i, j] else f"({rho[i, j]:.2f})")
+                ax.text(j, i, text, ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, label="Spearman rho along the sweep (noticeable changes)")
         ax.set_title(verdict[:80], fontsize=9)
         self.figures["control_map"] = {
             "title": "Control map", "png": _save(fig, self.out / "control_map.png"),
             "values": {"rho": {c.label: {d: (None if np.isnan(rho[i, j]) else float(rho[i, j]))
                                          for j, d in enumerate(DESCRIPTOR_NAMES)}
                                for i, c in enumerate(self.s.controls)},
-                       "named": named},
+                       "span": {c.label: {d: (None if np.isnan(span[i, j]) else float(span[i, j]))
+                                          for j, d in enumerate(DESCRIPTOR_NAMES)}
+                                for i, c in enumerate(self.s.controls)},
+                       "noticeable": dict(acfg.noticeable), "named": named},
             "verdict": verdict}
         self.verdicts["controls"] = verdict
 
@@ -641,6 +651,7 @@ class Evaluation:
         extra = {"sine_sweep_reconstruction": _write_wav(self.out / "sine_sweep_reconstruction.wav", self.sweep_out, self.sr)}
         if self.generated_example is not None:
             extra["prior_sample"] = _write_wav(self.out / "prior_sample.wav", self.generated_example, self.sr)
+        fig.tight_layout()
         self.figures["spectrograms"] = {"title": "Originals against reconstructions",
                                         "png": _save(fig, self.out / "spectrograms.png"),
                                         "values": {"examples": examples, "other_wavs": extra}, "verdict": ""}
