@@ -67,12 +67,14 @@ class Daemon:
         self._swap = threading.Lock()
 
     def start(self) -> None:
-        self.output.start()
+        """Open OSC and MIDI first (imports and sockets cost the main thread time it would
+        otherwise share with the render thread), then start the sound and serve."""
         try:
             self.osc = OscServer(self.surface, self, host=self.cfg.osc_host, port=self.cfg.osc_port)
-            self.osc.start()
             if self.cfg.midi_in:
                 self.midi = MidiInput(self.router, self.cfg.midi_in)
+            self.output.start()
+            self.osc.start()
         except BaseException:
             self.shutdown()
             raise
