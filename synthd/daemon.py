@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import Any
 
+import torch
+
 from synthd import config as config_mod
 from synthd.audio import AudioError, LiveOutput
 from synthd.config import ConfigError, DaemonConfig, in_folder
@@ -53,6 +55,7 @@ class Daemon:
 
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
+        torch.set_num_threads(cfg.threads)  # before the load's probe: the first call fixes the pools
         model = load_model(cfg.model)
         patch = load_patch(cfg.patch) if cfg.patch else default_patch()
         self.engine = Engine(model, channels=cfg.channels, block_frames=cfg.block_frames, threads=cfg.threads,

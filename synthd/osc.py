@@ -61,7 +61,8 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("model", str), ("sample_rate", int), ("block_frames", int), ("latency_ms", float),
     ("underruns", int), ("nan_blocks", int), ("render_load_mean", float), ("render_load_peak", float),
     ("invalid", int), ("unknown", int), ("clamped", int), ("gate", int), ("gain_db", float),
-    ("sysex", int),
+    ("sysex", int), ("render_ms_mean", float), ("render_ms_p99", float), ("render_ms_max", float),
+    ("ring_underruns", int), ("output_underflows", int),
 )
 
 Reply = tuple  # (address, *args)

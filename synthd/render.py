@@ -51,6 +51,7 @@ from typing import Callable
 import numpy as np
 import soundfile as sf
 import soxr
+import torch
 
 from synthd.controls import ControlSurface
 from synthd.engine import Engine
@@ -181,6 +182,7 @@ def render_performance(model_path: Path, out: Path, *, midi: Path | None = None,
     Raises ModelError, PatchError or RenderError (naming the file at fault) before any
     audio is rendered, so a bad input never leaves a partial file.
     """
+    torch.set_num_threads(threads)  # before the load's probe: the first call fixes the pools
     model = load_model(model_path)
     patch = load_patch(patch_path) if patch_path else default_patch()
     engine = Engine(model, channels=channels, block_frames=block_frames, threads=threads,
