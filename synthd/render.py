@@ -254,6 +254,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-frames", type=int, default=256, help="engine block, as live (default 256)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--play", action="store_true",
+                        help="then play the file through the default audio output, when there is one")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,4 +278,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {figures['seconds']:.2f} s, 48000 Hz, 24-bit, peak {figures['peak_dbfs']:.1f} dBFS, "
           f"RMS {figures['rms_dbfs']:.1f} dBFS, {int(figures['events'])} events, "
           f"{figures['speed']:.1f}x real time", file=sys.stderr)
+    if args.play:
+        play_file(Path(args.out))
     return 0
+
+
+def play_file(path: Path) -> bool:
+    """Play a rendered file through the default output device; False (and a note) when
+    this machine has none, which is not an error for a headless rig."""
+    from synthd.audio import AudioError, resolve_output
+
+    import sounddevice as sd
+
+    try:
+        device = resolve_output(None)
+    except AudioError as exc:
+        print(f"not played: no audio output ({exc})", file=sys.stderr)
+        return False
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    channels = min(data.shape[1], int(device["max_output_channels"]))
+    print(f"playing {path.name} on {device['name']} ({data.shape[0] / rate:.1f} s)", file=sys.stderr)
+    try:
+        sd.play(data[:, :channels], rate, blocking=True)
+    except sd.PortAudioError as exc:
+        print(f"not played: {device['name']}: {exc}", file=sys.stderr)
+        return False
+    return True

@@ -48,16 +48,11 @@ def playing(server, seconds: float = 0.4) -> float:
         return rms_db(rec.data()[:, 0])
 
 
-def status(client: OscClient) -> dict:
-    values = client.ask("/synthd/status", reply="/synthd/status.reply")
-    keys = ["model", "rate", "block", "latency", "underruns", "nan", "load", "peak", "invalid", "unknown",
-            "clamped", "gate", "gain"]
-    return dict(zip(keys, values))
 
 
 def test_ten_thousand_random_datagrams(jack_server, synthd):
     client = OscClient(synthd.osc_address)
-    before = status(client)
+    before = client.status()
     rng = random.Random(1234)
     heads = [b"", b"/", b"/synthd/", b"#bundle\0", b"/synthd/gain\0\0\0\0,s\0\0"]  # the last: a string where a number belongs
     n = 10_000
@@ -66,7 +61,7 @@ def test_ten_thousand_random_datagrams(jack_server, synthd):
         client.send_raw(heads[i % len(heads)] + body)
         if i % 200 == 199:
             time.sleep(0.01)  # stay inside the socket's receive buffer: count, not kernel drops
-    after = status(client)
+    after = client.status()
     assert synthd.alive
     counted = (after["invalid"] - before["invalid"]) + (after["unknown"] - before["unknown"])
     assert counted >= 0.97 * n, (before, after)
@@ -76,7 +71,7 @@ def test_ten_thousand_random_datagrams(jack_server, synthd):
 
 def test_malformed_osc_is_refused_and_counted(jack_server, synthd):
     client = OscClient(synthd.osc_address)
-    before = status(client)
+    before = client.status()
     good = build_msg("/synthd/control/loudness", [0.5]).dgram
     client.send_raw(good[:31])  # cut inside the type tags (python-osc pads a cut float)
     client.send_raw(good[:13])  # truncated type tags
@@ -92,7 +87,7 @@ def test_malformed_osc_is_refused_and_counted(jack_server, synthd):
     fails = [r for r in client.replies(timeout=1.0) if r[0] == "/fail"]
     assert len(fails) == 7, fails  # every parsed-but-wrong message answers, with a reason
     assert all(len(f[1]) == 2 and isinstance(f[1][1], str) for f in fails)
-    after = status(client)
+    after = client.status()
     assert after["invalid"] - before["invalid"] == 10 and after["unknown"] - before["unknown"] == 1
     assert synthd.alive and playing(jack_server) > -40
     client.close()
@@ -105,7 +100,7 @@ def test_broken_patch_and_models_are_refused_old_keeps_playing(jack_server, synt
     for name, words in (("nan", "NaN"), ("short", "shape"), ("junk", "not a TorchScript"), ("gone", "no .ts file")):
         reason = client.ask("/synthd/model/load", name, reply="/fail")[1]
         assert words in reason, reason
-    assert status(client)["model"] == "toy"
+    assert client.status()["model"] == "toy"
     client.send("/synthd/controls")
     assert len(client.replies(timeout=0.5)) == 4
     assert synthd.alive and playing(jack_server) > -40

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+
 from support.jack import Recorder, jack_server  # noqa: F401  (fixture)
 from support.nnmodels import build_toy_model
 from support.synthd_proc import REPO, OscClient, SynthdProcess, crossings_per_second, rms_db
@@ -94,8 +95,10 @@ def test_control_sweep_raises_pitch(jack_server, synthd, client):
 
 
 def test_status_and_controls_replies(synthd, client):
-    status = client.ask("/synthd/status", reply="/synthd/status.reply")
-    model, rate, block, latency, underruns, nan_blocks, load_mean, load_peak, invalid, unknown, clamped, gate, gain, sysex = status
+    fields = client.status()
+    model, rate, block, latency, underruns, nan_blocks, load_mean, gate = (fields[k] for k in (
+        "model", "sample_rate", "block_frames", "latency_ms", "underruns", "nan_blocks", "render_load_mean", "gate"))
+    assert fields["ring_underruns"] + fields["output_underflows"] == underruns
     assert (model, rate, block, nan_blocks, gate) == ("toy", 48000, 256, 0, 1)
     assert 0 < latency < 100 and 0 < load_mean < 1 and isinstance(underruns, int)
     client.send("/synthd/controls")
@@ -106,7 +109,7 @@ def test_status_and_controls_replies(synthd, client):
 
 
 def test_ints_floats_clamping_unknown_and_wrong_types(synthd, client):
-    before = client.ask("/synthd/status", reply="/synthd/status.reply")
+    before = client.status()
     client.send("/synthd/control/timbre_1", 1)  # int from Max: no reply when it works
     client.send("/1/fader1", 0.25)  # a patch alias given as a whole address
     client.send("/synthd/control/timbre_2", 7.5)  # clamped to 1 and counted
@@ -117,8 +120,9 @@ def test_ints_floats_clamping_unknown_and_wrong_types(synthd, client):
     assert fails == [("/fail", ["/synthd/control/nope", "no control 'nope'"]),
                      ("/fail", ["/synthd/nothing", "unknown address"]),
                      ("/fail", ["/synthd/gain", "argument 1 must be a number (int or float), not str"])]
-    after = client.ask("/synthd/status", reply="/synthd/status.reply")
-    assert after[8] - before[8] == 1 and after[9] - before[9] == 2 and after[10] - before[10] == 1
+    after = client.status()
+    assert after["invalid"] - before["invalid"] == 1 and after["unknown"] - before["unknown"] == 2
+    assert after["clamped"] - before["clamped"] == 1
     client.send("/synthd/controls")
     values = {r[1][0]: r[1][2] for r in client.replies(count=6)}
     assert values["timbre_1"] == 1.0 and values["brightness"] == 0.25 and values["timbre_2"] == 1.0
@@ -130,14 +134,14 @@ def test_future_bundle_is_applied_on_the_audio_clock(jack_server, synthd, client
         rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 1))
         rec.start()
         rec.wait_frames(int(0.4 * RATE))
-        underruns = client.ask("/synthd/status", reply="/synthd/status.reply")[4]
+        underruns = client.status()["underruns"]
         sent = rec.frame_time()  # JACK frames: the clock synthd plays and the recorder records on
         client.send_bundle(time.time() + 0.5, ("/synthd/gain", -30.0))
         t = time.monotonic()
         client.ask("/synthd/status", reply="/synthd/status.reply")  # the server does not sleep
         answered = time.monotonic() - t
         rec.wait_frames(int(1.6 * RATE))
-        underruns = client.ask("/synthd/status", reply="/synthd/status.reply")[4] - underruns
+        underruns = client.status()["underruns"] - underruns
         x = rec.data()[:, 0]
         sent -= rec.first_frame_time
     assert answered < 0.3
@@ -189,7 +193,7 @@ def test_model_and_patch_load_by_name_only(jack_server, synthd, client):
     client.send("/synthd/controls")
     assert len(client.replies(timeout=0.5)) == 4
     assert client.ask("/synthd/patch/load", "other", reply="/done") == ["/synthd/patch/load", "other"]
-    assert client.ask("/synthd/status", reply="/synthd/status.reply")[12] == -3.0
+    assert client.status()["gain_db"] == -3.0
     assert client.ask("/synthd/patch/load", "live", reply="/done")
     assert client.ask("/synthd/model/load", "toy.ts", reply="/done")
     x = record(jack_server, 0.3, [])

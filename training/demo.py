@@ -1,7 +1,8 @@
 """`synthd-train demo OUT_DIR`: the main job, end to end, on the built-in demo data.
 
 demo-data -> prepare -> train (a short budget) -> export -> render a performance with a slow
-sweep of its first controls through the daemon's offline renderer. Each step runs as its own
+sweep of its first controls through the daemon's offline renderer, then play that
+performance through the default audio output when the machine has one. Each step runs as its own
 command (`python -m training ...`, `python -m synthd render ...`), exactly as a user would
 run it, and a step whose output is already complete is not redone, so a second run is fast.
 """
@@ -9,7 +10,6 @@ run it, and a step whose output is already complete is not redone, so a second r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -27,10 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                         help=f"training budget (default {DEFAULT_MINUTES:g} minutes)")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def _step(title: str, argv: list[str]) -> None:
@@ -89,18 +85,12 @@ def run(args: argparse.Namespace) -> int:
     model_path, wav_path = out / "demo.ts", out / "demo-sweep.wav"
     made: list[tuple[str, Path]] = []
     try:
-        if not _available("training.demo_data"):
-            _skip("demo data", "training/demo_data.py does not exist yet")
-            return 1
         if any(sounds.glob("*.wav")):
             _skip("demo data", f"{sounds} already holds the demo sounds")
         else:
             _step("demo data", ["-m", "training", "demo-data", str(sounds)])
         made.append(("demo sounds", sounds))
 
-        if not _available("training.prepare"):
-            _skip("prepare", "training/prepare.py does not exist yet")
-            return 1
         _step("prepare", ["-m", "training", "prepare", str(sounds), str(prepared)])
         made.append(("prepared set", prepared))
 
@@ -112,20 +102,14 @@ def run(args: argparse.Namespace) -> int:
                             "--minutes", f"{args.minutes:g}", "--seed", str(args.seed), *resume])
         made.append(("training run", run_dir))
 
-        if not _available("training.export"):
-            _skip("export", "training/export.py does not exist yet")
-            return 1
         _step("export", ["-m", "training", "export", str(run_dir), str(model_path)])
         made.append(("model file", model_path))
 
-        if not _available("synthd.render"):
-            _skip("render", "synthd/render.py (the daemon's offline renderer) does not exist yet")
-            return 1
         controls = _model_metadata(model_path)["controls"]
         automation = out / "demo-sweep.toml"
         _write_automation(controls, automation)
         _step("render", ["-m", "synthd", "render", "--model", str(model_path), "--automation", str(automation),
-                         "--out", str(wav_path)])
+                         "--out", str(wav_path), "--play"])
         made.append(("sweep automation", automation))
         made.append(("rendered sweep", wav_path))
     except RuntimeError as exc:

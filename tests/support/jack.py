@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -44,7 +45,6 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-POOL = [f"synthd-test-{k}" for k in range(6)]
 SHM_REGISTRY = "/dev/shm/jack-shm-registry"
 
 
@@ -78,15 +78,10 @@ def _clear_stale_registry() -> None:
 
 
 class JackServer:
-    """A jackd dummy-driver server; a context manager.
-
-    Without a name it takes the first free name of a small fixed pool, so that a server
-    that died uncleanly leaves a slot the next one of its name reclaims.
-    """
+    """A jackd dummy-driver server under a unique name; a context manager."""
 
     def __init__(self, name: str | None = None, *, rate: int = 48000, period: int = 256):
-        self._pooled = name is None
-        self.name = name or POOL[0]
+        self.name = name or f"synthd-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.rate = rate
         self.period = period
         self.process: subprocess.Popen | None = None
@@ -104,28 +99,6 @@ class JackServer:
     def start(self, timeout: float = 15.0) -> "JackServer":
         """Start jackd and return once a client can connect; RuntimeError with its log if not."""
         _clear_stale_registry()
-        if self._pooled:
-            free = [name for name in POOL if not self._answers(name)]
-            if not free:
-                raise RuntimeError(f"every pooled JACK server name is in use: {POOL}")
-            self.name = free[0]
-        return self._start(timeout)
-
-    @staticmethod
-    def _answers(name: str) -> bool:
-        """Whether a JACK server of this name accepts a client now."""
-        import jack
-
-        jack.set_error_function(lambda message: None)
-        try:
-            jack.Client("synthd-test-probe", servername=name, no_start_server=True).close()
-            return True
-        except jack.JackOpenError:
-            return False
-        finally:
-            jack.set_error_function(None)
-
-    def _start(self, timeout: float) -> "JackServer":
         cmd = [JACKD, "--no-realtime", "-n", self.name, "-d", "dummy",
                "-r", str(self.rate), "-p", str(self.period)]
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

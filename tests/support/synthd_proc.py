@@ -22,6 +22,8 @@ from pythonosc.osc_bundle_builder import OscBundleBuilder
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import build_msg
 
+from synthd.osc import STATUS_FIELDS
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -124,6 +126,11 @@ class OscClient:
                 if addr == reply:
                     return params
         raise TimeoutError(f"no {reply} after {address}")
+
+    def status(self) -> dict:
+        """`/synthd/status.reply`'s fields by name (STATUS_FIELDS)."""
+        values = self.ask("/synthd/status", reply="/synthd/status.reply")
+        return dict(zip((name for name, _ in STATUS_FIELDS), values, strict=True))
 
     def close(self) -> None:
         self.sock.close()
