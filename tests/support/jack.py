@@ -61,13 +61,22 @@ def _jackd_alive() -> bool:
     return False
 
 
+_registry_checked = False
+
+
 def _clear_stale_registry() -> None:
-    """Remove JACK's shared-memory registry when no server is alive.
+    """Once per process, before it first talks to JACK: remove JACK's shared-memory
+    registry when no server is alive.
 
     JACK2 reclaims a dead server's slot only for a server of the same name, so servers
-    killed without cleanup fill its 8 slots for good ("Too many servers already active");
-    with no jackd running, the registry holds nothing but such dead slots.
+    killed without cleanup (earlier runs) fill its 8 slots for good ("Too many servers
+    already active"); with no jackd running, the registry holds nothing but such dead
+    slots. Later in the process libjack has the registry mapped, so it must stay.
     """
+    global _registry_checked
+    if _registry_checked:
+        return
+    _registry_checked = True
     if os.path.exists(SHM_REGISTRY) and not _jackd_alive():
         for path in [SHM_REGISTRY, *glob.glob("/dev/shm/jack_*")]:
             if os.path.isdir(path):
