@@ -129,6 +129,9 @@ def main() -> int:
           f"block {args.period} frames ({block_ms:.2f} ms)")
     print(f"  underruns           {underruns}   (synthd's count; JACK server xruns seen by a "
           f"watcher client: {rig.xruns - xruns_before})")
+    print(f"    of which          ring empty at a callback (synthd rendered late): "
+          f"{after['ring_underruns'] - before['ring_underruns']}, PortAudio output underflows: "
+          f"{after['output_underflows'] - before['output_underflows']}")
     p99 = after.get("render_ms_p99")
     print(f"  render time (ms)    mean {after['render_load_mean'] * block_ms:.3f}, "
           f"p99 {'%.3f' % p99 if p99 is not None else 'n/a (not in /synthd/status.reply)'}, "

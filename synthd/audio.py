@@ -91,6 +91,7 @@ class LiveOutput:
         self.callbacks = 0
         self.render_error: BaseException | None = None
         self._stream_latency_s = 0.0
+        self._late_stage = False
 
     def _choose_rate(self, sd, info: dict[str, Any]) -> int:
         wanted = self.engine.sample_rate
@@ -125,6 +126,10 @@ class LiveOutput:
         """Fill the ring, then start the render thread and the stream."""
         import sounddevice as sd
 
+        # the engine's output stage (gain, gate, limiter) moves into the callback, after the
+        # ring, unless the ring holds resampled audio (the stage runs at the engine's rate)
+        self._late_stage = self._resampler is None
+        self.engine.stage_deferred = self._late_stage
         while self._ring.fill < self.target_fill:
             self._render_one()
         self.engine.backlog = self._backlog
@@ -141,6 +146,7 @@ class LiveOutput:
             self._stop.set()
             self._thread.join()
             sys.setswitchinterval(self._switch_interval)
+            self.engine.stage_deferred = False
             raise AudioError(f"cannot open audio device {self.device_name!r} at "
                              f"{self.sample_rate} Hz: {exc}") from None
         self._stream_latency_s = float(self._stream.latency)
@@ -170,6 +176,7 @@ class LiveOutput:
                 self._thread.join(timeout=5)
             self.engine.backlog = None
             self.engine.output_stats = None
+            self.engine.stage_deferred = False
             sys.setswitchinterval(self._switch_interval)
 
     def __enter__(self) -> "LiveOutput":
@@ -212,10 +219,13 @@ class LiveOutput:
             log.exception("render thread stopped")
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info, status) -> None:
-        # real-time: copy, count, wake the renderer; no allocation of samples, no logging, no torch
+        # real-time: copy, the output stage's few vector operations on one period, count, wake
+        # the renderer; no model call, no logging, no torch
         if status.output_underflow:
             self.output_underflows += 1
         if self._ring.read_into(outdata) < frames and not self._faded.is_set():
             self.ring_underruns += 1
+        if self._late_stage:
+            outdata[:] = self.engine.stage.process(outdata)
         self.callbacks += 1
         self._wake.set()

@@ -5,8 +5,11 @@ callback) and offline rendering (a caller calls `render` directly), so both prod
 same samples for the same events.
 
 Signal path per block: events -> per-latent ramps (one value per latent frame) -> decode
--> NaN/Inf guard -> channel map -> crossfade between voices (model swap) -> gain and gate
-ramps -> DC blocker -> soft limiter.
+-> NaN/Inf guard -> channel map -> crossfade between voices (model swap) -> output stage:
+gain and gate ramps -> DC blocker -> soft limiter.
+
+Live, the output stage runs in the audio callback, after the render-ahead ring (see
+`OutputStage`), so gain changes and note gates are heard within one device period.
 
 Threading: the setters may be called from any thread; they only append to a deque
 (atomic in CPython) that `render` drains. `render` itself must be called from one thread.
@@ -59,6 +62,64 @@ def channel_map(source: int, target: int) -> np.ndarray:
             m[s, s % target] = 1.0
         m /= m.sum(axis=0, keepdims=True)
     return m
+
+
+class OutputStage:
+    """The last stage before the output: gain and gate ramps, DC blocker, soft limiter.
+
+    It is cheap (no model call), so live it runs in the audio callback, after the render-ahead
+    ring: a gain change or a note's gate reaches the output within one device period, however
+    far ahead the model is rendered. Offline, `Engine.render` runs it on each block. Either way
+    its events are dated on its own sample clock (`position`), so both give the same samples.
+
+    `post` may be called from any thread; `process` from one thread only.
+    """
+
+    def __init__(self, sample_rate: int, channels: int, *, gain: float, gate: float):
+        self.sample_rate = sample_rate
+        self.position = 0  # samples processed so far
+        self._inbox: deque[_Event] = deque()
+        self._events: list[_Event] = []
+        self._gain = dsp.Ramp(gain)
+        self._gate = dsp.Ramp(gate)
+        self._dc = dsp.DCBlocker(channels, sample_rate)
+
+    def post(self, event: _Event) -> None:
+        """Queue a "gain" (amplitude,) or "gate" (level, samples) event; `at` < 0 means now."""
+        self._inbox.append(event)
+
+    def process(self, block: np.ndarray) -> np.ndarray:
+        """The stage applied to `block` (frames, channels): float32, within ±1."""
+        while self._inbox:
+            ev = self._inbox.popleft()
+            if ev.at < 0:
+                ev.at = self.position
+            heapq.heappush(self._events, ev)
+        frames = block.shape[0]
+        end = self.position + frames
+        if (self._gain.moving or self._gate.moving or (self._events and self._events[0].at < end)):
+            amp = np.empty(frames)
+            pos = 0
+            while pos < frames:
+                now = self.position + pos
+                while self._events and self._events[0].at <= now:
+                    self._apply(heapq.heappop(self._events))
+                n = frames - pos
+                if self._events:
+                    n = min(n, self._events[0].at - now)
+                np.multiply(self._gain.process(n), self._gate.process(n), out=amp[pos:pos + n])
+                pos += n
+            block = block * amp[:, None]
+        else:  # steady: one factor (the common case, and the one the audio callback meets most)
+            block = block * (self._gain.value * self._gate.value)
+        self.position = end
+        return dsp.soft_limit(self._dc.process(block)).astype(np.float32)
+
+    def _apply(self, ev: _Event) -> None:
+        if ev.kind == "gain":
+            self._gain.set(ev.args[0], int(GAIN_RAMP_S * self.sample_rate))
+        else:
+            self._gate.set(ev.args[0], ev.args[1])
 
 
 class _Voice:
@@ -137,16 +198,16 @@ class Engine:
         self._inbox: deque[_Event] = deque()
         self._seq = itertools.count()
         self._latent_events: list[_Event] = []
-        self._events: list[_Event] = []
         self._rendered = 0
         self._generation = 0
         self._model = model
         self._requested = np.array(model.defaults(), dtype=np.float64)
-        self._gain = dsp.Ramp(dsp.db_to_amplitude(gain_db))
         self._gain_db = float(gain_db)
-        self._gate = dsp.Ramp(1.0 if gate_open else 0.0)
         self._gate_on = gate_open
-        self._dc = dsp.DCBlocker(channels, self.sample_rate)
+        self.stage = OutputStage(self.sample_rate, channels, gain=dsp.db_to_amplitude(gain_db),
+                                 gate=1.0 if gate_open else 0.0)
+        # True while a live output runs `stage` in its audio callback instead
+        self.stage_deferred = False
         self._voices: list[_Voice] = []
         self._active: _Voice | None = None
         self.backlog: Callable[[], int] | None = None  # live output: samples rendered, not yet played
@@ -197,7 +258,7 @@ class Engine:
         if math.isnan(db):
             raise ValueError("gain is NaN")
         self._gain_db = db
-        self._post("gain", at, (dsp.db_to_amplitude(db),))
+        self.stage.post(self._event("gain", at, (dsp.db_to_amplitude(db),)))
 
     def set_gate(self, on: bool, *, velocity: float = 1.0, attack_s: float = 0.005,
                  release_s: float = 0.25, at: int | None = None) -> None:
@@ -206,7 +267,7 @@ class Engine:
         self._gate_on = bool(on)
         seconds = attack_s if on else release_s
         samples = int(round(max(0.0, float(seconds)) * self.sample_rate))
-        self._post("gate", at, (velocity if on else 0.0, samples))
+        self.stage.post(self._event("gate", at, (velocity if on else 0.0, samples)))
 
     def swap_model(self, model: Model, *, crossfade_s: float = 0.05) -> None:
         """Crossfade to `model` over `crossfade_s`; the stream never stops.
@@ -227,28 +288,23 @@ class Engine:
         samples = int(round(max(0.0, crossfade_s) * self.sample_rate))
         self._post("swap", None, (model, self._generation, values, samples))
 
+    def _event(self, kind: str, at: int | None, args: tuple) -> _Event:
+        return _Event(-1 if at is None else int(at), next(self._seq), kind, args)
+
     def _post(self, kind: str, at: int | None, args: tuple) -> None:
-        self._inbox.append(_Event(-1 if at is None else int(at), next(self._seq), kind, args))
+        self._inbox.append(self._event(kind, at, args))
 
     # ---------------------------------------------------------------- rendering (one thread)
 
     def render(self, frames: int) -> np.ndarray:
-        """The next `frames` samples, shape (frames, channels), float32, within ±1."""
+        """The next `frames` samples, shape (frames, channels), float32, within ±1; before the
+        output stage (gain, gate, limiter) while `stage_deferred` is set."""
         t0 = time.perf_counter()
         out = np.zeros((frames, self.channels), dtype=np.float64)
         self._drain_inbox()
-        pos = 0
-        while pos < frames:
-            now = self._rendered + pos
-            while self._events and self._events[0].at <= now:
-                self._apply(heapq.heappop(self._events))
-            n = frames - pos
-            if self._events:
-                n = min(n, self._events[0].at - now)
-            self._render_segment(out[pos:pos + n], now)
-            pos += n
+        self._mix_voices(out, self._rendered)
         self._rendered += frames
-        out = dsp.soft_limit(self._dc.process(out)).astype(np.float32)
+        out = out.astype(np.float32) if self.stage_deferred else self.stage.process(out)
         self._account(time.perf_counter() - t0, frames)
         return out
 
@@ -259,22 +315,12 @@ class Engine:
                 ev.at = self._rendered
             if ev.kind == "swap":
                 # applied in arrival order, so latent events posted after it find the new voice
-                self._apply(ev)
-            elif ev.kind == "latent":
-                heapq.heappush(self._latent_events, ev)
+                model, generation, values, samples = ev.args
+                for voice in self._voices:
+                    voice.fade.set(0.0, samples)
+                self._start_voice(model, generation, values, samples)
             else:
-                heapq.heappush(self._events, ev)
-
-    def _apply(self, ev: _Event) -> None:
-        if ev.kind == "gain":
-            self._gain.set(ev.args[0], int(GAIN_RAMP_S * self.sample_rate))
-        elif ev.kind == "gate":
-            self._gate.set(ev.args[0], ev.args[1])
-        elif ev.kind == "swap":
-            model, generation, values, samples = ev.args
-            for voice in self._voices:
-                voice.fade.set(0.0, samples)
-            self._start_voice(model, generation, values, samples)
+                heapq.heappush(self._latent_events, ev)
 
     def _apply_latent_events(self, voice: _Voice, until: float) -> None:
         """Apply latent events dated before `until` to the active voice (older ones are stale)."""
@@ -293,8 +339,8 @@ class Engine:
         self._voices.append(voice)
         self._active = voice
 
-    def _render_segment(self, out: np.ndarray, start: int) -> None:
-        """Mix every voice into `out` (n, channels) and apply gain and gate."""
+    def _mix_voices(self, out: np.ndarray, start: int) -> None:
+        """Mix every voice into `out` (n, channels), `start` the engine position of its first sample."""
         n = out.shape[0]
         for voice in list(self._voices):
             fading = voice.fade.moving or voice.fade.value != 1.0
@@ -303,8 +349,6 @@ class Engine:
             out += sig if gain is None else sig * gain[:, None]
             if voice is not self._active and not voice.fade.moving and voice.fade.value == 0.0:
                 self._voices.remove(voice)
-        amp = self._gain.process(n) * self._gate.process(n)
-        out *= amp[:, None]
 
     def _decode(self, model: Model, z: np.ndarray) -> np.ndarray:
         """Decode latents (1, latent_size, frames) -> (frames * hop, channels) float32.

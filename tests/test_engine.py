@@ -86,6 +86,26 @@ def test_gain_event_is_sample_accurate_and_ramped(models):
     assert engine.stats()["gain_db"] == -20.0
 
 
+def test_deferred_output_stage_gives_the_same_samples(models):
+    """Live, the output stage runs after the ring, in the audio callback: rendering with it
+    deferred and running it on each block afterwards gives what one staged render gives."""
+    def play(deferred: bool) -> np.ndarray:
+        engine = Engine(load_model(models["toy"]), channels=2, block_frames=256, gate_open=False)
+        engine.stage_deferred = deferred
+        engine.set_gate(True, velocity=0.8, attack_s=0.004, at=700)
+        engine.set_gain_db(+12.0, at=3000)  # into the limiter
+        engine.set_latent(1, 2.0, at=2000)
+        blocks = [engine.render(256) for _ in range(24)]
+        if deferred:
+            assert np.abs(np.concatenate(blocks)[:700]).max() > 0.0  # the gate is not applied yet
+            blocks = [engine.stage.process(b) for b in blocks]
+        return np.concatenate(blocks)
+
+    staged, deferred = play(False), play(True)
+    assert np.abs(staged).max() <= 1.0 and np.abs(staged[:700]).max() == 0.0
+    np.testing.assert_allclose(deferred, staged, atol=1e-6)
+
+
 def test_gate_envelope_with_velocity(models):
     engine = Engine(load_model(models["probe"]), channels=1, gate_open=False)
     engine.set_latent(0, 1.0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from support.jack import Recorder, jack_server  # noqa: F401  (jack_server is a fixture)
-from support.nnmodels import build_toy_model
+from support.nnmodels import build_frame_probe, build_toy_model
 from synthd.audio import LiveOutput
 from synthd.engine import Engine
 from synthd.model import load_model
@@ -71,6 +71,27 @@ def test_plays_sound_and_a_gain_step_shows(portaudio_on_jack, toy_models):
     assert np.array_equal(data[:, 0], data[:, 1])  # a mono model on both outputs
     assert output.ring_underruns == 0, output.stats()
     assert output.callbacks > 200
+
+
+def test_gain_skips_the_render_ahead_ring(portaudio_on_jack, tmp_path):
+    """Gain (and gate) act in the audio callback: sent together with a control change, the gain
+    is heard at least one block before the control, which waits behind the rendered audio."""
+    engine = Engine(load_model(build_frame_probe(tmp_path / "probe.ts")), channels=1, block_frames=256)
+    engine.set_latent(0, 1.0)
+
+    def together(output: LiveOutput) -> None:
+        assert output.target_fill >= 2 * 256
+        engine.set_gain_db(-20.0)
+        engine.set_latent(0, 0.5)
+
+    data, output = record_live(portaudio_on_jack, engine, 1.2, together)
+    level = np.abs(data[:, 0])
+    start = int(0.3 * SR)  # steady at 0.5 well before the change
+    assert level[start:start + 4800].min() == pytest.approx(0.5, rel=1e-3)
+    gain_at = start + int(np.flatnonzero(level[start:] < 0.45)[0])  # the 10 ms gain glide starts
+    latent_at = start + int(np.flatnonzero(level[start:] < 0.04)[0])  # 0.05 -> 0.025
+    assert latent_at - gain_at >= 256, (gain_at, latent_at)
+    assert level[latent_at + 480:latent_at + 4800].max() == pytest.approx(0.025, rel=1e-2)
 
 
 def test_stop_fades_out_instead_of_cutting(portaudio_on_jack, toy_models):

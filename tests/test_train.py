@@ -183,6 +183,21 @@ def test_config_errors_name_the_key(setup, tmp_path):
         assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_regularize_flag_binds_attributes_and_is_checked(setup, tmp_path):
+    data, config = setup
+    bad = _cli("train", str(data), str(tmp_path / "bad"), "--steps", "1", "--config", str(config),
+               "--regularize", "brightness,sparkle")
+    assert bad.returncode == 2 and "--regularize" in bad.stderr and "'sparkle'" in bad.stderr, bad.stderr
+    run = tmp_path / "run"
+    ok = _cli("train", str(data), str(run), "--steps", "3", "--config", str(config), "--regularize", "brightness,loudness")
+    assert ok.returncode == 0, ok.stderr
+    assert load_config(run / "config.toml").regularize.attributes == ["brightness", "loudness"]
+    assert all(float(r["regularize"]) >= 0.0 for r in _rows(run) if r.get("regularize"))
+    assert any(r.get("regularize") for r in _rows(run))
+    again = _cli("train", str(data), str(run), "--steps", "4", "--resume", "--regularize", "pitch")
+    assert again.returncode == 2 and "resumed" in again.stderr, again.stderr
+
+
 def test_two_process_ddp_with_gloo(setup, tmp_path):
     data, config = setup
     run = tmp_path / "run"

@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--regularize", metavar="A,B,...", type=_attribute_list, default=None,
+                        help="bind latent dimension k to the k-th attribute (loudness, brightness, pitch, "
+                             "noisiness, attack), overriding [regularize] attributes of the config")
+
+
+def _attribute_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def select_device(requested: str | None) -> torch.device:
@@ -213,7 +220,7 @@ class Trainer:
         self.dataset = PreparedSet.open(args.dataset_dir)
         resume = self._resume_state(args)
         if resume is None:
-            self.cfg = load_config(args.config)
+            self.cfg = self._with_regularize(load_config(args.config), getattr(args, "regularize", None))
             self.seed = 0 if args.seed is None else args.seed
         else:
             self.cfg = self._resume_config(args, resume)
@@ -307,7 +314,21 @@ class Trainer:
         if args.config is not None and config_to_dict(load_config(args.config)) != config_to_dict(cfg):
             raise ConfigError(f"{args.config}: differs from the config of the run being resumed "
                               f"({self.run_dir / 'config.toml'}); a resumed run keeps its config")
+        wanted = getattr(args, "regularize", None)
+        if wanted is not None and wanted != cfg.regularize.attributes:
+            raise ConfigError(f"--regularize {','.join(wanted)}: the run being resumed regularises "
+                              f"{','.join(cfg.regularize.attributes) or 'nothing'}; a resumed run keeps its config")
         return cfg
+
+    @staticmethod
+    def _with_regularize(cfg: TrainConfig, attributes: list[str] | None) -> TrainConfig:
+        """`cfg` with `--regularize`'s attributes in place of the config's (validated like the config)."""
+        if attributes is None:
+            return cfg
+        from training.config import config_from_dict
+        values = config_to_dict(cfg)
+        values["regularize"]["attributes"] = attributes
+        return config_from_dict(values, "--regularize")
 
     @staticmethod
     def _budget(args: argparse.Namespace, ckpt: dict[str, Any] | None) -> Budget:
