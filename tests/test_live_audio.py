@@ -2,7 +2,9 @@
 by a JACK client; and the listing commands against the same server.
 
 Underruns: `ring_underruns` counts callbacks that found synthd's ring short (the render
-thread fell behind): always 0 here. PortAudio's `output_underflow` flag reports any xrun of
+thread fell behind). It stays 0 unless the JACK server itself missed cycles: its catch-up
+cycles come faster than real time and can drain the ring, so the tests allow at most one per
+server xrun seen by the recorder, and none when the server kept time. PortAudio's `output_underflow` flag reports any xrun of
 the JACK server, which on an overloaded host (a non-realtime dummy server sharing two cores)
 happens whatever the clients do; bench/soak.py reports both over minutes.
 """
@@ -44,8 +46,9 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 
 
-def record_live(server, engine: Engine, seconds: float, during=None) -> tuple[np.ndarray, LiveOutput]:
-    """Play `engine` live for `seconds` while recording it; `during(output)` runs halfway."""
+def record_live(server, engine: Engine, seconds: float, during=None) -> tuple[np.ndarray, LiveOutput, int]:
+    """Play `engine` live for `seconds` while recording it; `during(output)` runs halfway.
+    Returns the recording, the output and the JACK server's xruns seen meanwhile."""
     output = LiveOutput(engine, channels=engine.channels)
     output.start()
     with Recorder(server.name, channels=engine.channels, seconds=seconds + 2) as rec:
@@ -57,19 +60,19 @@ def record_live(server, engine: Engine, seconds: float, during=None) -> tuple[np
         rec.wait_frames(int(seconds * SR))
         output.stop(fade_s=0.02)
         time.sleep(0.1)
-        return rec.data(), output
+        return rec.data(), output, rec.xruns
 
 
 def test_plays_sound_and_a_gain_step_shows(portaudio_on_jack, toy_models):
     engine = Engine(load_model(toy_models[0]), channels=2, block_frames=256)
-    data, output = record_live(portaudio_on_jack, engine, 1.6, lambda _: engine.set_gain_db(-20.0))
+    data, output, xruns = record_live(portaudio_on_jack, engine, 1.6, lambda _: engine.set_gain_db(-20.0))
     assert output.device_name == "system" and output.sample_rate == SR
     half = int(0.8 * SR)
     before, after = data[half - 24000:half - 2400], data[-30000:-6000]
     assert rms(before) == pytest.approx(TOY_RMS, rel=0.05)  # sound, at the model's level
     assert rms(after) == pytest.approx(TOY_RMS / 10, rel=0.05)  # -20 dB
     assert np.array_equal(data[:, 0], data[:, 1])  # a mono model on both outputs
-    assert output.ring_underruns == 0, output.stats()
+    assert output.ring_underruns <= xruns, output.stats()
     assert output.callbacks > 200
 
 
@@ -84,7 +87,7 @@ def test_gain_skips_the_render_ahead_ring(portaudio_on_jack, tmp_path):
         engine.set_gain_db(-20.0)
         engine.set_latent(0, 0.5)
 
-    data, output = record_live(portaudio_on_jack, engine, 1.2, together)
+    data, output, xruns = record_live(portaudio_on_jack, engine, 1.2, together)
     level = np.abs(data[:, 0])
     start = int(0.3 * SR)  # steady at 0.5 well before the change
     assert level[start:start + 4800].min() == pytest.approx(0.5, rel=1e-3)
@@ -96,34 +99,34 @@ def test_gain_skips_the_render_ahead_ring(portaudio_on_jack, tmp_path):
 
 def test_stop_fades_out_instead_of_cutting(portaudio_on_jack, toy_models):
     engine = Engine(load_model(toy_models[0]), channels=1)
-    data, output = record_live(portaudio_on_jack, engine, 0.6)
+    data, output, xruns = record_live(portaudio_on_jack, engine, 0.6)
     sound = np.flatnonzero(np.abs(data[:, 0]) > 1e-4)
     tail = np.abs(data[sound[-1] - 480:sound[-1] + 1, 0])
     steady = np.abs(data[SR // 4:SR // 2, 0]).max()
     assert tail[-48:].max() < 0.2 * steady  # the last millisecond before silence is quiet
-    assert output.ring_underruns == 0
+    assert output.ring_underruns <= xruns, output.stats()
 
 
 def test_model_at_another_rate_is_resampled_not_detuned(portaudio_on_jack, toy_models):
     engine = Engine(load_model(toy_models[1]), channels=1)
     assert engine.sample_rate == 44100
-    data, output = record_live(portaudio_on_jack, engine, 1.2)
+    data, output, xruns = record_live(portaudio_on_jack, engine, 1.2)
     assert output.sample_rate == SR and output.stats()["resampling"]
     steady = data[SR // 4:SR // 4 + SR // 2, 0]
     spectrum = np.abs(np.fft.rfft(steady * np.hanning(len(steady))))
     assert np.argmax(spectrum) * SR / len(steady) == pytest.approx(220.0, abs=2.5)
-    assert output.ring_underruns == 0
+    assert output.ring_underruns <= xruns, output.stats()
 
 
 def test_swap_while_playing_never_stops_the_stream(portaudio_on_jack, toy_models):
     engine = Engine(load_model(toy_models[0]), channels=1)
     other = load_model(toy_models[0])
-    data, output = record_live(portaudio_on_jack, engine, 1.2,
+    data, output, xruns = record_live(portaudio_on_jack, engine, 1.2,
                                lambda _: engine.swap_model(other, crossfade_s=0.05))
     playing = data[SR // 10:int(1.1 * SR), 0]
     windows = np.abs(playing[: len(playing) // 256 * 256]).reshape(-1, 256).max(axis=1)
     assert windows.min() > 0.01  # no silent block (two sines can partly cancel mid-fade)
-    assert output.ring_underruns == 0 and engine.stats()["voices"] == 1
+    assert output.ring_underruns <= xruns and engine.stats()["voices"] == 1
 
 
 def _synthd(server, *args: str) -> subprocess.CompletedProcess:
