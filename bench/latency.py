@@ -1,12 +1,15 @@
 """Control latency: time from an OSC gain step, or a MIDI note-on, to the change in
 synthd's recorded output, on the JACK dummy server at 256-frame periods.
 
-Each trial reads the JACK frame clock, sends the message, and later finds the first
-recorded sample where the output moved by more than 5 % of the step. Times are on the
-JACK clock, so they include OSC/MIDI handling and PortAudio, up to synthd's JACK output
-port (gain and gate act in the audio callback, after the render-ahead ring; a third series
-times a control step, which goes through the ring and the model); the dummy driver's playback latency (one period) is printed
-separately (from `jack_lsp -l`), as it would be added before a loudspeaker.
+Each trial marks the recording (the first JACK period processed after the mark is the
+earliest any client can react in), sends the message, and later finds the first recorded
+sample where the output moved by more than 5 % of the step. Times count from the start of
+that period, in recorded frames, so they stay exact when the server misses cycles; the wait
+for that period (up to one) comes on top, and the verdict adds a whole one. They include
+OSC/MIDI handling and PortAudio, up to synthd's JACK output port. Gain and gate act in the
+audio callback, after the render-ahead ring; a third series times a control step, which goes
+through the ring and the model. The dummy driver's playback latency is printed separately
+(from `jack_lsp -l`), as it would be added before a loudspeaker.
 
 The model is the tests' FrameProbe (a constant-level Nyquist carrier): gain and gate act
 after the decoder, so the model's content does not change the path being timed, and a
@@ -33,19 +36,13 @@ import numpy as np
 from live_rig import LiveRig, Recorder
 
 THRESHOLD = 0.05  # fraction of the step that counts as "changed"
-# The send time is JACK's frame-clock estimate (jack_frame_time), which on the dummy driver
-# without realtime scheduling runs up to about one period ahead of the cycle being processed.
-# With the output stage in the audio callback a change can land within that period, so the
-# search starts one period before the send time and such a trial reads as a small negative time.
-CLOCK_NOTE = "send times are JACK frame-clock estimates, good to about one period"
 
 
-def first_change(x: np.ndarray, start: int, rate: int, guard: int = 0) -> int | None:
-    """Index of the first sample from `start - guard` that moved THRESHOLD of the way from the
-    level just before `start - guard` to the level 100 ms later. None when the trial cannot be
-    timed: the level was not steady for 10 ms before (an xrun, a release still sounding) or did
-    not move afterwards. `guard` allows for error in `start` itself (see CLOCK_NOTE)."""
-    start = max(0, start - guard)
+def first_change(x: np.ndarray, start: int, rate: int) -> int | None:
+    """Index of the first sample from `start` that moved THRESHOLD of the way from the level
+    just before `start` to the level 100 ms later. None when the trial cannot be timed: the
+    level was not steady for 10 ms before `start` (an xrun, a release still sounding) or did
+    not move afterwards."""
     pre = np.abs(x[max(0, start - rate // 100):start])
     post = np.abs(x[start + rate // 10:start + rate // 10 + rate // 50])
     if pre.size == 0 or post.size == 0:
@@ -109,7 +106,7 @@ def main() -> int:
                 for i in range(args.trials):  # OSC gain steps, alternately down and up
                     time.sleep(rng.uniform(0.15, 0.3))
                     down = i % 2 == 0
-                    sent = rec.frame_time()
+                    sent = rec.mark()
                     rig.osc.send("/synthd/gain", -20.0 if down else 0.0)
                     trials.append(("osc", sent))
                 rig.osc.send("/synthd/gain", 0.0)
@@ -117,7 +114,7 @@ def main() -> int:
                 time.sleep(0.6)
                 for _ in range(args.trials):  # MIDI note-on into a closed gate
                     time.sleep(rng.uniform(0.1, 0.2))
-                    sent = rec.frame_time()
+                    sent = rec.mark()
                     rig.midi.send_message([0x90, 60, 127])
                     trials.append(("midi", sent))
                     time.sleep(0.15)
@@ -127,22 +124,21 @@ def main() -> int:
                 time.sleep(0.3)
                 for i in range(args.trials):  # control steps: through the render-ahead ring and the model
                     time.sleep(rng.uniform(0.15, 0.3))
-                    sent = rec.frame_time()
+                    sent = rec.mark()
                     rig.osc.send("/synthd/control/level", 0.3 if i % 2 == 0 else 1.0)
                     trials.append(("control", sent))
                 time.sleep(0.3)
                 x = rec.data()[:, 0]
-                origin = rec.first_frame_time
             status = rig.status()
 
+    trials = [(kind, rec.mark_index(key)) for kind, key in trials]
     if args.dump:
-        np.savez(args.dump, recording=x, sent=np.array([sent - origin for _, sent in trials]),
+        np.savez(args.dump, recording=x, sent=np.array([-1 if sent is None else sent for _, sent in trials]),
                  kinds=np.array([kind for kind, _ in trials]), rate=rate)
     results: dict[str, list[float]] = {"osc": [], "midi": [], "control": []}
     missed = {kind: 0 for kind in results}
-    for kind, sent in trials:
-        start = max(0, sent - origin)
-        hit = first_change(x, start, rate, guard=args.period)
+    for kind, start in trials:
+        hit = None if start is None else first_change(x, start, rate)
         if hit is None:
             missed[kind] += 1
             continue
@@ -153,15 +149,17 @@ def main() -> int:
     print(summary("MIDI note-on (gate)", results["midi"]))
     print(summary("OSC control step", results["control"]) + "  (not in the target: through the "
           "render-ahead ring and the model, whose own latency is 0 here)")
-    print(f"  ({CLOCK_NOTE}: {1000.0 * args.period / rate:.2f} ms)")
+    period_ms = 1000.0 * args.period / rate
+    print(f"  (from the start of the first period after the send; the wait for it adds up to {period_ms:.2f} ms)")
     print(f"  dummy driver playback latency: {driver_frames} frames ({1000.0 * driver_frames / rate:.2f} ms) "
           "more to the (virtual) loudspeaker")
     print(f"  trials that could not be timed (level not steady before, or no change): "
           f"{', '.join(f'{k} {n}' for k, n in missed.items())}; underruns during the run: {status['underruns']}")
     timed = [results["osc"], results["midi"]]
     worst = max(max(v) for v in timed if v) if any(timed) else float("inf")
-    ok = missed["osc"] == missed["midi"] == 0 and worst <= 15.0
-    print(f"  target (<= 15 ms in all, at synthd's output port): {'met' if ok else 'NOT met'} (worst {worst:.2f} ms)")
+    ok = missed["osc"] == missed["midi"] == 0 and worst + period_ms <= 15.0
+    print(f"  target (<= 15 ms in all, at synthd's output port): {'met' if ok else 'NOT met'} "
+          f"(worst {worst:.2f} ms + {period_ms:.2f} ms of waiting for the period)")
     return 0 if ok else 1
 
 

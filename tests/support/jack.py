@@ -204,6 +204,9 @@ class Recorder:
         self._recording = False
         self.first_frame_time: int | None = None  # JACK frame time of recording frame 0
         self.xruns = 0
+        # mark(): recording index of the first period processed after the call (-1 until then)
+        self._marks: list[int] = []
+        self._marked = 0
         self.client.set_process_callback(self._process)
         self.client.set_xrun_callback(self._xrun)
         self.client.activate()
@@ -213,6 +216,10 @@ class Recorder:
             return
         if self.first_frame_time is None:
             self.first_frame_time = self.client.last_frame_time
+        pending = len(self._marks)
+        for k in range(self._marked, pending):
+            self._marks[k] = self._written
+        self._marked = pending
         n = min(frames, self._buf.shape[0] - self._written)
         if n <= 0:
             return
@@ -243,6 +250,18 @@ class Recorder:
     def start(self) -> None:
         """Start recording from the next period."""
         self._recording = True
+
+    def mark(self) -> int:
+        """Date an event on the recording itself: returns a key whose `mark_index` becomes the
+        recording index of the first period processed after this call, which is the earliest
+        period any client can react in. Unlike the frame clock, it stays exact when the server
+        misses cycles."""
+        self._marks.append(-1)
+        return len(self._marks) - 1
+
+    def mark_index(self, key: int) -> int | None:
+        index = self._marks[key]
+        return None if index < 0 else index
 
     def frame_time(self) -> int:
         """The server's current frame time (estimated between periods)."""
