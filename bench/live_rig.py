@@ -21,7 +21,6 @@ sys.path.insert(0, str(REPO))
 
 from support.jack import JackServer, Recorder  # noqa: E402
 from support.synthd_proc import OscClient, SynthdProcess  # noqa: E402
-from synthd.osc import STATUS_FIELDS  # noqa: E402
 
 DEMO_MODEL = REPO / "demo-out" / "demo.ts"
 
@@ -130,8 +129,7 @@ class LiveRig:
 
     def status(self) -> dict:
         """synthd's /synthd/status.reply as a dict, fields named as in synthd.osc."""
-        values = self.osc.ask("/synthd/status", reply="/synthd/status.reply")
-        return {name: value for (name, _), value in zip(STATUS_FIELDS, values)}
+        return self.osc.status()
 
     def controls(self) -> list[str]:
         """Control names, from one /synthd/controls.reply per control."""

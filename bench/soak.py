@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable
 
 from live_rig import LiveRig, vm_rss_mb
 
@@ -27,16 +28,14 @@ WARMUP_S = 5.0
 REPORT_EVERY_S = 10.0
 
 
-def osc_stream(rig: LiveRig, names: list[str], rate: float, stop: threading.Event, sent: list[int]) -> None:
-    """Send one control message every 1/rate s (paced on a deadline, so the rate holds)."""
+def paced(rate: float, stop: threading.Event, sent: list[int], send: Callable[[int, float], None]) -> None:
+    """Call `send(i, t)` every 1/rate s until `stop` (paced on a deadline, so the rate holds);
+    `sent[0]` counts the calls, `t` is the time since the start."""
     period = 1.0 / rate
     t0 = next_at = time.monotonic()
     i = 0
     while not stop.is_set():
-        t = time.monotonic() - t0
-        name = names[i % len(names)]
-        value = 0.5 + 0.45 * math.sin(2 * math.pi * t / (3.0 + (i % len(names))))
-        rig.osc.send(f"/synthd/control/{name}", value)
+        send(i, time.monotonic() - t0)
         i += 1
         sent[0] = i
         next_at += period
@@ -47,22 +46,21 @@ def osc_stream(rig: LiveRig, names: list[str], rate: float, stop: threading.Even
             next_at = time.monotonic()  # fell far behind (host busy): do not burst to catch up
 
 
+def osc_stream(rig: LiveRig, names: list[str], rate: float, stop: threading.Event, sent: list[int]) -> None:
+    """Slow sines on every control in turn, one message every 1/rate s."""
+    def send(i: int, t: float) -> None:
+        value = 0.5 + 0.45 * math.sin(2 * math.pi * t / (3.0 + (i % len(names))))
+        rig.osc.send(f"/synthd/control/{names[i % len(names)]}", value)
+
+    paced(rate, stop, sent, send)
+
+
 def midi_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[int]) -> None:
-    period = 1.0 / rate
-    next_at = time.monotonic()
-    i = 0
-    while not stop.is_set():
-        cc = 21 + i % 8
-        value = int(63.5 + 63.5 * math.sin(2 * math.pi * i / (rate * 4.0)))
-        rig.midi.send_message([0xB0, cc, value])
-        i += 1
-        sent[0] = i
-        next_at += period
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        elif delay < -0.1:
-            next_at = time.monotonic()
+    """CCs 21-28 in turn, a 4 s sine, one message every 1/rate s."""
+    def send(i: int, t: float) -> None:
+        rig.midi.send_message([0xB0, 21 + i % 8, int(63.5 + 63.5 * math.sin(2 * math.pi * i / (rate * 4.0)))])
+
+    paced(rate, stop, sent, send)
 
 
 def fmt(seconds: float) -> str:

@@ -91,7 +91,6 @@ class LiveOutput:
         self.callbacks = 0
         self.render_error: BaseException | None = None
         self._stream_latency_s = 0.0
-        self._late_stage = False
 
     def _choose_rate(self, sd, info: dict[str, Any]) -> int:
         wanted = self.engine.sample_rate
@@ -128,8 +127,7 @@ class LiveOutput:
 
         # the engine's output stage (gain, gate, limiter) moves into the callback, after the
         # ring, unless the ring holds resampled audio (the stage runs at the engine's rate)
-        self._late_stage = self._resampler is None
-        self.engine.stage_deferred = self._late_stage
+        self.engine.stage_deferred = self._resampler is None
         while self._ring.fill < self.target_fill:
             self._render_one()
         self.engine.backlog = self._backlog
@@ -225,7 +223,7 @@ class LiveOutput:
             self.output_underflows += 1
         if self._ring.read_into(outdata) < frames and not self._faded.is_set():
             self.ring_underruns += 1
-        if self._late_stage:
+        if self.engine.stage_deferred:
             outdata[:] = self.engine.stage.process(outdata)
         self.callbacks += 1
         self._wake.set()

@@ -1,7 +1,7 @@
 """`synthd run`: play a model live, controlled over OSC and MIDI, until SIGTERM/SIGINT.
 
-Start-up loads and probes the model, reads the patch, opens the audio device (D1's
-LiveOutput), the OSC server and the MIDI input, then prints one line naming the model,
+Start-up loads and probes the model, reads the patch, opens the OSC server and the MIDI
+input, then the audio device (synthd.audio's LiveOutput), then prints one line naming the model,
 device, rate, block size, latency and endpoints. A model or patch load over OSC that is
 refused leaves the one playing untouched; one that succeeds crossfades. SIGTERM, SIGINT
 and `/synthd/quit` fade the output out and exit with status 0.

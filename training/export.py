@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- nn~ `play` method (controls & evaluation, H5) ---------------------------------------------
+# -- nn~ `play` method ---------------------------------------------------------------------------
 
 def has_named_controls(space: ControlSpace) -> bool:
     """Whether any control is named for what it does (the README's condition for `play`)."""

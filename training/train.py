@@ -220,7 +220,7 @@ class Trainer:
         self.dataset = PreparedSet.open(args.dataset_dir)
         resume = self._resume_state(args)
         if resume is None:
-            self.cfg = self._with_regularize(load_config(args.config), getattr(args, "regularize", None))
+            self.cfg = self._with_regularize(load_config(args.config), args.regularize)
             self.seed = 0 if args.seed is None else args.seed
         else:
             self.cfg = self._resume_config(args, resume)
@@ -314,7 +314,7 @@ class Trainer:
         if args.config is not None and config_to_dict(load_config(args.config)) != config_to_dict(cfg):
             raise ConfigError(f"{args.config}: differs from the config of the run being resumed "
                               f"({self.run_dir / 'config.toml'}); a resumed run keeps its config")
-        wanted = getattr(args, "regularize", None)
+        wanted = args.regularize
         if wanted is not None and wanted != cfg.regularize.attributes:
             raise ConfigError(f"--regularize {','.join(wanted)}: the run being resumed regularises "
                               f"{','.join(cfg.regularize.attributes) or 'nothing'}; a resumed run keeps its config")
