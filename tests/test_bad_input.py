@@ -48,8 +48,6 @@ def playing(server, seconds: float = 0.4) -> float:
         return rms_db(rec.data()[:, 0])
 
 
-
-
 def test_ten_thousand_random_datagrams(jack_server, synthd):
     client = OscClient(synthd.osc_address)
     before = client.status()

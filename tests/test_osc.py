@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 
-
 from support.jack import Recorder, jack_server  # noqa: F401  (fixture)
 from support.nnmodels import build_toy_model
 from support.synthd_proc import REPO, OscClient, SynthdProcess, crossings_per_second, rms_db

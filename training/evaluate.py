@@ -40,7 +40,7 @@ import torch
 
 from training.analyze import AnalysisConfig, settled_for, sweep, sweep_verdict
 from training.control_space import ControlSpec
-from training.descriptors import DESCRIPTOR_NAMES, DescriptorConfig, analysis_values, compute
+from training.descriptors import DESCRIPTOR_NAMES, DescriptorConfig, compute
 from training.losses import MultiResolutionSpectralLoss, kl_per_dim
 
 RECONSTRUCTION_METRICS = ("mrstft", "mel", "loudness_error_db", "f0_error_cents")
