@@ -175,6 +175,20 @@ def test_file_streams_in_chunks_and_resets(exported, size):
     assert not torch.allclose(continued, fresh)
 
 
+def test_file_decodes_what_the_trained_decoder_decodes(exported):
+    """The file's inference-only rearrangements (scales folded into weights, the control basis
+    applied in the decoder's layout) change no sample."""
+    run, _, out = exported
+    model = _load(out)
+    _, vae = load_run(run)
+    u = torch.randn(1, 4, 17, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.reset()
+        got = model.decode(u)
+        want = vae.eval().decode(model.offset + torch.matmul(model.basis, u))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 def test_loads_in_a_fresh_process_with_only_torch(exported):
     # `training` made unimportable: the file must carry everything it needs
     code = (

@@ -83,6 +83,28 @@ def test_streaming_equals_whole_decoding(size):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
 
 
+def test_folded_decoder_gives_the_same_audio_and_leaves_the_original_alone():
+    model = tiny()
+    with torch.no_grad():  # scales away from their initial values, as after training
+        for block in model.decoder.blocks:
+            block.gamma.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    folded = model.decoder.folded()
+    assert all(b.gamma_folded for b in folded.blocks) and folded.head.gain_folded
+    z = torch.randn(1, 4, 23)
+    with torch.no_grad():
+        whole = model.decoder(z)
+        scripted = torch.jit.script(folded)
+        state = folded.initial_state(1)
+        parts = []
+        for i in range(z.shape[2]):
+            audio, state = scripted.step(z[:, :, i:i + 1], state)
+            parts.append(audio)
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=0, atol=1e-5 * float(whole.abs().max()))
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())
+    assert not any(b.gamma_folded for b in model.decoder.blocks) and not model.decoder.head.gain_folded
+
+
 def test_training_mode_varies_the_noise_but_eval_is_deterministic():
     model = tiny()
     z = torch.randn(1, 4, 12)
@@ -125,16 +147,20 @@ def test_head_output_calibration():
     assert abs(float(steady.abs().max()) - 0.5) < 1e-3
 
 
-def test_overlap_add_matches_a_direct_sum():
-    frames = torch.randn(2, 5, 16)
+@pytest.mark.parametrize("count", [1, 5])
+def test_overlap_add_matches_a_direct_sum(count):
+    frames = torch.randn(2, count, 16)
     tail = torch.randn(2, 12)
+    kept = frames.clone(), tail.clone()
     out, new_tail = spectral_ops.overlap_add(frames, tail, 4)
-    full = torch.zeros(2, 5 * 4 + 12)
+    full = torch.zeros(2, count * 4 + 12)
     full[:, :12] += tail
-    for t in range(5):
+    for t in range(count):
         full[:, t * 4:t * 4 + 16] += frames[:, t]
-    torch.testing.assert_close(out, full[:, :20])
-    torch.testing.assert_close(new_tail, full[:, 20:])
+    torch.testing.assert_close(out, full[:, :count * 4])
+    torch.testing.assert_close(new_tail, full[:, count * 4:])
+    # the inputs are state the caller keeps: never written to
+    assert torch.equal(frames, kept[0]) and torch.equal(tail, kept[1])
 
 
 def test_windows_and_band_limit():

@@ -41,7 +41,7 @@ class StreamingModel(nn.Module):
     def __init__(self, vae: VAE, space: ControlSpace, metadata: str) -> None:
         super().__init__()
         space.validate()
-        self.decoder = vae.decoder
+        self.decoder = vae.decoder.folded()
         self.encoder = vae.encoder
         size = vae.cfg.latent_size
         self.latent_size = size
@@ -78,8 +78,9 @@ class StreamingModel(nn.Module):
         the stream of the previous call."""
         if u.shape[0] != self.state[0].shape[0]:
             self.state = self.decoder.initial_state(u.shape[0])
-        z = self.offset + torch.matmul(self.basis, u)
-        audio, state = self.decoder.step(z, self.state)
+        # one affine map straight into the decoder's `(batch, T, latent)` layout
+        z = nn.functional.linear(u.transpose(1, 2), self.basis, self.offset.view(-1))
+        audio, state = self.decoder.step_frames(z, self.state)
         self.state = state
         return audio
 

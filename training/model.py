@@ -16,6 +16,7 @@ one code path.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -174,6 +175,10 @@ class CausalBlock(nn.Module):
     forward(x `(batch, T, dim)`, cache) -> (`(batch, T, dim)`, new cache).
     """
 
+    # a constant to TorchScript, so the branch on it is compiled away: `gamma_folded` says the
+    # residual scale is multiplied into pw2 (see `Decoder.folded`)
+    __constants__ = ["gamma_folded"]
+
     def __init__(self, dim: int, kernel_size: int, dilation: int, mlp_ratio: int) -> None:
         super().__init__()
         self.dwconv = CausalDepthwiseConv(dim, kernel_size, dilation)
@@ -184,10 +189,21 @@ class CausalBlock(nn.Module):
         self.pw2 = nn.Linear(mlp_ratio * dim, dim)
         # small residual scale: a deep stack starts close to the identity and trains stably
         self.gamma = nn.Parameter(torch.full((dim,), 1.0 / 8))
+        self.gamma_folded = False
+
+    def fold_gamma(self) -> None:
+        """Multiply the residual scale into pw2 (inference only: training needs gamma apart)."""
+        with torch.no_grad():
+            self.pw2.weight.mul_(self.gamma.unsqueeze(1))
+            self.pw2.bias.mul_(self.gamma)
+        self.gamma_folded = True
 
     def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
         h, cache = self.dwconv(x, cache)
-        return x + self.gamma * self.pw2(self.act(self.pw1(self.norm(h)))), cache
+        h = self.pw2(self.act(self.pw1(self.norm(h))))
+        if not self.gamma_folded:
+            h = self.gamma * h
+        return x + h, cache
 
 
 class CentredBlock(nn.Module):
@@ -249,6 +265,9 @@ class ISTFTHead(nn.Module):
     frame_index `(1,)` int64) -> (audio `(batch, T * hop)`, new phase, new tail).
     """
 
+    # a constant to TorchScript: `gain_folded` says the output gains are multiplied into proj
+    __constants__ = ["gain_folded"]
+
     def __init__(self, cfg: ModelConfig, dim: int) -> None:
         super().__init__()
         self.n_fft, self.hop = cfg.n_fft, cfg.hop
@@ -272,8 +291,10 @@ class ISTFTHead(nn.Module):
         gain = torch.full((outputs,), cfg.magnitude_gain)
         gain[self.bins:(1 + self.phase_parts) * self.bins] = cfg.phase_gain
         self.register_buffer("output_gain", gain, persistent=False)
-        self.register_buffer("band_to_bin", spectral_ops.band_interpolation(
-            max(self.noise_bands, 2), self.bins, cfg.n_fft, cfg.sample_rate), persistent=False)
+        self.gain_folded = False
+        # `(bins, bands)`: a linear layer's weight, so the interpolation is one matrix product
+        self.register_buffer("bin_from_band", spectral_ops.band_interpolation(
+            max(self.noise_bands, 2), self.bins, cfg.n_fft, cfg.sample_rate).t().contiguous(), persistent=False)
         # Start at `initial_rms` with the noise part 20 dB above the deterministic one: an
         # untrained decoder gives a soft noise floor, not a comb of steady partials.
         with torch.no_grad():
@@ -284,20 +305,32 @@ class ISTFTHead(nn.Module):
             self.proj.bias[(1 + self.phase_parts) * self.bins:] = level / cfg.magnitude_gain
         generator = torch.Generator().manual_seed(0x5D)
         angles = torch.rand(cfg.noise_table_frames, self.bins, generator=generator) * (2 * math.pi)
-        # stored twice over, so the rows of any call of up to `noise_table_frames` frames are one slice
-        self.register_buffer("noise_phase", torch.cat([angles, angles]), persistent=False)
+        # unit phasors as (real, imaginary) pairs: a real buffer, which every backend and DDP
+        # broadcasts, and no cosine or sine per frame. Stored twice over, so the rows of any call
+        # of up to `noise_table_frames` frames are one slice.
+        phasors = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+        self.register_buffer("noise_phasor", torch.cat([phasors, phasors]), persistent=False)
         self.noise_table_frames = cfg.noise_table_frames
 
-    def noise_angles(self, frame_index: Tensor, frames: int) -> Tensor:
-        """Noise phases `(frames, bins)` of the frames from `frame_index` (`(1,)` int64) on."""
+    def fold_output_gain(self) -> None:
+        """Multiply the output gains into proj (inference only: training needs them apart)."""
+        with torch.no_grad():
+            self.proj.weight.mul_(self.output_gain.unsqueeze(1))
+            self.proj.bias.mul_(self.output_gain)
+        self.gain_folded = True
+
+    def noise_phasors(self, frame_index: Tensor, frames: int) -> Tensor:
+        """Complex unit noise phasors `(frames, bins)` of the frames from `frame_index` (`(1,)` int64) on."""
         start = int(frame_index) % self.noise_table_frames
         if frames <= self.noise_table_frames:
-            return self.noise_phase.narrow(0, start, frames)
+            return torch.view_as_complex(self.noise_phasor.narrow(0, start, frames))
         rows = torch.remainder(start + torch.arange(frames, device=frame_index.device), self.noise_table_frames)
-        return self.noise_phase[rows]
+        return torch.view_as_complex(self.noise_phasor[rows])
 
     def forward(self, h: Tensor, phase: Tensor, tail: Tensor, frame_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.proj(h) * self.output_gain  # (batch, T, outputs)
+        x = self.proj(h)  # (batch, T, outputs)
+        if not self.gain_folded:
+            x = x * self.output_gain
         bins = self.bins
         # safeguard: exp of an unbounded log magnitude would overflow to inf (then NaN)
         mag = torch.exp(x[..., :bins].clamp(max=8.0)) * self.mask
@@ -310,9 +343,9 @@ class ISTFTHead(nn.Module):
             angle = angle + running
         spec = torch.polar(mag, angle)
         if self.noise_branch:
-            noise_log_mag = torch.matmul(x[..., (1 + self.phase_parts) * bins:], self.band_to_bin)
+            noise_log_mag = nn.functional.linear(x[..., (1 + self.phase_parts) * bins:], self.bin_from_band)
             noise_mag = torch.exp(noise_log_mag.clamp(max=8.0)) * self.mask
-            spec = spec + torch.polar(noise_mag, self.noise_angles(frame_index, x.shape[1]))
+            spec = spec + noise_mag * self.noise_phasors(frame_index, x.shape[1])
         frames = torch.fft.irfft(spec, n=self.n_fft, dim=-1, norm="forward")
         # safeguard: bound each frame's RMS, so any latent gives bounded audio
         norm = torch.linalg.vector_norm(frames, dim=-1, keepdim=True)
@@ -353,10 +386,24 @@ class Decoder(nn.Module):
         state.append(torch.zeros(1, dtype=torch.long))
         return state
 
+    def folded(self) -> "Decoder":
+        """A copy for inference with the training-time scales (residual and output gains)
+        multiplied into the weights: the same output, with fewer operations per streaming call.
+        The copy is not for training: its optimiser dynamics would differ."""
+        decoder = copy.deepcopy(self)
+        for block in decoder.blocks:
+            block.fold_gamma()
+        decoder.head.fold_output_gain()
+        return decoder
+
     def step(self, z: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Decode `z` `(batch, latent, T)` continuing from `state`; returns audio
         `(batch, 1, T * hop)` and the state after it."""
-        h, cache = self.input(z.transpose(1, 2), state[0])
+        return self.step_frames(z.transpose(1, 2), state)
+
+    def step_frames(self, z: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """`step` for latents laid out `(batch, T, latent)`, the decoder's own layout."""
+        h, cache = self.input(z, state[0])
         new_state = [cache]
         for i, block in enumerate(self.blocks):
             h, cache = block(h, state[i + 1])
@@ -365,7 +412,7 @@ class Decoder(nn.Module):
         audio, phase, tail = self.head(self.norm(h), state[-3], state[-2], frame_index)
         new_state.append(phase)
         new_state.append(tail)
-        new_state.append(frame_index + z.shape[2])
+        new_state.append(frame_index + z.shape[1])
         return audio.unsqueeze(1), new_state
 
     def forward(self, z: Tensor, frame_index: int = 0) -> Tensor:

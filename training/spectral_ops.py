@@ -97,9 +97,11 @@ def overlap_add(frames: Tensor, tail: Tensor, hop: int) -> tuple[Tensor, Tensor]
     at sample t * hop of this call's output.
     """
     batch, count, n_fft = frames.shape
-    if count == 1:  # the common streaming call, in a handful of operations
-        out = tail[:, :hop] + frames[:, 0, :hop]
-        return out, torch.nn.functional.pad(tail[:, hop:], (0, hop)) + frames[:, 0, hop:]
+    if count == 1:
+        # the common streaming call: the tail added into a copy of the frame, both results views of it
+        acc = frames[:, 0].clone()
+        acc[:, : n_fft - hop] += tail
+        return acc[:, :hop], acc[:, hop:]
     parts = n_fft // hop
     # each frame is `parts` blocks of `hop` samples; block r of frame t lands in output block t + r.
     # A few strided adds: far cheaper than a general fold for the one-frame calls of streaming.
