@@ -50,6 +50,7 @@ class AnalysisConfig:
     # receptive field (tens of frames for causal dilated stacks) to forget the zeros
     settle_frames: int = 64
     ridge: float = 1e-2
+    refine_iterations: int = 3    # secant corrections of the directions, measured on the decoder
     min_response_r2: float = 0.5  # share of a descriptor's decoded change a linear response must explain
     # descriptors of note onsets: a held control value shows them only as the decoder's start from
     # silence, so no direction steers or holds them; sweeps still measure them (crosstalk counts)
@@ -372,41 +373,75 @@ def _slope(t: np.ndarray, m: np.ndarray) -> float | None:
     return float((t0 * m0).sum() / (t0 ** 2).sum())
 
 
-def refine_directions(decode: Callable[[np.ndarray], np.ndarray], white: _Whitening, centre: np.ndarray,
-                      directions: dict[str, np.ndarray], cfg: AnalysisConfig = AnalysisConfig(),
-                      desc_cfg: DescriptorConfig = DescriptorConfig()) -> dict[str, np.ndarray]:
-    """One secant (Newton) correction of `directions` (descriptor -> latent direction meant to
-    move it by one unit and the others not at all): measure through `decode` how every
-    descriptor actually changes along every direction over +-2 data standard deviations, and
-    undo the measured crosstalk (V' = V M^-1). Gradients measured along principal axes miss
-    curvature and interactions; this measures along the very lines the controls will sweep.
-    Returns `directions` unchanged when the measured effects cannot be inverted."""
+def _line_effects(decode: Callable[[np.ndarray], np.ndarray], white: _Whitening, centre: np.ndarray,
+                  directions: dict[str, np.ndarray], frames: np.ndarray, cfg: AnalysisConfig,
+                  desc_cfg: DescriptorConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """How every descriptor in `directions` changes along every direction: `(effect, reach)`, where
+    `effect[i, j]` is the least-squares slope of descriptor i per unit of direction j over five
+    held decodes through `centre` spanning the data's range along direction j (the
+    `low_percentile`..`high_percentile` of the whitened projections of `frames`, `(n, latent)`),
+    `reach[j]` that span's length. The range a control will sweep, not one around the centre: a
+    curved response is then straightened where it will be heard. None when a descriptor is
+    undefined along its own line."""
     names = list(directions)
-    if not names:
-        return directions
-    steps = np.linspace(-1.0, 1.0, 5)
-    lines = []
-    for name in names:
-        v = directions[name]
-        reach = 2.0 / max(float(np.linalg.norm(white.axes.T @ v / white.scale)), 1e-12)  # 2 std, whitened
-        lines.append(centre[None] + (steps * reach)[:, None] * v[None])
-        # remember the step length so slopes are per unit of the direction
-        lines[-1] = (lines[-1], reach)
-    z = np.concatenate([pts for pts, _ in lines])
+    unit = np.linspace(0.0, 1.0, 5)
+    y = white.apply(frames) - white.apply(centre[None])
+    lines, reach = [], []
+    for n in names:
+        w = white.axes.T @ directions[n] / white.scale               # the direction, whitened
+        t = y @ w / max(float(w @ w), 1e-24)                          # data coordinates along it
+        lo, hi = np.percentile(t, [cfg.low_percentile, cfg.high_percentile])
+        lines.append(lo + unit * (hi - lo))
+        reach.append(hi - lo)
+    reach = np.array(reach)
+    z = np.concatenate([centre[None] + t[:, None] * directions[n][None] for n, t in zip(names, lines)])
     z = np.repeat(z[:, :, None], cfg.sweep_frames, axis=2).astype(np.float32)
     medians = _descriptor_medians(decode(z), cfg, desc_cfg)
     effect = np.zeros((len(names), len(names)))
-    for j, (_, reach) in enumerate(lines):
+    for j, t in enumerate(lines):
         for i, name in enumerate(names):
-            slope = _slope(steps * reach, medians[name][j * len(steps):(j + 1) * len(steps)])
+            slope = _slope(t, medians[name][j * len(unit):(j + 1) * len(unit)])
             if slope is None and i == j:
-                return directions
+                return None
             # a descriptor undefined along another's line cannot be corrected there: leave it
             effect[i, j] = 0.0 if slope is None else slope
-    if np.linalg.cond(effect) > 1e3:
+    return effect, reach
+
+
+def refine_directions(decode: Callable[[np.ndarray], np.ndarray], white: _Whitening, centre: np.ndarray,
+                      directions: dict[str, np.ndarray], frames: np.ndarray, cfg: AnalysisConfig = AnalysisConfig(),
+                      desc_cfg: DescriptorConfig = DescriptorConfig()) -> dict[str, np.ndarray]:
+    """Secant (Newton) corrections of `directions` (descriptor -> latent direction meant to move
+    it by one unit and the others not at all): measure through `decode` how every descriptor
+    actually changes along every direction over the data's range along it (`frames`, latents
+    `(n, latent)`), and undo the
+    measured crosstalk (V' = V M^-1), up to `refine_iterations` times. Gradients measured along
+    principal axes miss curvature and interactions, and each correction moves the lines, so
+    their crosstalk is measured again along the corrected ones. Returns the directions whose
+    measured crosstalk (the largest change of another descriptor along a line, in noticeable
+    steps) is smallest, `directions` themselves when the effects cannot be measured or inverted."""
+    names = list(directions)
+    if not names:
         return directions
-    corrected = np.stack([directions[n] for n in names], axis=1) @ np.linalg.inv(effect)
-    return {n: corrected[:, j] for j, n in enumerate(names)}
+    noticeable = np.array([cfg.noticeable[n] for n in names])
+    best, best_crosstalk = directions, math.inf
+    current = directions
+    for _ in range(cfg.refine_iterations + 1):
+        measured = _line_effects(decode, white, centre, current, frames, cfg, desc_cfg)
+        if measured is None:
+            break
+        effect, reach = measured
+        # the change of each other descriptor over each whole line, in noticeable steps
+        change = np.abs(effect * reach[None, :]) / noticeable[:, None]
+        np.fill_diagonal(change, 0.0)
+        crosstalk = float(change.max())
+        if crosstalk < best_crosstalk:
+            best, best_crosstalk = current, crosstalk
+        if np.linalg.cond(effect) > 1e3:
+            break
+        corrected = np.stack([current[n] for n in names], axis=1) @ np.linalg.inv(effect)
+        current = {n: corrected[:, j] for j, n in enumerate(names)}
+    return best
 
 
 def sweep(decode: ControlDecoder, controls: list[ControlSpec], index: int, cfg: AnalysisConfig = AnalysisConfig(),
@@ -529,7 +564,7 @@ def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.n
             rejected[name] = "no latent direction moves it while holding the other descriptors still"
     candidates = [n for n in candidates if n not in rejected]
     directions.update(refine_directions(decode_latents, white, centre, {n: directions[n] for n in movable},
-                                        config, desc_cfg))
+                                        _even(table.latents, 2000), config, desc_cfg))
     regularized = set(regularized)
 
     def measure(space: ControlSpace, names: list[str]) -> None:
