@@ -40,7 +40,10 @@ class ModelConfig:
     encoder_blocks: int = 3
     encoder_kernel: int = 5
     # decoder (causal)
-    decoder_dim: int = 256
+    # 128 wide: on the recorded drum kit (bench/train_quality.py, 15 min) widths 128, 192 and
+    # 256 reach the same held-out quality, and 128 decodes a one-frame call in about half the
+    # time of 256 (bench/decoder_speed.py), as a call's weights are read from memory each time
+    decoder_dim: int = 128
     decoder_blocks: int = 4
     decoder_kernel: int = 5
     decoder_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
