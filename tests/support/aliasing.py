@@ -1,10 +1,14 @@
 """Measures of folded (aliased) energy, for any model file's output.
 
-Two signs of aliasing, each compared with the signal the model was given:
+Signs of aliasing, each compared with the signal the model was given:
 - energy above 20 kHz, as a fraction of the total (dB): a decoder that upsamples through a
   nonlinearity folds energy up there; a band-limited iSTFT head puts (almost) none;
 - partials the source lacks: spectral peaks that stand well above their neighbourhood, persist
-  over several analysis frames, and sit where the source (in the same frame) has no energy.
+  over several analysis frames, and sit where the source (in the same frame) has no energy;
+- folded partials, for a source that is one moving partial (a sweep): output peaks where the
+  harmonics of the source's frequency that lie above the Nyquist frequency reflect to. They move
+  against the sweep, which is what tells them from a trained model's own tones and from the
+  harmonics it adds below Nyquist: those are new partials, but nothing folded them.
 
 `sine_sweep` is the standard probe; `aliasing_report(source, output)` measures both. The functions
 take numpy arrays and know nothing about the model, so they run unchanged on a trained file.
@@ -64,18 +68,21 @@ class AliasReport:
     source_above_db: float
     output_above_db: float
     new_partials: list[Partial] = field(default_factory=list)
+    folded_partials: list[Partial] = field(default_factory=list)
 
-    def passes(self, margin_db: float = 1.0, floor_db: float = FLOOR_DB) -> bool:
+    def passes(self, margin_db: float = 1.0, floor_db: float = FLOOR_DB, any_new_partial: bool = True) -> bool:
         """No more energy above 20 kHz than the source (or the floor, when the source has less)
-        plus `margin_db`, and no new partial."""
-        return self.output_above_db <= max(self.source_above_db, floor_db) + margin_db and not self.new_partials
+        plus `margin_db`, no folded partial, and (with `any_new_partial`) no new partial at all."""
+        return (self.output_above_db <= max(self.source_above_db, floor_db) + margin_db
+                and not self.folded_partials and not (any_new_partial and self.new_partials))
 
     def describe(self) -> str:
-        head = (f"energy above 20 kHz: output {self.output_above_db:.1f} dB, source {self.source_above_db:.1f} dB; "
-                f"{len(self.new_partials)} new partial(s)")
-        shown = ", ".join(f"{p.frequency_hz:.0f} Hz at {p.time_s:.2f} s ({p.level_db:.0f} dB)"
-                          for p in self.new_partials[:8])
-        return head + (f": {shown}" if shown else "")
+        def listing(partials: list[Partial]) -> str:
+            return ", ".join(f"{p.frequency_hz:.0f} Hz at {p.time_s:.2f} s ({p.level_db:.0f} dB)" for p in partials[:8])
+
+        return (f"energy above 20 kHz: output {self.output_above_db:.1f} dB, source {self.source_above_db:.1f} dB; "
+                f"{len(self.folded_partials)} folded partial(s) {listing(self.folded_partials)}; "
+                f"{len(self.new_partials)} new partial(s) {listing(self.new_partials)}")
 
 
 def _db_spectrogram(x: np.ndarray, sample_rate: int, n_fft: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,7 +125,61 @@ def new_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4800
     return found
 
 
+def folded_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000, n_fft: int = 1024,
+                    harmonics: int = 9, prominence_db: float = 15.0, range_db: float = 60.0,
+                    excess_db: float = 20.0, tolerance_bins: int = 2, persist_frames: int = 3) -> list[Partial]:
+    """Partials of `output` where folding would put the harmonics of a one-partial `source`.
+
+    Per STFT frame (`n_fft` points, short: a fast sweep must not smear its images flat) the
+    source's frequency f is its loudest bin. Each harmonic m*f (m <= `harmonics`) above the
+    Nyquist frequency reflects to |m*f - k*sample_rate|, in 0..Nyquist. An output peak within
+    ±`tolerance_bins` of that image, `prominence_db` above the median of its ±32-bin
+    neighbourhood, within `range_db` of the output's loudest bin and `excess_db` above the source
+    in the same bin, marks the image. A folded partial is an image of one harmonic marked in
+    `persist_frames` consecutive frames, the image and the marked peak each moving by more than
+    2 * `tolerance_bins` from frame to frame: an output peak that keeps pace with a moving image
+    is folded energy, while a steady tone of the model's own that an image passes (or crosses
+    slowly, where the image turns at 0 Hz or at Nyquist) is not. Images that land on the source's
+    own main lobe cannot be told from it and are skipped, as are frames where the source is
+    silent (40 dB below its loudest).
+    """
+    n = min(len(source), len(output))
+    freqs, times, out_db = _db_spectrogram(output[:n], sample_rate, n_fft)
+    _, _, src_db = _db_spectrogram(source[:n], sample_rate, n_fft)
+    floor = median_filter(out_db, size=(65, 1), mode="reflect")
+    top, nyquist, bin_hz = out_db.max(), sample_rate / 2, freqs[1]
+    src_level = src_db.max(axis=0)
+    # harmonic -> frame -> (image bin, marked peak bin)
+    marks: dict[int, dict[int, tuple[int, int]]] = {m: {} for m in range(2, harmonics + 1)}
+    for j in np.flatnonzero(src_level >= src_db.max() - 40.0):
+        peak = int(src_db[:, j].argmax())
+        f = freqs[peak]
+        for m in range(2, harmonics + 1):
+            image = (m * f) % sample_rate
+            if m * f <= nyquist:
+                continue
+            image = sample_rate - image if image > nyquist else image
+            b = int(round(image / bin_hz))
+            if abs(b - peak) <= tolerance_bins + 4:
+                continue
+            lo, hi = max(0, b - tolerance_bins), min(len(freqs) - 1, b + tolerance_bins)
+            k = lo + int(out_db[lo:hi + 1, j].argmax())
+            if (out_db[k, j] - floor[k, j] >= prominence_db and out_db[k, j] >= top - range_db
+                    and out_db[k, j] - src_db[k, j] >= excess_db):
+                marks[m][int(j)] = (b, k)
+    found = []
+    for frames in marks.values():
+        for j, (_, k) in frames.items():
+            run = [frames.get(j + i) for i in range(persist_frames)]
+            if any(r is None for r in run):
+                continue
+            steps = [(abs(b1 - b0), abs(k1 - k0)) for (b0, k0), (b1, k1) in zip(run, run[1:])]
+            if all(db > 2 * tolerance_bins and dk > 2 * tolerance_bins for db, dk in steps):
+                found.append(Partial(float(times[j]), float(freqs[k]), float(out_db[k, j] - top)))
+    return sorted(found, key=lambda p: p.time_s)
+
+
 def aliasing_report(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000) -> AliasReport:
-    """Both measures for `output` (what a model made of `source`)."""
+    """Every measure for `output` (what a model made of `source`)."""
     return AliasReport(energy_above_db(source, sample_rate), energy_above_db(output, sample_rate),
-                       new_partials(source, output, sample_rate))
+                       new_partials(source, output, sample_rate), folded_partials(source, output, sample_rate))
