@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from support.aliasing import FLOOR_DB, aliasing_report, energy_above_db, sine_sweep
+from training.aliasing import FLOOR_DB, aliasing_report, energy_above_db, sine_sweep
 from training.checkpoint import load_run
 from training.control_space import pca_space
 from training.dataset import PreparedSet

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from support.aliasing import energy_above_db
 from training import spectral_ops
+from training.aliasing import energy_above_db
 from training.control_space import ControlSpace, ControlSpec, pca_space
 from training.model import VAE, ModelConfig
 

@@ -11,8 +11,8 @@ report.json holding every figure's numbers, and a few 24-bit WAV examples:
 - training and validation curves from the run's log.csv, with an overfitting verdict;
 - memorisation: sounds decoded from the prior and from interpolations, their distance to the
   nearest training clip against the distances among training clips;
-- aliasing: encode->decode of a sine sweep and decodes of random latents: energy above 20 kHz
-  and partials the input lacked;
+- aliasing: encode->decode of a sine sweep and decodes of random latents: energy above 20 kHz,
+  partials folded back from above Nyquist, and partials the input lacked (training.aliasing);
 - KL per latent dimension, collapsed dimensions flagged;
 - the control map: Spearman rho of every descriptor along a sweep of every control, with the
   sweep rule checked for the named ones;
@@ -38,6 +38,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from training.aliasing import aliasing_report, energy_above_db, sine_sweep
 from training.analyze import AnalysisConfig, settled_for, sweep, sweep_verdict
 from training.control_space import ControlSpec
 from training.descriptors import DESCRIPTOR_NAMES, DescriptorConfig, compute
@@ -239,55 +240,6 @@ def _log_spec(x: np.ndarray, n_fft: int = 1024) -> np.ndarray:
     xt = torch.from_numpy(np.pad(x, (0, max(0, n_fft - len(x))))).float()
     spec = torch.stft(xt, n_fft, n_fft // 4, window=torch.hann_window(n_fft), return_complex=True).abs()
     return (20 * torch.log10(spec + 1e-7)).numpy()
-
-
-def _energy_above_db(x: np.ndarray, sample_rate: int, cutoff: float = 20000.0) -> float:
-    """Energy above `cutoff` relative to the total, in dB (-150 for none)."""
-    spec = np.abs(np.fft.rfft(x.astype(np.float64))) ** 2
-    freqs = np.fft.rfftfreq(len(x), 1.0 / sample_rate)
-    total = spec.sum()
-    if total <= 0:
-        return -150.0
-    return float(10 * np.log10(max(spec[freqs > cutoff].sum() / total, 1e-15)))
-
-
-def new_partials(x: np.ndarray, y: np.ndarray, sample_rate: int, n_fft: int = 4096,
-                 floor_db: float = -40.0, tolerance: float = 0.03) -> tuple[float, float]:
-    """Partials in `y` that `x` lacks: (fraction of sounding frames holding one, level of the
-    strongest in dB relative to its frame's peak). A partial is a spectral peak within
-    `floor_db` of the frame's peak; it is new when no peak of `x` in that frame (within 60 dB of
-    x's peak) lies within `tolerance` (relative frequency)."""
-    def peaks(s: np.ndarray, depth: float) -> list[np.ndarray]:
-        db = 20 * np.log10(s + 1e-9)
-        out = []
-        for frame in db.T:
-            top = frame.max()
-            local = (frame[1:-1] > frame[:-2]) & (frame[1:-1] >= frame[2:]) & (frame[1:-1] > top + depth)
-            out.append((np.flatnonzero(local) + 1, frame - top))
-        return out
-
-    sx = np.abs(np.fft.rfft(_frames(x, n_fft) * np.hanning(n_fft), axis=-1)).T
-    sy = np.abs(np.fft.rfft(_frames(y, n_fft) * np.hanning(n_fft), axis=-1)).T
-    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    px, py = peaks(sx, -60.0), peaks(sy, floor_db)
-    loud = 20 * np.log10(np.sqrt((_frames(x, n_fft) ** 2).mean(-1)) + 1e-9) > -60
-    frames_with, strongest, counted = 0, -150.0, 0
-    for (ix, _), (iy, rel), ok in zip(px, py, loud):
-        if not ok:
-            continue
-        counted += 1
-        fx = freqs[ix]
-        new = [i for i in iy if freqs[i] > 20 and (fx.size == 0 or np.min(np.abs(fx - freqs[i]) / freqs[i]) > tolerance)]
-        if new:
-            frames_with += 1
-            strongest = max(strongest, float(max(rel[i] for i in new)))
-    return (frames_with / counted if counted else 0.0), strongest
-
-
-def _frames(x: np.ndarray, n: int) -> np.ndarray:
-    x = np.pad(x.astype(np.float64), (0, max(0, n - len(x))))
-    count = 1 + (len(x) - n) // (n // 4)
-    return np.stack([x[i * (n // 4):i * (n // 4) + n] for i in range(count)])
 
 
 def _clip_embedding(x: np.ndarray, mel: torch.Tensor, n_fft: int = 2048) -> np.ndarray:
@@ -507,27 +459,28 @@ class Evaluation:
 
     def aliasing(self) -> None:
         sr = self.sr
-        t = np.arange(int(3.0 * sr)) / sr
-        f0, f1, dur = 20.0, 20000.0, 3.0
-        k = math.log(f1 / f0)
-        phase = 2 * math.pi * f0 * dur / k * (np.exp(t / dur * k) - 1)
-        sweep_in = (0.1 * math.sqrt(2) * np.sin(phase)).astype(np.float32)
-        fade = min(len(t) // 20, 4800)
-        sweep_in[-fade:] *= np.linspace(1, 0, fade, dtype=np.float32)
+        sweep_in = sine_sweep(3.0, sr, amplitude=0.1 * math.sqrt(2))  # -20 dBFS RMS, near the set's level
         sweep_out = self.s.reconstruct(sweep_in, self.delay)
-        in_db, out_db = _energy_above_db(sweep_in, sr), _energy_above_db(sweep_out, sr)
-        frac, strongest = new_partials(sweep_in, sweep_out, sr)
+        report = aliasing_report(sweep_in, sweep_out, sr)
+        in_db, out_db = report.source_above_db, report.output_above_db
         randoms = [self.s.decode(self.s.wire_to_model(self.rng.uniform(0, 1, (self.s.latent_size, 64))))
                    for _ in range(4)]
-        random_db = max(_energy_above_db(r, sr) for r in randoms)
-        data_db = max(_energy_above_db(self.audio[f.id], sr) for f in self.train)
+        random_db = max(energy_above_db(r, sr) for r in randoms)
+        data_db = max(energy_above_db(self.audio[f.id], sr) for f in self.train)
         # inaudible and numerically irrelevant below -60 dB; otherwise no more than the reference + 1 dB
         sweep_ok = out_db <= max(in_db + 1.0, -60.0)
         random_ok = random_db <= max(data_db + 1.0, -60.0)
+        folded = report.folded_partials
         verdict = ("no folded energy above 20 kHz" if sweep_ok and random_ok else
                    "energy above 20 kHz beyond the input's: " + ", ".join(
                        n for n, ok in (("sine sweep", sweep_ok), ("random latents", random_ok)) if not ok))
-        verdict += f"; partials the input lacked in {frac:.0%} of the sweep's frames"
+        verdict += ("; no partial folded back from above Nyquist" if not folded else
+                    f"; FOLDED partials in {len({p.time_s for p in folded})} frames of the sweep "
+                    f"(strongest {max(p.level_db for p in folded):.0f} dB)")
+        new = report.new_partials
+        # partials the sweep lacks but nothing folded: the model's own timbre (none for a faithful model)
+        new_frames = len({p.time_s for p in new})
+        verdict += f"; partials the input lacked in {new_frames} frames"
         plt = _plt()
         fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
         for ax, sig, title in ((axes[0], sweep_in, "sine sweep in"), (axes[1], sweep_out, "sine sweep out"),
@@ -542,8 +495,11 @@ class Evaluation:
                                     "values": {"sweep_input_above_20k_db": in_db, "sweep_output_above_20k_db": out_db,
                                                "random_latents_above_20k_db": random_db,
                                                "training_data_above_20k_db": data_db,
-                                               "sweep_frames_with_new_partials": frac,
-                                               "strongest_new_partial_db": strongest,
+                                               "sweep_frames_with_new_partials": new_frames,
+                                               "strongest_new_partial_db": max((p.level_db for p in new), default=None),
+                                               "sweep_frames_with_folded_partials": len({p.time_s for p in folded}),
+                                               "strongest_folded_partial_db": max((p.level_db for p in folded),
+                                                                                  default=None),
                                                "sweep_ok": sweep_ok, "random_latents_ok": random_ok},
                                     "verdict": verdict}
         self.verdicts["aliasing"] = verdict
