@@ -91,6 +91,17 @@ def _db_spectrogram(x: np.ndarray, sample_rate: int, n_fft: int) -> tuple[np.nda
     return freqs, times, 10 * np.log10(np.abs(spec) ** 2 + 1e-20)
 
 
+def _spectra(source: np.ndarray, output: np.ndarray, sample_rate: int, n_fft: int):
+    """Both signals' dB spectrograms over their common length, and what every partial measure
+    compares against: (freqs, times, output dB, source dB, the output's prominence over the median
+    of its ±32-bin neighbourhood, the output's loudest bin in dB)."""
+    n = min(len(source), len(output))
+    freqs, times, out_db = _db_spectrogram(output[:n], sample_rate, n_fft)
+    _, _, src_db = _db_spectrogram(source[:n], sample_rate, n_fft)
+    prominence = out_db - median_filter(out_db, size=(65, 1), mode="reflect")
+    return freqs, times, out_db, src_db, prominence, out_db.max()
+
+
 def new_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000, n_fft: int = 4096,
                  prominence_db: float = 15.0, range_db: float = 50.0, absent_db: float = 40.0,
                  tolerance_bins: int = 3, persist_frames: int = 3) -> list[Partial]:
@@ -102,14 +113,10 @@ def new_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4800
     is more than `absent_db` below the source frame's own maximum, and it persists (within ±2 bins)
     for `persist_frames` consecutive frames: a lone noise peak is not a partial.
     """
-    n = min(len(source), len(output))
-    freqs, times, out_db = _db_spectrogram(output[:n], sample_rate, n_fft)
-    _, _, src_db = _db_spectrogram(source[:n], sample_rate, n_fft)
-    floor = median_filter(out_db, size=(65, 1), mode="reflect")
-    top = out_db.max()
+    freqs, times, out_db, src_db, prominence, top = _spectra(source, output, sample_rate, n_fft)
     local_max = np.zeros_like(out_db, dtype=bool)
     local_max[1:-1] = (out_db[1:-1] > out_db[:-2]) & (out_db[1:-1] >= out_db[2:])
-    candidate = local_max & (out_db - floor >= prominence_db) & (out_db >= top - range_db)
+    candidate = local_max & (prominence >= prominence_db) & (out_db >= top - range_db)
     src_near = maximum_filter(src_db, size=(2 * tolerance_bins + 1, 1), mode="nearest")
     absent = src_near < src_db.max(axis=0, keepdims=True) - absent_db
     new = candidate & absent
@@ -143,11 +150,8 @@ def folded_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4
     own main lobe cannot be told from it and are skipped, as are frames where the source is
     silent (40 dB below its loudest).
     """
-    n = min(len(source), len(output))
-    freqs, times, out_db = _db_spectrogram(output[:n], sample_rate, n_fft)
-    _, _, src_db = _db_spectrogram(source[:n], sample_rate, n_fft)
-    floor = median_filter(out_db, size=(65, 1), mode="reflect")
-    top, nyquist, bin_hz = out_db.max(), sample_rate / 2, freqs[1]
+    freqs, times, out_db, src_db, prominence, top = _spectra(source, output, sample_rate, n_fft)
+    nyquist, bin_hz = sample_rate / 2, freqs[1]
     src_level = src_db.max(axis=0)
     # harmonic -> frame -> (image bin, marked peak bin)
     marks: dict[int, dict[int, tuple[int, int]]] = {m: {} for m in range(2, harmonics + 1)}
@@ -155,16 +159,16 @@ def folded_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4
         peak = int(src_db[:, j].argmax())
         f = freqs[peak]
         for m in range(2, harmonics + 1):
-            image = (m * f) % sample_rate
             if m * f <= nyquist:
                 continue
+            image = (m * f) % sample_rate
             image = sample_rate - image if image > nyquist else image
             b = int(round(image / bin_hz))
             if abs(b - peak) <= tolerance_bins + 4:
                 continue
             lo, hi = max(0, b - tolerance_bins), min(len(freqs) - 1, b + tolerance_bins)
             k = lo + int(out_db[lo:hi + 1, j].argmax())
-            if (out_db[k, j] - floor[k, j] >= prominence_db and out_db[k, j] >= top - range_db
+            if (prominence[k, j] >= prominence_db and out_db[k, j] >= top - range_db
                     and out_db[k, j] - src_db[k, j] >= excess_db):
                 marks[m][int(j)] = (b, k)
     found = []

@@ -555,7 +555,7 @@ def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.n
                               "undefined on the decoded sound around the defaults")
     candidates = [n for n in DESCRIPTOR_NAMES if n not in rejected]
     # directions for every measurable descriptor (the ones to hold still too), then corrected
-    # once along the lines themselves
+    # up to three times along the lines themselves (see refine_directions)
     directions = disentangled_directions(gradients, white, list(gradients), list(gradients))
     # the least-squares compromise may not move a descriptor at all when the others pin it down
     movable = [n for n in gradients if 0.5 < float(gradients[n] @ directions[n]) < 2.0]

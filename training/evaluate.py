@@ -470,16 +470,16 @@ class Evaluation:
         # inaudible and numerically irrelevant below -60 dB; otherwise no more than the reference + 1 dB
         sweep_ok = out_db <= max(in_db + 1.0, -60.0)
         random_ok = random_db <= max(data_db + 1.0, -60.0)
-        folded = report.folded_partials
+        folded, new = report.folded_partials, report.new_partials
+        # partials are listed per frame: count the frames that hold one
+        folded_frames, new_frames = len({p.time_s for p in folded}), len({p.time_s for p in new})
+        strongest_folded = max((p.level_db for p in folded), default=None)
         verdict = ("no folded energy above 20 kHz" if sweep_ok and random_ok else
                    "energy above 20 kHz beyond the input's: " + ", ".join(
                        n for n, ok in (("sine sweep", sweep_ok), ("random latents", random_ok)) if not ok))
         verdict += ("; no partial folded back from above Nyquist" if not folded else
-                    f"; FOLDED partials in {len({p.time_s for p in folded})} frames of the sweep "
-                    f"(strongest {max(p.level_db for p in folded):.0f} dB)")
-        new = report.new_partials
+                    f"; FOLDED partials in {folded_frames} frames of the sweep (strongest {strongest_folded:.0f} dB)")
         # partials the sweep lacks but nothing folded: the model's own timbre (none for a faithful model)
-        new_frames = len({p.time_s for p in new})
         verdict += f"; partials the input lacked in {new_frames} frames"
         plt = _plt()
         fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
@@ -497,9 +497,8 @@ class Evaluation:
                                                "training_data_above_20k_db": data_db,
                                                "sweep_frames_with_new_partials": new_frames,
                                                "strongest_new_partial_db": max((p.level_db for p in new), default=None),
-                                               "sweep_frames_with_folded_partials": len({p.time_s for p in folded}),
-                                               "strongest_folded_partial_db": max((p.level_db for p in folded),
-                                                                                  default=None),
+                                               "sweep_frames_with_folded_partials": folded_frames,
+                                               "strongest_folded_partial_db": strongest_folded,
                                                "sweep_ok": sweep_ok, "random_latents_ok": random_ok},
                                     "verdict": verdict}
         self.verdicts["aliasing"] = verdict

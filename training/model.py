@@ -196,9 +196,7 @@ class CausalBlock(nn.Module):
 
     def fold_gamma(self) -> None:
         """Multiply the residual scale into pw2 (inference only: training needs gamma apart)."""
-        with torch.no_grad():
-            self.pw2.weight.mul_(self.gamma.unsqueeze(1))
-            self.pw2.bias.mul_(self.gamma)
+        fold_scale(self.pw2, self.gamma)
         self.gamma_folded = True
 
     def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
@@ -317,9 +315,7 @@ class ISTFTHead(nn.Module):
 
     def fold_output_gain(self) -> None:
         """Multiply the output gains into proj (inference only: training needs them apart)."""
-        with torch.no_grad():
-            self.proj.weight.mul_(self.output_gain.unsqueeze(1))
-            self.proj.bias.mul_(self.output_gain)
+        fold_scale(self.proj, self.output_gain)
         self.gain_folded = True
 
     def noise_phasors(self, frame_index: Tensor, frames: int) -> Tensor:
@@ -463,6 +459,14 @@ class VAE(nn.Module):
         if self.training:
             z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         return self.decode(z), mean, logvar
+
+
+def fold_scale(linear: nn.Linear, scale: Tensor) -> None:
+    """Multiply `scale` `(out_features,)` into `linear`'s weight and bias, in place: `linear(x) * scale`
+    becomes `linear(x)`."""
+    with torch.no_grad():
+        linear.weight.mul_(scale.unsqueeze(1))
+        linear.bias.mul_(scale)
 
 
 def parameter_count(module: nn.Module) -> int:
