@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,41 @@ def test_interrupted_run_leaves_the_previous_set_readable(tmp_path: Path) -> Non
     proc = prepare(src, out)  # the next run clears what the killed one left and completes
     assert proc.returncode == 0 and manifest(out)["summary"]["files"] == 33
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [".out.lock"]
+
+
+def test_ctrl_c_while_decoding_is_never_swallowed(tmp_path: Path) -> None:
+    """A KeyboardInterrupt raised at any moment of a decode reaches the caller: none is lost
+    inside libsndfile's reads (where it would also have cut the file short)."""
+    from training.audio import convert
+
+    path = af.write(tmp_path / "long.wav", af.tone(220.0, 20.0, rate=44100), rate=44100)
+    decode_s = min(_timed(lambda: convert(path)) for _ in range(3))
+    fired = []
+
+    def interrupt(*_):
+        fired.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        for i in range(24):
+            fired.clear()
+            try:
+                signal.setitimer(signal.ITIMER_REAL, decode_s * (0.05 + 0.04 * i))
+                convert(path)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            except KeyboardInterrupt:
+                continue
+            assert not fired, f"an interrupt {0.05 + 0.04 * i:.2f} of the way through the decode was swallowed"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def test_prepare_and_load_for_model_give_the_same_samples(tmp_path: Path) -> None:

@@ -136,18 +136,21 @@ def convert(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> Con
     if size == 0:
         raise AudioError(name, "empty file (0 bytes)")
     try:
-        fh = open(name, "rb")
+        with open(name, "rb"):
+            pass  # the reason a file cannot be read, in the system's words
     except OSError as exc:
         raise AudioError(name, f"cannot be read ({exc.strerror})") from None
-    with fh:
-        try:
-            snd = sf.SoundFile(fh)
-        except sf.LibsndfileError as exc:
-            raise AudioError(name, _describe_unreadable(name, exc)) from None
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise AudioError(name, f"not a readable audio file ({exc})") from None
-        with snd:
-            return _convert_open(name, snd, sample_rate)
+    try:
+        # libsndfile opens the path itself, read-only. Through a Python file object it would call
+        # back into Python for every read, and an exception raised there (Ctrl-C's
+        # KeyboardInterrupt) is swallowed by cffi and reads as a short file.
+        snd = sf.SoundFile(name, mode="r")
+    except sf.LibsndfileError as exc:
+        raise AudioError(name, _describe_unreadable(name, exc)) from None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(name, f"not a readable audio file ({exc})") from None
+    with snd:
+        return _convert_open(name, snd, sample_rate)
 
 
 def _describe_unreadable(name: str, exc: sf.LibsndfileError) -> str:
