@@ -74,15 +74,20 @@ def values(osc: OscClient) -> dict[str, float]:
     return {r[1][0]: r[1][2] for r in osc.replies(count=4)}
 
 
-def settled(osc: OscClient, check, timeout: float = 3.0) -> dict[str, float]:
-    """Control values once `check(values)` holds (MIDI travels through two JACK periods
-    and a busy machine); the last values seen otherwise, for the assertion to show."""
+def polled(get, check, timeout: float = 3.0) -> dict:
+    """`get()` once `check` holds for it (MIDI travels through two JACK periods and a busy
+    machine); the last one seen otherwise, for the assertion to show."""
     deadline = time.monotonic() + timeout
     while True:
-        v = values(osc)
+        v = get()
         if check(v) or time.monotonic() > deadline:
             return v
         time.sleep(0.05)
+
+
+def settled(osc: OscClient, check) -> dict[str, float]:
+    """Control values once `check(values)` holds (see `polled`)."""
+    return polled(lambda: values(osc), check)
 
 
 def record(server, seconds: float, actions) -> np.ndarray:
@@ -148,6 +153,8 @@ def test_sysex_flood_and_garbage_keep_it_playing(jack_server, synthd, osc, midi_
     before = osc.status()
     midi_out.send_message([0xB0, 7, 127])
     midi_out.send_message([0x90, 66, 100])
+    playing = polled(osc.status, lambda st: st["gate"] == 1)
+    assert playing["gate"] == 1, ("the note-on never opened the gate", playing, synthd.log[-2000:])
     for i in range(2000):
         midi_out.send_message([0xF0, 0x7D] + [i % 128] * 254 + [0xF7])
         if i % 20 == 19:
@@ -155,8 +162,8 @@ def test_sysex_flood_and_garbage_keep_it_playing(jack_server, synthd, osc, midi_
     x = record(jack_server, 0.4, [])
     after = osc.status()
     # counted; a few may be dropped before synthd by JACK's per-period MIDI buffers
-    assert after["sysex"] - before["sysex"] >= 1900
-    assert synthd.alive and rms_db(x) > -25
+    assert after["sysex"] - before["sysex"] >= 1900, (before, after)
+    assert synthd.alive and after["gate"] == 1 and rms_db(x) > -25, (rms_db(x), after, synthd.log[-2000:])
     midi_out.send_message([0x80, 66, 0])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -59,7 +60,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def _train(data: Path, run: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "training", "train", str(data), str(run), *extra],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
@@ -201,16 +202,41 @@ def test_regularize_flag_binds_attributes_and_is_checked(setup, tmp_path):
 def test_two_process_ddp_with_gloo(setup, tmp_path):
     data, config = setup
     run = tmp_path / "run"
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "training", "train", str(data), str(run), "--steps", "12", "--config", str(config)],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "(2 processes)" in result.stderr
+        cwd=REPO, env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # a hang: every training process prints where its threads are (SIGUSR1), one at a time,
+        # then the launcher (faulthandler on SIGABRT)
+        workers = _descendants(proc.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGABRT)
+        time.sleep(0.5)
+        for pid in [*workers, proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"two-process training hung; the processes' stacks:\n{stderr[-12000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "(2 processes)" in stderr
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["step"] == 12 and ckpt["finished"]
     rows = [r for r in _rows(run) if r["val_distance"]]
     assert float(rows[-1]["val_distance"]) < float(rows[0]["val_distance"])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of `pid`'s children and their children (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
 
 
 def test_augmentations_keep_the_length_and_noise_only_the_input():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import faulthandler
 import math
 import os
 import signal
@@ -670,6 +671,9 @@ def report_collapse(run_dir: Path, cfg: TrainConfig) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from training.dataset import PreparedSetError
 
+    # `kill -USR1 PID` prints where every thread of a training process is, without stopping it:
+    # how a stalled run (a process waiting on the others at a collective) is diagnosed
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         trainer = Trainer(args)
     except (ConfigError, PreparedSetError, FileExistsError, FileNotFoundError, ValueError) as exc:
