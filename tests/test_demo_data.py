@@ -123,3 +123,26 @@ def test_each_parameter_moves_the_attribute_it_names(kind: str) -> None:
             assert _f0(y, start=int(0.2 * SR)) == pytest.approx(hz, rel=0.03)
     if kind in ("bell", "noise"):  # inharmonic or unpitched: the spectrum moves with the pitch
         assert _centroid(render(pitch_hz=440.0)) > 2 * _centroid(render(pitch_hz=110.0))
+
+
+def test_brightness_and_noisiness_vary_apart_across_the_set(demo) -> None:
+    """The set draws brightness and noisiness independently, and the sounds keep them apart:
+    over all sounding frames the two descriptors barely rank together (a model can then find
+    a direction for each)."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from training.descriptors import DescriptorConfig, analysis_values, compute
+
+    out, _ = demo
+    cfg = DescriptorConfig()
+    bright, noisy = [], []
+    for path in sorted(out.glob("*.wav")):
+        x, _ = sf.read(path, dtype="float32")
+        v = analysis_values(compute(torch.from_numpy(x)[None], cfg), cfg)
+        b, n = v["brightness"][0].numpy(), v["noisiness"][0].numpy()
+        ok = np.isfinite(b) & np.isfinite(n)
+        bright.append(b[ok])
+        noisy.append(n[ok])
+    rho = spearmanr(np.concatenate(bright), np.concatenate(noisy))[0]
+    assert abs(rho) < 0.3, rho

@@ -66,6 +66,29 @@ def test_noisiness_is_spectral_flatness():
     assert float(inner(D.noisiness(saw(220))).max()) < 0.05
 
 
+def test_noisiness_tells_noise_from_tone_whatever_the_bandwidth():
+    """Noise of any colour reads noisy, a harmonic tone of any brightness tonal: flatness of the
+    fine structure, not of the whole spectrum (which reads a dark noise as tonal as a sine)."""
+    from scipy import signal
+
+    white = torch.randn(SR // 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def filtered(kind: str, cutoff: float) -> torch.Tensor:
+        sos = signal.butter(4, cutoff, kind, fs=SR, output="sos")
+        return torch.from_numpy(signal.sosfilt(sos, white.numpy())).float()
+
+    bright_noise, dark_noise = filtered("highpass", 8000.0), filtered("lowpass", 400.0)
+    assert abs(float(inner(D.noisiness(bright_noise)).mean()) - math.exp(-0.5772)) < 0.03
+    assert float(inner(D.noisiness(dark_noise)).mean()) > 0.4
+    # a dark tone (few partials) and a bright one (39) both read tonal
+    dull = sine(220) + sine(440, 0.5)
+    assert float(inner(D.noisiness(dull)).max()) < 0.01 and float(inner(D.noisiness(saw(220))).max()) < 0.05
+    # noise mixed into a tone raises it step by step
+    tone = saw(220)
+    mixes = [float(inner(D.noisiness(tone + k * tone.std() * white.float())).mean()) for k in (0.1, 1.0, 10.0)]
+    assert mixes[0] < 0.02 < mixes[1] < 0.4 < mixes[2], mixes
+
+
 @pytest.mark.parametrize("freq", [55.0, 110.0, 233.08, 440.0, 1000.0, 1900.0])
 def test_pitch_of_harmonic_tone_within_five_cents(freq):
     f0, confidence = D.pitch(saw(freq))

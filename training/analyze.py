@@ -53,7 +53,10 @@ class AnalysisConfig:
     refine_iterations: int = 3    # secant corrections of the directions, measured on the decoder
     min_response_r2: float = 0.5  # share of a descriptor's decoded change a linear response must explain
     # descriptors of note onsets: a held control value shows them only as the decoder's start from
-    # silence, so no direction steers or holds them; sweeps still measure them (crosstalk counts)
+    # silence, so no direction steers or holds them. Sweeps report them, but the rule does not
+    # count them as crosstalk: a played note's onset is the gate's envelope on a running decoder
+    # (synthd never restarts the decoder for a note), and the start from silence of a held decode
+    # is no note: its rise time jumps with wherever the held sound's envelope happens to peak.
     onset_descriptors: tuple[str, ...] = ("attack",)
     # just-noticeable change of each descriptor on its analysis scale (dB, octaves, log10): a
     # descriptor whose whole change along a sweep stays below it has not moved, whatever its rho
@@ -63,6 +66,12 @@ class AnalysisConfig:
         "loudness": 1.0, "brightness": 0.05, "pitch": 5.0 / 1200.0, "noisiness": 0.1, "attack": 0.1})
     low_percentile: float = 2.0
     high_percentile: float = 98.0
+    # A named control whose sweep over the data's whole spread fails the rule may keep the
+    # longest part of that spread where it passes, if that part is at least this share of it: a
+    # decoder's response bends toward the ends of the data (a brightness direction that also gets
+    # louder past some point), and a knob that means what it says over most of the range is
+    # worth more than none. The narrowed range is swept again in full before it is accepted.
+    min_range_share: float = 0.5
     min_frames: int = 20          # fewer valid frames than this in a split: the fit is not scored
     max_fit_frames: int = 50000   # frames kept (evenly spaced) for fitting, to bound memory
 
@@ -260,9 +269,13 @@ def disentangled_directions(gradients: dict[str, np.ndarray], white: _Whitening,
 
 def build_space(table: FrameTable, gradients: dict[str, np.ndarray], white: _Whitening, named: list[str],
                 directions: dict[str, np.ndarray], qualities: dict[str, dict], regularized: set[str],
-                cfg: AnalysisConfig = AnalysisConfig()) -> ControlSpace:
+                cfg: AnalysisConfig = AnalysisConfig(),
+                parts: dict[str, tuple[float, float]] | None = None) -> ControlSpace:
     """Named controls first (in `named` order), then `timbre_1..k`: the PCA of what the named
-    directions leave, within the directions that keep every named prediction unchanged."""
+    directions leave, within the directions that keep every named prediction unchanged. Each
+    range is the data's spread; `parts` narrows a named control's to (first, last), fractions of
+    that spread, with its default (the data's median) kept inside."""
+    parts = parts or {}
     latent = table.latents.shape[1]
     offset = white.mean
     centred = table.latents - offset
@@ -295,7 +308,9 @@ def build_space(table: FrameTable, gradients: dict[str, np.ndarray], white: _Whi
             a, b = float(mid[j]) - 0.5, float(mid[j]) + 0.5
         if j < len(named):
             name = named[j]
-            controls.append(ControlSpec(label=name, minimum=a, maximum=b, default=float(mid[j]),
+            first, last = parts.get(name, (0.0, 1.0))
+            a, b = a + first * (b - a), a + last * (b - a)
+            controls.append(ControlSpec(label=name, minimum=a, maximum=b, default=float(np.clip(mid[j], a, b)),
                                         source="regularized" if name in regularized else "attribute",
                                         attribute=name, quality=qualities.get(name)))
         else:
@@ -424,7 +439,8 @@ def refine_directions(decode: Callable[[np.ndarray], np.ndarray], white: _Whiten
     if not names:
         return directions
     noticeable = np.array([cfg.noticeable[n] for n in names])
-    best, best_crosstalk = directions, math.inf
+    best = dict(directions)
+    best_crosstalk = np.full(len(names), math.inf)
     current = directions
     for _ in range(cfg.refine_iterations + 1):
         measured = _line_effects(decode, white, centre, current, frames, cfg, desc_cfg)
@@ -434,9 +450,12 @@ def refine_directions(decode: Callable[[np.ndarray], np.ndarray], white: _Whiten
         # the change of each other descriptor over each whole line, in noticeable steps
         change = np.abs(effect * reach[None, :]) / noticeable[:, None]
         np.fill_diagonal(change, 0.0)
-        crosstalk = float(change.max())
-        if crosstalk < best_crosstalk:
-            best, best_crosstalk = current, crosstalk
+        # each line's crosstalk is measured along that line alone, so each direction keeps its own
+        # best: a correction that helps the others cannot spoil one that was already clean
+        for j, n in enumerate(names):
+            crosstalk = float(change[:, j].max())
+            if effect[j, j] > 0 and crosstalk < best_crosstalk[j]:
+                best[n], best_crosstalk[j] = current[n], crosstalk
         if np.linalg.cond(effect) > 1e3:
             break
         corrected = np.stack([current[n] for n in names], axis=1) @ np.linalg.inv(effect)
@@ -455,29 +474,56 @@ def sweep(decode: ControlDecoder, controls: list[ControlSpec], index: int, cfg: 
     u = np.repeat(defaults[None], len(positions), axis=0)
     u[:, index] = spec.minimum + positions * (spec.maximum - spec.minimum)
     z = np.repeat(u[:, :, None], cfg.sweep_frames, axis=2).astype(np.float32)
-    medians = _descriptor_medians(decode(z), cfg, desc_cfg)
+    return _sweep_of(spec.label, positions, _descriptor_medians(decode(z), cfg, desc_cfg))
+
+
+def _sweep_of(control: str, positions: np.ndarray, medians: dict[str, np.ndarray]) -> Sweep:
+    """A sweep's record from its positions and each descriptor's medians there (NaN: undefined)."""
     rho = {name: _spearman(positions, med, max(5, len(positions) // 2)) for name, med in medians.items()}
     span = {name: float(np.nanmax(med) - np.nanmin(med)) if np.isfinite(med).any() else None
             for name, med in medians.items()}
-    return Sweep(control=spec.label, positions=[float(p) for p in positions],
+    return Sweep(control=control, positions=[float(p) for p in positions],
                  medians={k: [float(m) if np.isfinite(m) else None for m in v] for k, v in medians.items()},
                  rho=rho, span=span)
+
+
+def _part(s: Sweep, first: int, last: int) -> Sweep:
+    """The sweep's points `first..last` alone, with their rho and span."""
+    return _sweep_of(s.control, np.array(s.positions[first:last + 1]),
+                     {k: np.array([np.nan if m is None else m for m in v[first:last + 1]])
+                      for k, v in s.medians.items()})
+
+
+def passing_part(s: Sweep, attribute: str, cfg: AnalysisConfig = AnalysisConfig()) -> tuple[float, float] | None:
+    """The longest run of the sweep's points, covering at least `min_range_share` of its range,
+    over which the rule holds for `attribute` (the widest own change among equally long ones), as
+    (first, last) wire positions; None when there is none."""
+    count = len(s.positions)
+    shortest = int(math.ceil(cfg.min_range_share * (count - 1))) + 1
+    for length in range(count, shortest - 1, -1):
+        passing = [_part(s, i, i + length - 1) for i in range(count - length + 1)]
+        passing = [q for q in passing if sweep_verdict(q, attribute, cfg) is None]
+        if passing:
+            best = max(passing, key=lambda q: q.span.get(attribute) or 0.0)
+            return best.positions[0], best.positions[-1]
+    return None
 
 
 def sweep_verdict(s: Sweep, attribute: str, cfg: AnalysisConfig = AnalysisConfig()) -> str | None:
     """None when the sweep passes the rule for `attribute`, else why not: its own descriptor moves
     with rho >= own_rho (and by at least twice its noticeable change), every other descriptor that
-    changes noticeably with |rho| <= other_rho."""
+    changes noticeably with |rho| <= other_rho (onset descriptors aside: see `onset_descriptors`)."""
     own = s.rho.get(attribute)
     if own is None or own < cfg.own_rho:
         return f"sweep moves {attribute} with rho {own if own is None else round(own, 3)} < {cfg.own_rho}"
     if (s.span.get(attribute) or 0.0) < 2 * cfg.noticeable[attribute]:
         return f"sweep moves {attribute} by only {s.span.get(attribute) or 0.0:.3g} (too little to hear)"
-    for other, r in s.rho.items():
-        if other == attribute or r is None or abs(r) <= cfg.other_rho:
-            continue
-        if (s.span.get(other) or 0.0) >= cfg.noticeable[other]:
-            return f"sweep also moves {other} (rho {r:.3f}, limit {cfg.other_rho})"
+    moved = [(abs(r), other, r) for other, r in s.rho.items()
+             if other != attribute and other not in cfg.onset_descriptors and r is not None
+             and abs(r) > cfg.other_rho and (s.span.get(other) or 0.0) >= cfg.noticeable[other]]
+    if moved:
+        _, other, r = max(moved)  # the worst one: what the control is really tied to
+        return f"sweep also moves {other} (rho {r:.3f}, limit {cfg.other_rho})"
     return None
 
 
@@ -567,7 +613,8 @@ def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.n
                                         _even(table.latents, 2000), config, desc_cfg))
     regularized = set(regularized)
 
-    def measure(space: ControlSpace, names: list[str]) -> None:
+    def measure(names: list[str]) -> None:
+        space = build_space(table, gradients, white, names, directions, {}, regularized, config, parts)
         decode = control_decoder(decode_latents, space)
         progress = None
         if show_progress and names:
@@ -576,6 +623,17 @@ def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.n
         for i, name in enumerate(names):
             sweeps[name] = sweep(decode, space.controls, i, config, desc_cfg)
             why = sweep_verdict(sweeps[name], name, config)
+            part = passing_part(sweeps[name], name, config) if why else None
+            if part is not None:
+                # narrow the range to where the rule held, and sweep that range again in full
+                first, last = parts.get(name, (0.0, 1.0))
+                parts[name] = (first + part[0] * (last - first), first + part[1] * (last - first))
+                narrowed = build_space(table, gradients, white, names, directions, {}, regularized, config, parts)
+                retry = sweep(control_decoder(decode_latents, narrowed), narrowed.controls, i, config, desc_cfg)
+                if sweep_verdict(retry, name, config) is None:
+                    sweeps[name], why = retry, None
+                else:
+                    del parts[name]
             if why:
                 rejected[name] = why
             if progress:
@@ -586,20 +644,24 @@ def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.n
     def quality(name: str) -> dict:
         return {"spearman": sweeps[name].rho[name],
                 "crosstalk": {k: v for k, v in sweeps[name].rho.items() if k != name},
-                "heldout_fit_spearman": fits[name].heldout_rho, "heldout_fit_r2": fits[name].heldout_r2}
+                "heldout_fit_spearman": fits[name].heldout_rho, "heldout_fit_r2": fits[name].heldout_r2,
+                # the share of the data's spread the range covers (below 1: narrowed to where the rule holds)
+                "range_share": round(float(np.subtract(*parts.get(name, (0.0, 1.0))[::-1])), 3)}
 
     # sweep each candidate alone, then the survivors together as shipped (the other controls'
     # defaults move with the set of named ones) until every named one passes
     sweeps: dict[str, Sweep] = {}
+    parts: dict[str, tuple[float, float]] = {}
     for name in candidates:
-        measure(build_space(table, gradients, white, [name], directions, {}, regularized, config), [name])
+        measure([name])
     named = _independent([n for n in candidates if n not in rejected], gradients, directions, fits, rejected)
     tried: list[str] | None = None
     while named != tried:
         tried = named
-        measure(build_space(table, gradients, white, named, directions, {}, regularized, config), named)
+        measure(named)
         named = [n for n in named if n not in rejected]
-    space = build_space(table, gradients, white, named, directions, {n: quality(n) for n in named}, regularized, config)
+    space = build_space(table, gradients, white, named, directions, {n: quality(n) for n in named}, regularized,
+                        config, parts)
     return Analysis(space=space, fits=fits, sweeps=sweeps, named=named, rejected=rejected)
 
 
@@ -661,9 +723,11 @@ def format_table(result: Analysis) -> str:
         fit = result.fits.get(name)
         s = result.sweeps.get(name)
         own = s.rho.get(name) if s else None
-        # crosstalk that the rule counts: descriptors that change noticeably
+        # crosstalk that the rule counts: descriptors other than note onsets that change noticeably
+        cfg = AnalysisConfig()
         others = [abs(v) for k, v in (s.rho.items() if s else [])
-                  if k != name and v is not None and (s.span.get(k) or 0.0) >= AnalysisConfig().noticeable[k]]
+                  if k != name and k not in cfg.onset_descriptors and v is not None
+                  and (s.span.get(k) or 0.0) >= cfg.noticeable[k]]
         verdict = "named" if name in result.named else f"not named: {result.rejected.get(name, '')}"
         lines.append(f"{name:<11} {fmt(fit.heldout_rho if fit else None):>7} {fmt(own):>9} "
                      f"{fmt(max(others) if others else None):>9}  {verdict}")

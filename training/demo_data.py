@@ -88,7 +88,7 @@ def _pluck(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
     den[:2] = (1.0, c)
     den[delay:] -= g * np.convolve([1.0 - s, s], [c, 1.0])
     y = signal.lfilter([1.0, c], den, excitation)
-    y = y / max(np.max(np.abs(y)), 1e-9) + _breath(v, n, rng, sr, 0.003)
+    y = _breathe(y, min((0.03 + 0.9 * v.brightness ** 1.5) * sr / 2.0, 0.45 * sr), v, rng, sr)
     return y * _envelope(n, v.attack_s, math.inf, sr)
 
 
@@ -99,7 +99,10 @@ def _bell(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
     ratio = (1.4, 2.76, 3.5)[int(rng.integers(3))]
     index = (0.3 + 7.0 * v.brightness) * np.exp(-t / (0.25 * v.duration_s))
     y = np.sin(2 * np.pi * v.pitch_hz * t + index * np.sin(2 * np.pi * ratio * v.pitch_hz * t))
-    return (y + _breath(v, n, rng, sr, v.attack_s)) * _envelope(n, v.attack_s, v.duration_s / 3.5, sr)
+    # Carson's rule: the strike's partials reach about (index + 1) modulator frequencies
+    bandwidth = v.pitch_hz * (1.0 + ratio * (1.3 + 7.0 * v.brightness))
+    y = _breathe(y, min(bandwidth, 0.45 * sr), v, rng, sr)
+    return y * _envelope(n, v.attack_s, v.duration_s / 3.5, sr)
 
 
 def _saw(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
@@ -123,7 +126,7 @@ def _saw(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
     release_start = 0.7 * v.duration_s
     env = _envelope(n, v.attack_s, math.inf, sr) * np.where(
         t < release_start, 1.0, np.exp(-(t - release_start) / (0.08 * v.duration_s)))
-    return (y / max(np.max(np.abs(y)), 1e-9) + _breath(v, n, rng, sr, v.attack_s)) * env
+    return _breathe(y, cutoff, v, rng, sr) * env
 
 
 def _noise(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
@@ -149,14 +152,18 @@ def _hit(v: Voice, n: int, rng: np.random.Generator, sr: int) -> np.ndarray:
     return y * _envelope(n, v.attack_s, math.inf, sr)
 
 
-def _breath(v: Voice, n: int, rng: np.random.Generator, sr: int, attack_s: float) -> np.ndarray:
-    """Noise around the tone's upper harmonics, `noisiness` loud relative to the tone."""
-    centre = min(v.pitch_hz * 4.0, 0.3 * sr)
-    band = signal.butter(2, (centre / 2.0, min(centre * 2.0, 0.45 * sr)), btype="bandpass",
-                         fs=sr, output="sos")
-    noise = signal.sosfilt(band, rng.standard_normal(n))
-    return v.noisiness * 0.8 * noise / max(np.std(noise) * 3.0, 1e-9) * _envelope(
-        n, attack_s, v.duration_s / 2.0, sr)
+def _breathe(tone: np.ndarray, cutoff: float, v: Voice, rng: np.random.Generator, sr: int) -> np.ndarray:
+    """`tone` with noise mixed in at `noisiness` times its level (0: none), peak near 1.
+
+    The noise has the tone's spectral envelope (lowpassed at the tone's own `cutoff`) and
+    follows its amplitude envelope, so noisiness changes how noisy the sound is, not how bright
+    it is nor how that changes over the note: the demo set moves the two independently."""
+    window = max(1, int(0.005 * sr))
+    level = np.sqrt(np.convolve(tone ** 2, np.ones(window) / window, "same"))
+    noise = signal.sosfilt(signal.butter(2, cutoff, fs=sr, output="sos"), rng.standard_normal(len(tone)))
+    noise *= level / max(np.sqrt(np.mean(noise ** 2)), 1e-12)
+    y = tone + v.noisiness * noise
+    return y / max(np.max(np.abs(y)), 1e-9)
 
 
 _SYNTHS: dict[str, Callable[[Voice, int, np.random.Generator, int], np.ndarray]] = {

@@ -6,7 +6,8 @@ Five descriptors, each a value per latent frame (`hop` samples, frame `t` centre
 - loudness: A-weighted mean-square level in dB (a full-scale sine at 1 kHz reads -3.01 dB);
 - brightness: spectral centroid in Hz;
 - pitch: f0 in Hz from our own YIN (de Cheveigné & Kawahara 2002), with a confidence 0..1;
-- noisiness: spectral flatness 0..1 (white noise about 0.56, a pure tone near 0);
+- noisiness: spectral flatness 0..1 of the spectrum's fine structure, the power over its local
+  envelope (any noise, white or dark, about 0.56; a pure tone near 0);
 - attack: onset rise time in seconds (10 % to 90 % of the note's peak envelope) of the note a
   frame belongs to.
 
@@ -43,6 +44,10 @@ class DescriptorConfig:
     n_fft: int = 2048
     # frames quieter than this (A-weighted dB) are silence: no brightness, pitch, noisiness, attack
     silence_db: float = -70.0
+    # noisiness: half-width in bins of the local spectral envelope the flatness is taken against
+    # (8 bins of a 2048-point spectrum: 200 Hz either side, wider than a harmonic's main lobe,
+    # narrower than the spacing of partials above 100 Hz)
+    flatness_half_width: int = 8
     f0_min: float = 40.0
     f0_max: float = 2000.0
     # YIN: integration window in samples and the dip threshold on the normalised difference
@@ -133,19 +138,39 @@ def loudness(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> Tenso
     return compute_spectral(audio, cfg)[0]
 
 
-def _spectral_shape(power: Tensor, freqs: Tensor, silent: Tensor) -> tuple[Tensor, Tensor]:
-    """Centroid (Hz, magnitude-weighted) and flatness (power) per frame; NaN where `silent`."""
-    # floors far below any real content: an absolute one would pull the centroid of quiet
+def _centroid(power: Tensor, freqs: Tensor, silent: Tensor) -> Tensor:
+    """Centroid (Hz, magnitude-weighted) per frame; NaN where `silent`."""
+    # a floor far below any real content: an absolute one would pull the centroid of quiet
     # sounds toward the middle of the band (a level change would move their brightness)
     magnitude = torch.sqrt(power + 1e-30)
     centroid = (magnitude * freqs).sum(-1) / magnitude.sum(-1).clamp(min=1e-30)
-    # the floor relative to the frame's mean keeps log() finite on exact zeros without
-    # flattening the spectrum of quiet but real sounds
-    floor = power.mean(-1, keepdim=True) * 1e-10 + 1e-30
-    log_power = torch.log(power + floor)
-    flatness = torch.exp(log_power.mean(-1)) / (power + floor).mean(-1)
-    nan = torch.full_like(centroid, float("nan"))
-    return torch.where(silent, nan, centroid), torch.where(silent, nan, flatness)
+    return torch.where(silent, torch.full_like(centroid, float("nan")), centroid)
+
+
+def _fine_flatness(power: Tensor, silent: Tensor, half_width: int) -> Tensor:
+    """Spectral flatness of the fine structure per frame; NaN where `silent`.
+
+    Each bin's power is taken against its local envelope (the mean of the `half_width` bins
+    either side), and the geometric mean of that ratio is weighted by the envelope: the flatness
+    of every part of the spectrum, counted by how much of the sound lies there. Noise of any
+    colour reads like white noise (e^-gamma, about 0.56), partials near 0. The flatness of the
+    whole spectrum at once (geometric over arithmetic mean) measures bandwidth as much as noise:
+    it calls a dark noise burst as tonal as a sine, so brightness and noisiness never move apart.
+    """
+    batch, count, bins = power.shape
+    p = power.reshape(-1, 1, bins)
+    # a floor relative to the frame's mean keeps log() finite on exact zeros without flattening
+    # the spectrum of quiet but real sounds
+    p = p + p.mean(-1, keepdim=True) * 1e-10 + 1e-30
+    width = min(half_width, bins - 1)
+    neighbours = 2 * width
+    # the bin itself is left out of its envelope: on noise the two are then independent, and the
+    # ratio's geometric mean is white noise's flatness, e^-gamma, whatever the envelope's width
+    window = F.avg_pool1d(F.pad(p, (width, width), mode="reflect"), neighbours + 1, 1) * (neighbours + 1)
+    envelope = (window - p) / neighbours
+    weights = envelope / envelope.sum(-1, keepdim=True)
+    flatness = torch.exp((weights * torch.log(p / envelope)).sum(-1)).reshape(batch, count)
+    return torch.where(silent, torch.full_like(flatness, float("nan")), flatness)
 
 
 def brightness(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> Tensor:
@@ -154,8 +179,9 @@ def brightness(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> Ten
 
 
 def noisiness(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> Tensor:
-    """Spectral flatness (geometric over arithmetic mean of the power spectrum) per frame,
-    `(batch, frames)`, NaN on silent frames; differentiable."""
+    """Spectral flatness of the fine structure (geometric over arithmetic mean of the power
+    against its local envelope, see `_fine_flatness`) per frame, `(batch, frames)`, NaN on silent
+    frames; differentiable."""
     return compute_spectral(audio, cfg)[2]
 
 
@@ -165,8 +191,8 @@ def compute_spectral(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) 
     power, freqs = _power_spectrum(x, cfg)
     weights = 10.0 ** (a_weighting_db(freqs) / 10.0)
     level = 10.0 * torch.log10((power * weights).sum(-1) + _POWER_FLOOR)
-    centroid, flatness = _spectral_shape(power, freqs, level < cfg.silence_db)
-    return level, centroid, flatness
+    silent = level < cfg.silence_db
+    return level, _centroid(power, freqs, silent), _fine_flatness(power, silent, cfg.flatness_half_width)
 
 
 def pitch(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> tuple[Tensor, Tensor]:
