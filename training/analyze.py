@@ -518,13 +518,19 @@ def sweep_verdict(s: Sweep, attribute: str, cfg: AnalysisConfig = AnalysisConfig
         return f"sweep moves {attribute} with rho {own if own is None else round(own, 3)} < {cfg.own_rho}"
     if (s.span.get(attribute) or 0.0) < 2 * cfg.noticeable[attribute]:
         return f"sweep moves {attribute} by only {s.span.get(attribute) or 0.0:.3g} (too little to hear)"
-    moved = [(abs(r), other, r) for other, r in s.rho.items()
-             if other != attribute and other not in cfg.onset_descriptors and r is not None
-             and abs(r) > cfg.other_rho and (s.span.get(other) or 0.0) >= cfg.noticeable[other]]
+    moved = [(abs(r), other, r) for other, r in counted_crosstalk(s, attribute, cfg).items() if abs(r) > cfg.other_rho]
     if moved:
         _, other, r = max(moved)  # the worst one: what the control is really tied to
         return f"sweep also moves {other} (rho {r:.3f}, limit {cfg.other_rho})"
     return None
+
+
+def counted_crosstalk(s: Sweep, attribute: str, cfg: AnalysisConfig = AnalysisConfig()) -> dict[str, float]:
+    """The other descriptors the sweep rule counts along `attribute`'s sweep, with their rho: those
+    that change by at least their noticeable step, note onsets aside (see `onset_descriptors`)."""
+    return {other: r for other, r in s.rho.items()
+            if other != attribute and other not in cfg.onset_descriptors and r is not None
+            and (s.span.get(other) or 0.0) >= cfg.noticeable[other]}
 
 
 def vae_latent_decoder(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -723,11 +729,7 @@ def format_table(result: Analysis) -> str:
         fit = result.fits.get(name)
         s = result.sweeps.get(name)
         own = s.rho.get(name) if s else None
-        # crosstalk that the rule counts: descriptors other than note onsets that change noticeably
-        cfg = AnalysisConfig()
-        others = [abs(v) for k, v in (s.rho.items() if s else [])
-                  if k != name and k not in cfg.onset_descriptors and v is not None
-                  and (s.span.get(k) or 0.0) >= cfg.noticeable[k]]
+        others = [abs(v) for v in counted_crosstalk(s, name).values()] if s else []
         verdict = "named" if name in result.named else f"not named: {result.rejected.get(name, '')}"
         lines.append(f"{name:<11} {fmt(fit.heldout_rho if fit else None):>7} {fmt(own):>9} "
                      f"{fmt(max(others) if others else None):>9}  {verdict}")
