@@ -129,6 +129,14 @@ def test_the_verdict_names_the_worst_crosstalk():
     assert "noisiness" in A.sweep_verdict(s, "brightness")
 
 
+def test_crosstalk_at_exactly_the_limit_passes():
+    # noisiness ranks 2 4 5 8 7 3 1 0 10 9 6 against the position: rho = 1 - 6 * 154 / 1320 = 0.3,
+    # which floating point computes as 0.30000000000000004
+    s = _sweep(brightness=np.linspace(10.0, 12.0, 11), noisiness=[-2.0 + 0.1 * r for r in (2, 4, 5, 8, 7, 3, 1, 0, 10, 9, 6)])
+    assert s.rho["noisiness"] == 0.3 and s.span["noisiness"] >= A.AnalysisConfig().noticeable["noisiness"]
+    assert A.sweep_verdict(s, "brightness") is None
+
+
 def test_a_narrowed_range_keeps_its_default_inside(table):
     fits, white = A.fit_descriptors(table, FAST)
     gradients = {"loudness": np.array([0.0, 6.0, 0.0, 0.0])}

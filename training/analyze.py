@@ -139,7 +139,9 @@ def _spearman(a: np.ndarray, b: np.ndarray, min_points: int) -> float | None:
         return None
     if np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
         return 0.0
-    return float(spearmanr(a[ok], b[ok]).statistic)
+    # rho of ranks is a ratio of integers: rounding drops the float noise that would otherwise
+    # decide the rule's limits (an exact 0.3 computes as 0.30000000000000004 > 0.3)
+    return round(float(spearmanr(a[ok], b[ok]).statistic), 12)
 
 
 def _hop(model: torch.nn.Module) -> int:
