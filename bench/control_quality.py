@@ -58,8 +58,8 @@ def train_both(prepared: Path, work: Path, minutes: float, regularize: str, seed
         if name == "regularized":
             cmd += ["--regularize", regularize]
         print(f"[{name}] {' '.join(cmd)}", flush=True)
-        log = open(work / f"train-{name}.log", "w")
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        with open(work / f"train-{name}.log", "w") as log:  # the child keeps its own copy of the handle
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     for name, proc in procs.items():
         if proc.wait() != 0:
             raise SystemExit(f"[{name}] training failed (exit {proc.returncode}); see {work / f'train-{name}.log'}")

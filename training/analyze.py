@@ -650,11 +650,12 @@ def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.n
             progress.close()
 
     def quality(name: str) -> dict:
+        first, last = parts.get(name, (0.0, 1.0))
         return {"spearman": sweeps[name].rho[name],
                 "crosstalk": {k: v for k, v in sweeps[name].rho.items() if k != name},
                 "heldout_fit_spearman": fits[name].heldout_rho, "heldout_fit_r2": fits[name].heldout_r2,
                 # the share of the data's spread the range covers (below 1: narrowed to where the rule holds)
-                "range_share": round(float(np.subtract(*parts.get(name, (0.0, 1.0))[::-1])), 3)}
+                "range_share": round(last - first, 3)}
 
     # sweep each candidate alone, then the survivors together as shipped (the other controls'
     # defaults move with the set of named ones) until every named one passes
