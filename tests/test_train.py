@@ -116,6 +116,10 @@ def test_training_lowers_the_validation_distance_and_reports_kl(setup, tmp_path)
         assert ckpt["config"]["model"]["latent_size"] == 4 and ckpt["manifest_hash"].startswith("sha256:")
     ckpt, model = load_run(run)
     assert not model.training and ckpt["step"] == int(ckpt["best"]["step"])
+    # the model in use is the moving average of the trained weights, kept beside them
+    assert ckpt["config"]["optim"]["ema_decay"] > 0
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, ckpt["model"][k]) for k, v in ckpt["ema"].items())
     assert ckpt["dataset_dir"] == str(data.resolve()) and ckpt["preprocessing"]["sample_rate"] == 48000
 
     # a finished run is never overwritten by accident
@@ -176,7 +180,8 @@ def test_kill_9_never_leaves_an_unreadable_run(setup, tmp_path):
 def test_config_errors_name_the_key(setup, tmp_path):
     data, _ = setup
     for text, key in (('[optim]\nlr = "fast"\n', "optim.lr"), ("[model]\nlatent_dims = 8\n", "model.latent_dims"),
-                      ("[augment.gain]\nprobability = 2.0\n", "augment.gain.probability")):
+                      ("[augment.gain]\nprobability = 2.0\n", "augment.gain.probability"),
+                      ("[optim]\nema_decay = 1.0\n", "optim.ema_decay")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
         result = _cli("train", str(data), str(tmp_path / "run"), "--steps", "1", "--config", str(bad))

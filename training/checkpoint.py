@@ -87,6 +87,7 @@ def load_run(run_dir: str | os.PathLike[str], which: str = "best"):
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"], f"{path} config")
     model = VAE(cfg.model)
-    model.load_state_dict(ckpt["model"])
+    # the moving average of the weights, where the run kept one, is the model in use
+    model.load_state_dict(ckpt.get("ema", ckpt["model"]))
     model.eval()
     return ckpt, model

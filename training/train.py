@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import faulthandler
 import math
@@ -241,6 +242,9 @@ class Trainer:
         torch.manual_seed(self.seed)  # the initial weights depend on the seed alone
         model = VAE(cfg.model).to(self.device)
         self.model = model
+        # the averaged weights are what validation sees and what best.pt and the export carry
+        self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
+        self.eval_model = self.ema if self.ema is not None else model
         self.hop = cfg.model.hop
         self.spectral = MultiResolutionSpectralLoss(cfg.loss.stft_fft_sizes, cfg.loss.mel_fft_sizes,
                                                     cfg.loss.n_mels, sample_rate).to(self.device)
@@ -347,6 +351,8 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.discriminators is not None and "discriminators" in ckpt:
             self.discriminators.load_state_dict(ckpt["discriminators"])
@@ -404,8 +410,16 @@ class Trainer:
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self._update_ema()
         values["loss"] = loss.item()
         return values, kl_dims.detach().float().cpu()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # the effective decay starts low, so the average is not anchored to the random start
+        decay = min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
 
     def _reconstruction(self, terms) -> Tensor:
         w = self.cfg.loss
@@ -450,8 +464,10 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """The training losses on the held-out crops (posterior mean, no noise), all processes' share."""
-        self.model.eval()
+        """The training losses on the held-out crops (posterior mean, no noise), all processes' share,
+        for the weights in use (the moving average when there is one)."""
+        model = self.eval_model
+        model.eval()
         latent = self.cfg.model.latent_size
         resolutions = max(1, len(self.cfg.loss.stft_fft_sizes))
         # sums of: error and target energy per resolution, log magnitude, log mel, crop count,
@@ -460,7 +476,7 @@ class Trainer:
         for batch in self.validation.batches(self.cfg.data.batch_size, self.rank, self.world):
             batch = batch.to(self.device)
             with self._autocast():
-                y, mean, logvar = self.model(batch)
+                y, mean, logvar = model(batch)
             terms = self.spectral.terms(y.float()[..., self.context:], batch[..., self.context:])
             mel = terms.log_mel.sum() if terms.log_mel is not None else torch.zeros(())
             kl = kl_per_dim(mean.float(), logvar.float()) * batch.shape[0]
@@ -503,6 +519,8 @@ class Trainer:
             "latency_samples": int(self.model.latency_samples),
             "finished": self.finished,
         }
+        if self.ema is not None:
+            ckpt["ema"] = self.ema.state_dict()
         if self.discriminators is not None:
             ckpt["discriminators"] = self.discriminators.state_dict()
             ckpt["disc_optimizer"] = self.disc_optimizer.state_dict()
