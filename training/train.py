@@ -419,7 +419,8 @@ class Trainer:
     def _update_ema(self) -> None:
         # the effective decay starts low, so the average is not anchored to the random start
         decay = min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
+        for averaged, trained in zip(self.ema.parameters(), self.model.parameters()):
+            averaged.lerp_(trained, 1.0 - decay)
 
     def _reconstruction(self, terms) -> Tensor:
         w = self.cfg.loss
