@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 VIRTUAL = "virtual"
 CLIENT_NAME = "synthd"
 PORT_NAME = "midi_in"
-# rtmidi's queue between its JACK thread and ours: a second of a dense flood at the poll rate
+# rtmidi's queue between its JACK thread and our reader: room for 8192 messages between two drains
 QUEUE_SIZE = 8192
 POLL_INTERVAL_S = 0.001
 
