@@ -1,10 +1,11 @@
 """Training quality on real recorded sets, measured on files held out of `prepare` entirely.
 
-Builds each set from sounds installed on this machine (the Hydrogen ElectricEmpireKit drum
-kit; notes of several instruments rendered from FluidR3_GM.sf2 with fluidsynth), holds every
-fifth file out, prepares the rest, and trains with the default config (and, with
-`--augment both`, again with every augmentation off) for a wall-clock budget. Every
-`--every` minutes it loads the run's latest checkpoint and prints, over the held-out files:
+Builds each set from sounds installed on this machine (a Hydrogen drum kit: ElectricEmpireKit,
+on which the defaults were tuned, or another with `--kit`; notes of several instruments
+rendered from FluidR3_GM.sf2 with fluidsynth), holds every fifth file out, prepares the rest,
+and trains with the default config (and, with `--augment both`, again with every augmentation
+off) for a wall-clock budget. Every `--every` minutes it loads the run's latest checkpoint and
+prints, over the held-out files:
 
     model   multi-resolution STFT distance (spectral convergence + log magnitude, FFT 64..4096)
             between each held-out file and the model's reconstruction of it
@@ -12,11 +13,13 @@ fifth file out, prepares the rest, and trains with the default config (and, with
     ratio   model / noise   (target: <= 0.45 within 20 minutes on 2 CPU cores)
 
     .venv/bin/python bench/train_quality.py --set drums --minutes 20
+    .venv/bin/python bench/train_quality.py --set drums --kit "circAfrique v4" --minutes 20
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -32,9 +35,12 @@ sys.path.insert(0, str(REPO))
 
 from training.audio import load_for_model  # noqa: E402
 from training.checkpoint import load_run  # noqa: E402
+from training.config import AugmentConfig  # noqa: E402
 from training.losses import mrstft_distance  # noqa: E402
 
-DRUMKIT = Path("/usr/share/hydrogen/data/drumkits/ElectricEmpireKit")
+DRUMKITS = Path("/usr/share/hydrogen/data/drumkits")
+# the kit the defaults were tuned on; `--kit` picks another (e.g. "circAfrique v4", hand drums)
+DEFAULT_KIT = "ElectricEmpireKit"
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 # General MIDI programs: piano, vibraphone, nylon guitar, violin, cello, trumpet, flute, synth lead
 GM_PROGRAMS = (0, 11, 24, 40, 42, 56, 73, 81)
@@ -43,10 +49,10 @@ HOLD_OUT_EVERY = 5
 NOISE_FFT = 2048
 
 
-def build_drums(folder: Path) -> list[Path]:
-    files = sorted(DRUMKIT.glob("*.flac"))
+def build_drums(folder: Path, kit: str = DEFAULT_KIT) -> list[Path]:
+    files = sorted(f for f in (DRUMKITS / kit).glob("*") if f.suffix.lower() in (".flac", ".wav"))
     if not files:
-        raise SystemExit(f"{DRUMKIT}: no drum kit (Debian package hydrogen-drumkits)")
+        raise SystemExit(f"{DRUMKITS / kit}: no drum kit (Debian package hydrogen-drumkits)")
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for f in files:
@@ -57,7 +63,7 @@ def build_drums(folder: Path) -> list[Path]:
     return out
 
 
-def build_gm(folder: Path) -> list[Path]:
+def build_gm(folder: Path, kit: str = "") -> list[Path]:
     """One WAV per (program, pitch): a 1.2 s note and its release, rendered by fluidsynth."""
     import mido
 
@@ -178,6 +184,9 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=4.0, help="minutes between held-out measurements")
     parser.add_argument("--augment", choices=["on", "off", "both"], default="both",
                         help="defaults (on), every augmentation off, or one run of each")
+    parser.add_argument("--kit", default=DEFAULT_KIT,
+                        help=f"Hydrogen drum kit of --set drums (default {DEFAULT_KIT}, the kit the defaults "
+                             f"were tuned on; any folder of {DRUMKITS})")
     parser.add_argument("--config", type=Path, help="config for the default run (e.g. to try a change)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "synthd-train-quality")
     parser.add_argument("--seed", type=int, default=0)
@@ -187,8 +196,9 @@ def main() -> int:
     names = sorted(SETS) if args.set == "all" else [args.set]
     summary = []
     for set_name in names:
-        work = args.work / set_name
-        files = SETS[set_name](work / "sources")
+        # another kit gets a folder of its own: no source or prepared file of one kit mixes into the other's
+        work = args.work / (f"{set_name}-{args.kit}" if set_name == "drums" and args.kit != DEFAULT_KIT else set_name)
+        files = SETS[set_name](work / "sources", args.kit)
         held = files[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY]
         train_dir = work / "train-sources"
         shutil.rmtree(train_dir, ignore_errors=True)
@@ -205,8 +215,7 @@ def main() -> int:
             runs.append(("defaults", args.config))
         if args.augment in ("off", "both"):
             off = work / "augment-off.toml"
-            off.write_text("".join(f"[augment.{a}]\nenabled = false\n"
-                                   for a in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity")))
+            off.write_text("".join(f"[augment.{a.name}]\nenabled = false\n" for a in dataclasses.fields(AugmentConfig)))
             runs.append(("augment-off", off))
         for name, config in runs:
             ratio = run_one(f"{set_name}/{name}", prepared, held, work, args.minutes, args.every, config, args.seed)

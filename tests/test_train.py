@@ -19,6 +19,7 @@ import torch
 from training.augment import Augmenter
 from training.checkpoint import load_checkpoint, load_run
 from training.config import AugmentConfig, load_config
+from training.data import CropSampler
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -181,7 +182,8 @@ def test_config_errors_name_the_key(setup, tmp_path):
     data, _ = setup
     for text, key in (('[optim]\nlr = "fast"\n', "optim.lr"), ("[model]\nlatent_dims = 8\n", "model.latent_dims"),
                       ("[augment.gain]\nprobability = 2.0\n", "augment.gain.probability"),
-                      ("[optim]\nema_decay = 1.0\n", "optim.ema_decay")):
+                      ("[optim]\nema_decay = 1.0\n", "optim.ema_decay"),
+                      ("[augment.mix]\nmin_db = 0.0\nmax_db = -6.0\n", "augment.mix.min_db")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
         result = _cli("train", str(data), str(tmp_path / "run"), "--steps", "1", "--config", str(bad))
@@ -242,6 +244,30 @@ def _descendants(pid: int) -> list[int]:
         for child in (task / "children").read_text().split():
             found += [int(child), *_descendants(int(child))]
     return found
+
+
+def test_mix_adds_a_second_file_at_a_gain_in_range():
+    # two files that cannot be confused: constant 1.0 and constant 0.001, both longer than a crop
+    audio = [np.ones(8000, np.float32), np.full(8000, 1e-3, np.float32)]
+    cfg = AugmentConfig()
+    for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity"):
+        getattr(cfg, name).enabled = False
+    cfg.mix.probability, cfg.mix.min_db, cfg.mix.max_db = 1.0, -12.0, -6.0
+    sampler = CropSampler(audio, 1024, 64, Augmenter(cfg, 48000))
+    target, encoder_input = sampler.batch(np.random.default_rng(0))
+    values = target[:, 0, 0].double().numpy()
+    assert torch.equal(target, encoder_input)
+    assert (target == target[:, :, :1]).all()  # every example a sum of two constants
+    low, high = 10 ** (-12 / 20), 10 ** (-6 / 20)
+    # each value is a + g * b: a and b the two files' levels, g the mix gain within its range
+    assert all(any(low - 1e-6 <= (v - a) / b <= high + 1e-6 for a in (1.0, 1e-3) for b in (1.0, 1e-3))
+               for v in values)
+    # both kinds of pair occur, and no example is a single file alone
+    assert not np.isin(np.round(values, 6), [1.0, 1e-3]).any()
+    assert (values > 1.0).any() and (values < 0.6).any()
+    cfg.mix.enabled = False
+    plain, _ = CropSampler(audio, 1024, 64, Augmenter(cfg, 48000)).batch(np.random.default_rng(0))
+    assert np.isin(plain[:, 0, 0].numpy(), np.array([1.0, 1e-3], np.float32)).all()
 
 
 def test_augmentations_keep_the_length_and_noise_only_the_input():

@@ -3,7 +3,8 @@
 Each augmentation has its own switch, probability and range in `AugmentConfig`. Pitch shift
 and time stretch change the length of what they are given, so the sampler cuts a longer
 source (`source_length`) and `Augmenter.__call__` returns exactly the crop length asked for.
-All randomness comes from the generator passed in, so a step's batch is a function of the
+`mix` (a second crop added) needs other files, so the sampler (training.data) applies it, before
+the rest. All randomness comes from the generator passed in, so a step's batch is a function of the
 seed and the step alone.
 """
 
@@ -76,9 +77,9 @@ class Augmenter:
 
     @property
     def active(self) -> bool:
-        c = self.cfg
-        return any(a.enabled and a.probability > 0
-                   for a in (c.gain, c.pitch, c.stretch, c.noise, c.eq_tilt, c.polarity))
+        """Whether any augmentation of one crop can happen (`mix`, which needs a second crop, is
+        the sampler's)."""
+        return any(a.enabled and a.probability > 0 for name, a in vars(self.cfg).items() if name != "mix")
 
     def source_length(self, length: int) -> int:
         """Samples to cut from a file so that the augmented crop has at least `length`."""

@@ -77,11 +77,25 @@ class NoiseAugment:
 
 @dataclass
 class EqTiltAugment:
-    """Spectral tilt around 1 kHz, up to `max_db_per_octave` either way."""
+    """Spectral tilt around 1 kHz, up to `max_db_per_octave` either way. Drums held out
+    (bench/train_quality.py, 15 min on one thread): 0.454 against 0.464 without."""
 
-    enabled: bool = False
+    enabled: bool = True
     probability: float = 0.3
     max_db_per_octave: float = 1.5
+
+
+@dataclass
+class MixAugment:
+    """A second training crop, from a file drawn the same way, added at a gain in [min_db, max_db]:
+    layered hits, sounds the set does not hold, so that the model must generalise rather than
+    recall. Drums held out (bench/train_quality.py, 10 min on one thread, with eq_tilt):
+    0.448 against 0.463 without."""
+
+    enabled: bool = True
+    probability: float = 0.5
+    min_db: float = -12.0
+    max_db: float = 0.0
 
 
 @dataclass
@@ -98,6 +112,7 @@ class AugmentConfig:
     noise: NoiseAugment = field(default_factory=NoiseAugment)
     eq_tilt: EqTiltAugment = field(default_factory=EqTiltAugment)
     polarity: PolarityAugment = field(default_factory=PolarityAugment)
+    mix: MixAugment = field(default_factory=MixAugment)
 
 
 @dataclass
@@ -276,7 +291,7 @@ def _check(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: must be between 0 and 1, got {value}")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be at least 0 and below 1, got {cfg.optim.ema_decay}")
-    for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity"):
+    for name in (f.name for f in dataclasses.fields(cfg.augment)):
         p = getattr(cfg.augment, name).probability
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"augment.{name}.probability: must be between 0 and 1, got {p}")
@@ -298,8 +313,9 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("loss.stft_fft_sizes: no reconstruction loss left (mel_fft_sizes is empty too)")
     if not 0.5 <= cfg.augment.stretch.min_rate <= cfg.augment.stretch.max_rate <= 2.0:
         raise ConfigError("augment.stretch.min_rate: need 0.5 <= min_rate <= max_rate <= 2")
-    if cfg.augment.gain.min_db > cfg.augment.gain.max_db:
-        raise ConfigError("augment.gain.min_db: greater than augment.gain.max_db")
+    for name in ("gain", "mix"):
+        if getattr(cfg.augment, name).min_db > getattr(cfg.augment, name).max_db:
+            raise ConfigError(f"augment.{name}.min_db: greater than augment.{name}.max_db")
     if cfg.augment.noise.min_snr_db > cfg.augment.noise.max_snr_db:
         raise ConfigError("augment.noise.min_snr_db: greater than augment.noise.max_snr_db")
 

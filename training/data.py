@@ -47,6 +47,12 @@ class CropSampler:
         weights = np.array([max(len(a), 1) for a in audio], dtype=np.float64) ** file_weight_power
         self.p = weights / weights.sum()
 
+    def _crop(self, index: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        """`length` samples of file `index` from a random crop start, with the context before it."""
+        audio = self.audio[index]
+        start = int(rng.integers(0, len(audio) - self.crop + 1)) if len(audio) > self.crop else 0
+        return _segment(audio, start - self.context, length)
+
     def batch(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """(target, encoder input), each `(batch, 1, context + crop_samples)` float32; a function of
         `rng` alone."""
@@ -54,9 +60,11 @@ class CropSampler:
         source_len = self.augmenter.source_length(length)
         targets, inputs = [], []
         for i in rng.choice(len(self.audio), size=self.batch_size, p=self.p):
-            audio = self.audio[i]
-            start = int(rng.integers(0, len(audio) - self.crop + 1)) if len(audio) > self.crop else 0
-            source = _segment(audio, start - self.context, source_len)
+            source = self._crop(i, source_len, rng)
+            mix = self.augmenter.cfg.mix
+            if mix.enabled and rng.random() < mix.probability:
+                other = self._crop(int(rng.choice(len(self.audio), p=self.p)), source_len, rng)
+                source = source + other * np.float32(10 ** (rng.uniform(mix.min_db, mix.max_db) / 20))
             if self.augmenter.active:
                 target, noisy = self.augmenter(source, length, rng)
             else:
