@@ -17,6 +17,7 @@ import contextlib
 import copy
 import csv
 import faulthandler
+import io
 import math
 import os
 import signal
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from training.data import CropSampler, ValidationSet
 from training.augment import Augmenter
@@ -127,10 +128,12 @@ class RunLog:
                 rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= resume_step]
         else:
             rows = []
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        # replaced in one step: a kill here leaves the old log, not an empty one
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.path, text.getvalue().encode())
         self.tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -485,7 +488,10 @@ class Trainer:
                                terms.log_magnitude.sum().reshape(1), mel.reshape(1),
                                torch.tensor([float(batch.shape[0])], device=kl.device), kl]).double().cpu()
         if self.world > 1:
-            dist.all_reduce(sums)
+            # NCCL reduces CUDA tensors only (gloo takes either)
+            shared = sums.to(self.device)
+            dist.all_reduce(shared)
+            sums = shared.cpu()
         r = resolutions
         count = float(sums[2 * r + 2])
         sc = float((sums[:r] / sums[r:2 * r].clamp(min=1e-12)).sqrt().mean()) if self.cfg.loss.stft_fft_sizes else 0.0
@@ -546,7 +552,8 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:  # leftovers of writes cut short by a kill; the files they were replacing are intact
-            for stale in [*self.run_dir.glob(".*.pt.*.tmp"), *self.run_dir.glob(".config.toml.*.tmp")]:
+            for stale in [*self.run_dir.glob(".*.pt.*.tmp"), *self.run_dir.glob(".config.toml.*.tmp"),
+                          *self.run_dir.glob(".log.csv.*.tmp")]:
                 stale.unlink(missing_ok=True)
         latent = cfg.model.latent_size
         columns = (["step", "elapsed_s", "lr", "beta", "loss", "recon", "sc", "logmag", "mel", "kl",
@@ -567,11 +574,12 @@ class Trainer:
         shown = int(self.elapsed) if by_time else self.step
         last_save = time.monotonic()
         status = 0
-        if not self.history:  # the untrained model's figures: what training is measured against
-            row = self._validation_round({"step": 0, "elapsed_s": 0.0})
-            if log is not None:
-                log.write(row)
+        # a signal from here on is a request to save and stop: during the first and last validations too
         with StopRequest() as stop:
+            if not self.history:  # the untrained model's figures: what training is measured against
+                row = self._validation_round({"step": 0, "elapsed_s": 0.0})
+                if log is not None:
+                    log.write(row)
             started = time.monotonic() - self.elapsed
             while True:
                 self.elapsed = time.monotonic() - started
@@ -605,15 +613,15 @@ class Trainer:
                     log.write(row)
             if stop.signal is not None:
                 status = 128 + stop.signal
-        if progress_bar is not None:
-            progress_bar.close()
-        self.finished = status == 0
-        if status == 0 and (not self.history or self.history[-1]["step"] != self.step):
-            row = self._validation_round({"step": self.step, "elapsed_s": self.elapsed})
-            if log is not None:
-                log.write(row)
-        elif self.main:
-            save_checkpoint(self.run_dir / "last.pt", self._checkpoint())
+            if progress_bar is not None:
+                progress_bar.close()
+            self.finished = status == 0
+            if status == 0 and (not self.history or self.history[-1]["step"] != self.step):
+                row = self._validation_round({"step": self.step, "elapsed_s": self.elapsed})
+                if log is not None:
+                    log.write(row)
+            elif self.main:
+                save_checkpoint(self.run_dir / "last.pt", self._checkpoint())
         if log is not None:
             log.close()
         self._summary(status)
