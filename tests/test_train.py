@@ -252,7 +252,7 @@ def test_mix_adds_a_second_file_at_a_gain_in_range():
     cfg = AugmentConfig()
     for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity"):
         getattr(cfg, name).enabled = False
-    cfg.mix.probability, cfg.mix.min_db, cfg.mix.max_db = 1.0, -12.0, -6.0
+    cfg.mix.enabled, cfg.mix.probability, cfg.mix.min_db, cfg.mix.max_db = True, 1.0, -12.0, -6.0
     sampler = CropSampler(audio, 1024, 64, Augmenter(cfg, 48000))
     target, encoder_input = sampler.batch(np.random.default_rng(0))
     values = target[:, 0, 0].double().numpy()
