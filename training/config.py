@@ -93,7 +93,7 @@ class MixAugment:
     thread, with eq_tilt: 0.447 against 0.454 without; hand drums the defaults were not tuned on:
     0.346 against 0.349), and a model trained on mixtures ties brightness to noisiness, so the
     analysis names fewer controls (tiny demo model, seeds 0-3: brightness named in 1 of 4 runs
-    with mix, 2 of 3 without)."""
+    with mix, 3 of 4 without)."""
 
     enabled: bool = False
     probability: float = 0.5
