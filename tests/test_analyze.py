@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from support.demo_model import synthd_train, trained_demo
+from support.demo_model import TRAINED_STEPS, synthd_train, trained_demo
 from training import analyze as A
 from training.descriptors import DescriptorConfig, analysis_values, compute
 
@@ -157,9 +157,6 @@ def test_an_encoder_that_learnt_nothing_gives_playable_unnamed_controls():
     assert result.named == [] and all("same latents" in why for why in result.rejected.values())
     assert [c.label for c in result.space.controls] == ["timbre_1", "timbre_2", "timbre_3", "timbre_4"]
     assert all(c.maximum - c.minimum == pytest.approx(1.0) for c in result.space.controls)
-
-
-TRAINED_STEPS = 200
 
 
 @pytest.mark.timeout(1200)

@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from support.demo_model import prepared_demo, synthd_train, trained_demo
+from support.demo_model import TRAINED_STEPS, prepared_demo, synthd_train, trained_demo
 from support.nnmodels import build_toy_model
 from training.evaluate import RECONSTRUCTION_METRICS, _fmt
-
-TRAINED_STEPS = 200
 
 
 class _Tagged(HTMLParser):

@@ -24,7 +24,7 @@ from training.control_space import pca_space
 from training.dataset import PreparedSet
 from training.export import build_metadata, export_model
 from training.model import VAE, ModelConfig
-from support.demo_model import exported_demo
+from support.demo_model import TRAINED_STEPS, exported_demo
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -228,10 +228,6 @@ def test_export_replaces_a_file_atomically(exported, tmp_path):
     assert out.stat().st_mode & 0o044 == 0o044  # readable like any file the user writes
 
 
-# steps of the trained demo model, the one the analysis and evaluation tests train (built once)
-TRAINED_STEPS = 200
-
-
 def _alias_models() -> list[str]:
     extra = os.environ.get("SYNTHD_ALIAS_MODEL")
     return ["untrained", "trained"] + ([extra] if extra else [])
@@ -261,7 +257,8 @@ def test_sweep_through_the_file_folds_nothing(alias_model):
         # A trained model remakes the sweep in its own timbre: partials the sweep lacks, some of
         # them moving as fast as an image would (the 200-step demo model makes one near 562 Hz that
         # keeps pace with the sweep's 6th-harmonic image for three frames), which the partial
-        # trackers cannot tell from folding. What folding must leave, energy above 20 kHz, stays at the floor.
+        # trackers cannot tell from folding. What folding must leave, energy above 20 kHz, stays at
+        # the floor.
         assert report.output_above_db <= max(report.source_above_db, FLOOR_DB) + 1.0, report.describe()
 
 

@@ -67,6 +67,10 @@ warmup_steps = 20
 threads = 2
 """
 
+# steps of "the trained demo model" that the analysis, evaluation and aliasing tests share (trained
+# once per test session)
+TRAINED_STEPS = 200
+
 
 def trained_demo(base: Path, steps: int) -> Path:
     """A run of the tiny config trained `steps` steps on the prepared demo set (built once under `base`)."""
