@@ -284,3 +284,75 @@ def test_augmentations_keep_the_length_and_noise_only_the_input():
     assert 0 < np.sqrt(np.mean(residual ** 2)) < 0.05 * np.sqrt(np.mean(target ** 2))
     again, _ = augmenter(source, 4096, np.random.default_rng(0))
     assert np.array_equal(target, again)
+
+
+def _only(name: str, **settings) -> Augmenter:
+    """An augmenter that applies `name` alone, every time, with `settings` for its range."""
+    cfg = AugmentConfig()
+    for other in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity", "mix"):
+        getattr(cfg, other).enabled = other == name
+    getattr(cfg, name).probability = 1.0
+    for key, value in settings.items():
+        setattr(getattr(cfg, name), key, value)
+    return Augmenter(cfg, 48000)
+
+
+def _peak_hz(x: np.ndarray, lo: float, hi: float) -> float:
+    """Frequency of the strongest component of `x` (48 kHz) between `lo` and `hi` Hz, to 0.25 Hz."""
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)), n=4 * 48000))
+    freqs = np.fft.rfftfreq(4 * 48000, 1 / 48000)
+    band = (freqs >= lo) & (freqs <= hi)
+    return float(freqs[band][spectrum[band].argmax()])
+
+
+def _level_db(x: np.ndarray, hz: float) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(20 * np.log10(spectrum[int(round(hz * len(x) / 48000))]))
+
+
+def test_each_augmentation_does_what_it_says_within_its_range():
+    """Each augmentation alone on signals whose change can be read off: a 1 kHz tone beating at
+    10 Hz (pitch moves both, stretch only the beat), two tones (tilt), any signal (gain, polarity)."""
+    n = 48000
+    t = np.arange(4 * n) / 48000
+    beating = (0.3 * np.sin(2 * np.pi * 1000 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 10 * t))).astype(np.float32)
+
+    def rngs():  # the same eight draws for each augmentation
+        return [np.random.default_rng(seed) for seed in range(8)]
+
+    def beat_hz(x: np.ndarray) -> float:
+        envelope = np.convolve(np.abs(x), np.ones(480) / 480, mode="same")  # 10 ms: the carrier averaged out
+        return _peak_hz(envelope - envelope.mean(), 2.0, 40.0)
+
+    gains = [20 * np.log10(np.std(_only("gain", min_db=-6.0, max_db=6.0)(beating, n, r)[0]) / np.std(beating[:n]))
+             for r in rngs()]
+    assert all(-6.01 <= g <= 6.01 for g in gains) and min(gains) < -1 and max(gains) > 1, gains
+
+    flipped, _ = _only("polarity")(beating, n, rngs()[0])
+    assert np.array_equal(flipped, -beating[:n])
+
+    pitch = _only("pitch", max_semitones=2.0)
+    for r in rngs():
+        shifted, _ = pitch(beating[:pitch.source_length(n)], n, r)
+        semitones = 12 * np.log2(_peak_hz(shifted, 500, 2000) / 1000)
+        assert -2.02 <= semitones <= 2.02 and abs(semitones) > 0.01, semitones
+        # varispeed: the beat speeds up by the same ratio
+        assert 12 * np.log2(beat_hz(shifted) / 10) == pytest.approx(semitones, abs=0.3)
+
+    stretch = _only("stretch", min_rate=0.8, max_rate=1.25)
+    rates = []
+    for r in rngs():
+        stretched, _ = stretch(beating[:stretch.source_length(n)], n, r)
+        assert _peak_hz(stretched, 500, 2000) == pytest.approx(1000, abs=2)  # same pitch
+        rates.append(beat_hz(stretched) / 10)
+    assert all(0.78 <= rate <= 1.27 for rate in rates) and min(rates) < 0.97 and max(rates) > 1.03, rates
+
+    two_tones = (0.2 * np.sin(2 * np.pi * 250 * t[:n]) + 0.2 * np.sin(2 * np.pi * 4000 * t[:n])).astype(np.float32)
+    tilts = []
+    for r in rngs():
+        tilted, _ = _only("eq_tilt", max_db_per_octave=1.5)(two_tones, n, r)
+        low, high = (_level_db(tilted, f) - _level_db(two_tones, f) for f in (250, 4000))
+        # pivoting at 1 kHz: two octaves below and two above move by the same amount, opposite ways
+        assert low == pytest.approx(-high, abs=0.05) and abs(high) <= 2 * 1.5 + 0.05, (low, high)
+        tilts.append(high / 2)
+    assert min(tilts) < -0.1 and max(tilts) > 0.1, tilts
