@@ -19,7 +19,7 @@ import torch
 from training.augment import Augmenter
 from training.checkpoint import load_checkpoint, load_run
 from training.config import AugmentConfig, load_config
-from training.data import CropSampler
+from training.data import CropSampler, ValidationSet
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -356,3 +356,25 @@ def test_each_augmentation_does_what_it_says_within_its_range():
         assert low == pytest.approx(-high, abs=0.05) and abs(high) <= 2 * 1.5 + 0.05, (low, high)
         tilts.append(high / 2)
     assert min(tilts) < -0.1 and max(tilts) > 0.1, tilts
+
+
+def test_a_file_shorter_than_a_crop_is_padded_never_dropped():
+    """A 50 ms hit among long files: drawn like the others, whole, after the decoder's context of
+    silence and before silence; the validation set keeps it too."""
+    hit = np.linspace(1.0, 0.1, 2400, dtype=np.float32)  # 50 ms at 48 kHz, no zero inside
+    long = np.full(48000, 0.5, np.float32)
+    cfg = AugmentConfig()
+    for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity", "mix"):
+        getattr(cfg, name).enabled = False
+    context, crop = 768, 8192
+    sampler = CropSampler([long, hit, long], crop, 64, Augmenter(cfg, 48000), context=context)
+    target, _ = sampler.batch(np.random.default_rng(0))
+    assert target.shape == (64, 1, context + crop)
+    hits = [x for x in target[:, 0].numpy() if not np.isclose(x[context:], 0.5).all()]
+    assert hits, "the short file was never drawn"
+    for x in hits:
+        assert np.array_equal(x[:context], np.zeros(context, np.float32))
+        assert np.array_equal(x[context:context + len(hit)], hit)
+        assert not x[context + len(hit):].any()
+    validation = ValidationSet.build([long, hit], crop, 10.0, 48000, context)
+    assert any(np.array_equal(c[0, context:context + len(hit)].numpy(), hit) for c in validation.crops)
