@@ -378,3 +378,26 @@ def test_a_file_shorter_than_a_crop_is_padded_never_dropped():
         assert not x[context + len(hit):].any()
     validation = ValidationSet.build([long, hit], crop, 10.0, 48000, context)
     assert any(np.array_equal(c[0, context:context + len(hit)].numpy(), hit) for c in validation.crops)
+
+
+def test_overfitting_is_flagged_once_validation_rises_while_training_falls_for_patience_checks():
+    from types import SimpleNamespace
+
+    from training.train import Trainer
+
+    patience = 2
+    trainer = object.__new__(Trainer)  # the bookkeeping alone: no model, no data
+    trainer.cfg = SimpleNamespace(validation=SimpleNamespace(overfit_patience=patience))
+    trainer.history, trainer.best, trainer.overfit_streak, trainer.main, trainer.step = [], None, 0, False, 0
+    # (training recon, validation recon) per check: both fall, then validation turns up while
+    # training keeps falling, then both rise (no longer the overfitting pattern)
+    checks = [(3.0, 3.0), (2.0, 2.5), (1.5, 2.6), (1.2, 2.7), (1.0, 2.8), (1.1, 2.9)]
+    warnings_seen = []
+    for i, (train_recon, val_recon) in enumerate(checks):
+        trainer.step = 10 * i
+        trainer.interval_train = [train_recon]
+        trainer.validate = lambda v=val_recon: {"val_recon": v, "val_score": v, "val_distance": v}
+        row = trainer._validation_round({"step": trainer.step})
+        warnings_seen.append(row.get("warning"))
+    assert warnings_seen == [None, None, None, "overfitting", "overfitting", None]
+    assert trainer.best == {"step": 10, "val_score": 2.5, "val_distance": 2.5}  # kept from before the rise
