@@ -89,11 +89,12 @@ class EqTiltAugment:
 class MixAugment:
     """A second training crop, from a file drawn the same way, added at a gain in [min_db, max_db]:
     layered hits, sounds the set does not hold, so that the model must generalise rather than
-    recall. Off by default: held out, it helps little (drums, bench/train_quality.py, 15 min on one
-    thread, with eq_tilt: 0.447 against 0.454 without; hand drums the defaults were not tuned on:
-    0.346 against 0.349), and a model trained on mixtures ties brightness to noisiness, so the
-    analysis names fewer controls (tiny demo model, seeds 0-3: brightness named in 1 of 4 runs
-    with mix, 3 of 4 without)."""
+    recall. Off by default. Held out (bench/train_quality.py, 20 min on 2 cores) it helps on the
+    kit the defaults were tuned on (ElectricEmpireKit: 0.443 against 0.458 without) and not on one
+    they were not (circAfrique, one thread, 15 min: 0.346 against 0.349), while a model trained on
+    mixtures ties brightness to noisiness, so the analysis names fewer controls (make demo: loudness
+    only, against loudness and brightness without; tiny demo model, seeds 0-3: brightness named
+    in 1 of 4 runs with mix, 3 of 4 without). Turn it on for reconstruction alone."""
 
     enabled: bool = False
     probability: float = 0.5
