@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import os
 import random
 import signal
@@ -246,13 +247,19 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _augment_only(name: str | None = None) -> AugmentConfig:
+    """The augmentation config with every augmentation off but `name` (None: all off)."""
+    cfg = AugmentConfig()
+    for field_ in dataclasses.fields(cfg):
+        getattr(cfg, field_.name).enabled = field_.name == name
+    return cfg
+
+
 def test_mix_adds_a_second_file_at_a_gain_in_range():
     # two files that cannot be confused: constant 1.0 and constant 0.001, both longer than a crop
     audio = [np.ones(8000, np.float32), np.full(8000, 1e-3, np.float32)]
-    cfg = AugmentConfig()
-    for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity"):
-        getattr(cfg, name).enabled = False
-    cfg.mix.enabled, cfg.mix.probability, cfg.mix.min_db, cfg.mix.max_db = True, 1.0, -12.0, -6.0
+    cfg = _augment_only("mix")
+    cfg.mix.probability, cfg.mix.min_db, cfg.mix.max_db = 1.0, -12.0, -6.0
     sampler = CropSampler(audio, 1024, 64, Augmenter(cfg, 48000))
     target, encoder_input = sampler.batch(np.random.default_rng(0))
     values = target[:, 0, 0].double().numpy()
@@ -288,9 +295,7 @@ def test_augmentations_keep_the_length_and_noise_only_the_input():
 
 def _only(name: str, **settings) -> Augmenter:
     """An augmenter that applies `name` alone, every time, with `settings` for its range."""
-    cfg = AugmentConfig()
-    for other in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity", "mix"):
-        getattr(cfg, other).enabled = other == name
+    cfg = _augment_only(name)
     getattr(cfg, name).probability = 1.0
     for key, value in settings.items():
         setattr(getattr(cfg, name), key, value)
@@ -363,9 +368,7 @@ def test_a_file_shorter_than_a_crop_is_padded_never_dropped():
     silence and before silence; the validation set keeps it too."""
     hit = np.linspace(1.0, 0.1, 2400, dtype=np.float32)  # 50 ms at 48 kHz, no zero inside
     long = np.full(48000, 0.5, np.float32)
-    cfg = AugmentConfig()
-    for name in ("gain", "pitch", "stretch", "noise", "eq_tilt", "polarity", "mix"):
-        getattr(cfg, name).enabled = False
+    cfg = _augment_only()
     context, crop = 768, 8192
     sampler = CropSampler([long, hit, long], crop, 64, Augmenter(cfg, 48000), context=context)
     target, _ = sampler.batch(np.random.default_rng(0))
