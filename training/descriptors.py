@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.pitch import correlation_size, yin
+
 DESCRIPTOR_NAMES: tuple[str, ...] = ("loudness", "brightness", "pitch", "noisiness", "attack")
 
 # Power floor (mean square) under which a frame counts as digital silence in log terms.
@@ -201,7 +203,8 @@ def pitch(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> tuple[Te
 
     Lags run from `sample_rate / f0_max` to `sample_rate / f0_min`; the chosen lag is the
     bottom of the first dip under `yin_threshold` (the global minimum when none dips that far),
-    refined by parabolic interpolation.
+    refined by parabolic interpolation: `training.pitch.yin`, the estimator the model's pitch
+    input comes from, on this module's analysis frames.
     """
     x = _as_batch(audio)
     sr = cfg.sample_rate
@@ -211,35 +214,10 @@ def pitch(audio: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> tuple[Te
     span = w + tau_max + 1
     with torch.no_grad():
         seg = frames(x, span, cfg.hop).double()  # (B, T, span)
-        b, t, _ = seg.shape
-        if t == 0:
-            empty = x.new_zeros(b, 0)
+        if seg.shape[1] == 0:
+            empty = x.new_zeros(seg.shape[0], 0)
             return empty, empty.clone()
-        n = 1 << (span + w).bit_length()  # linear (not circular) correlation of the head with the span
-        head = seg[..., :w]
-        # cross term sum_j x_j x_{j+tau} for tau in 0..tau_max, by FFT correlation
-        cross = torch.fft.irfft(torch.fft.rfft(seg, n) * torch.conj(torch.fft.rfft(head, n)), n)[..., :tau_max + 1]
-        energy = F.pad(torch.cumsum(seg.square(), -1), (1, 0))  # energy[k] = sum_{j<k} x_j^2
-        lags = torch.arange(tau_max + 1, device=x.device)
-        shifted = energy[..., lags + w] - energy[..., lags]     # sum_{j<w} x_{j+tau}^2
-        diff = (energy[..., w:w + 1] + shifted - 2.0 * cross).clamp(min=0.0)
-        cum = torch.cumsum(diff[..., 1:], -1)
-        cmnd = torch.ones_like(diff)
-        cmnd[..., 1:] = diff[..., 1:] * lags[1:] / cum.clamp(min=1e-20)
-        cmnd[..., 1:] = torch.where(cum > 1e-20, cmnd[..., 1:], torch.ones_like(cum))
-        search = cmnd[..., tau_min:tau_max]
-        nxt = cmnd[..., tau_min + 1:tau_max + 1]
-        dip = (search < cfg.yin_threshold) & (search <= nxt)
-        first = torch.argmax(dip.to(torch.int8), -1)
-        best = torch.where(dip.any(-1), first, torch.argmin(search, -1)) + tau_min
-        # parabolic interpolation around the chosen lag
-        lo = cmnd.gather(-1, (best - 1)[..., None])[..., 0]
-        mid = cmnd.gather(-1, best[..., None])[..., 0]
-        hi = cmnd.gather(-1, (best + 1).clamp(max=tau_max)[..., None])[..., 0]
-        denom = lo - 2.0 * mid + hi
-        shift = torch.where(denom.abs() > 1e-12, 0.5 * (lo - hi) / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)
-        f0 = sr / (best.double() + shift)
-        confidence = (1.0 - mid).clamp(0.0, 1.0)
+        f0, confidence = yin(seg, sr, w, tau_min, tau_max, cfg.yin_threshold, correlation_size(span, w))
         silent = seg[..., :w].square().mean(-1) < _POWER_FLOOR * 1e3
         confidence = torch.where(silent, torch.zeros_like(confidence), confidence)
     return f0.float(), confidence.float()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from training import spectral_ops
+from training.pitch import REST_PITCH, PitchTracker
 
 
 @dataclass
@@ -49,7 +50,10 @@ class ModelConfig:
     decoder_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     decoder_mlp_ratio: int = 2
     input_kernel: int = 3
-    # iSTFT head
+    # harmonic head: partials of one phase accumulator driven by the pitch input (MIDI note
+    # units) and gated by voicing; 0 = no pitch input and no harmonic head (the first decoder)
+    harmonics: int = 64
+    # iSTFT head (the residual beside the harmonic head: noise, transients, chords, drums)
     max_frequency: float = 20000.0
     band_taper_hz: float = 1000.0
     # phase = a running per-bin phase (advanced each frame by the bin's own frequency plus a
@@ -73,6 +77,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not (self.magnitude_gain > 0 and self.phase_gain > 0 and self.initial_rms > 0):
             raise ValueError("model.magnitude_gain, model.phase_gain and model.initial_rms must be > 0")
+        if int(self.harmonics) < 0:
+            raise ValueError(f"model.harmonics must be >= 0, got {self.harmonics}")
         for name in ("sample_rate", "hop", "n_fft", "latent_size", "encoder_dim", "encoder_blocks",
                      "decoder_dim", "decoder_blocks", "decoder_mlp_ratio", "input_kernel",
                      "encoder_kernel", "decoder_kernel", "noise_bands", "noise_table_frames"):
@@ -98,6 +104,11 @@ class ModelConfig:
             raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
         return cls(**data)
 
+    @property
+    def conditioning(self) -> int:
+        """Decoder inputs beside the latents: pitch and voicing with a harmonic head, none without."""
+        return 2 if self.harmonics > 0 else 0
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -105,8 +116,14 @@ class ModelConfig:
     def latency_samples(self) -> int:
         """Samples from the start of a latent frame's output block until its synthesis window
         has fully played: a control change is completely heard after this long. The causal
-        convolutions add none."""
+        convolutions add none. This is the residual (iSTFT) path's; see `harmonic_latency_samples`."""
         return self.n_fft - self.hop
+
+    @property
+    def harmonic_latency_samples(self) -> int:
+        """The harmonic path's latency: a frame's pitch and amplitudes are reached at the end of its
+        own output block (one hop), gliding from the previous frame's across it."""
+        return self.hop
 
 
 class ChannelNorm(nn.Module):
@@ -353,22 +370,100 @@ class ISTFTHead(nn.Module):
         return audio, phase, tail
 
 
-class Decoder(nn.Module):
-    """Causal decoder: latents `(batch, latent, T)` -> audio `(batch, 1, T * hop)`.
+class HarmonicHead(nn.Module):
+    """Frame features, pitch and voicing -> the harmonic part of the output: `harmonics` partials
+    of one phase accumulator, as in DDSP's harmonic synthesiser.
 
-    Output block t (samples t*hop .. (t+1)*hop) depends on latent frames <= t only.
-    `step` takes and returns the full streaming state (see `initial_state`).
+    Per frame, the trunk gives each partial's log amplitude (each at most 1, their sum at most 1,
+    so the part is bounded whatever the network says); voicing multiplies them, so an unvoiced
+    frame leaves the output to the residual head. Within output block t, pitch (Hz) and the
+    amplitudes glide linearly from frame t - 1's values to frame t's, reached at the block's
+    last sample: the path adds one hop of latency. Every partial is faded out by a raised-cosine
+    taper between `max_frequency - band_taper_hz` and `max_frequency`, taken in each block at the
+    highest frequency the partial reaches there, so nothing above `max_frequency` is ever made
+    (alias-free on any glide or jump) and a glide past the limit fades its partials block by
+    block instead of cutting them (a steady pitch never changes the taper). The running phase is accumulated in float64 and wrapped every sample, so streaming in
+    chunks equals one call.
+
+    forward(h `(batch, T, dim)`, pitch `(batch, T)` MIDI, voicing `(batch, T)`, amp `(batch, K)`,
+    f0 `(batch, 1)` (Hz; 0 = none yet), phase `(batch, 1)` float64) -> (audio `(batch, T * hop)`,
+    new amp, new f0, new phase).
     """
+
+    __constants__ = ["hop", "sample_rate", "gain", "top", "taper"]
+
+    def __init__(self, cfg: ModelConfig, dim: int) -> None:
+        super().__init__()
+        self.hop, self.sample_rate, self.harmonics = cfg.hop, cfg.sample_rate, cfg.harmonics
+        self.gain = float(cfg.magnitude_gain)
+        self.top, self.taper = float(cfg.max_frequency), max(float(cfg.band_taper_hz), 1.0)
+        self.proj = nn.Linear(dim, cfg.harmonics)
+        self.register_buffer("numbers", torch.arange(1, cfg.harmonics + 1, dtype=torch.float32), persistent=False)
+        ramp = (torch.arange(cfg.hop, dtype=torch.float64) + 1.0) / cfg.hop
+        self.register_buffer("ramp", ramp, persistent=False)
+        self.register_buffer("ramp32", ramp.float(), persistent=False)
+        # start quiet (each partial 40 dB under the untrained residual's level): the untrained
+        # decoder's output is the residual's soft noise floor, not a buzz
+        with torch.no_grad():
+            self.proj.weight.mul_(0.1 / self.gain)
+            self.proj.bias.fill_(math.log(0.01 * cfg.initial_rms / math.sqrt(cfg.harmonics)) / self.gain)
+
+    def initial_state(self, batch: int) -> list[Tensor]:
+        return [torch.zeros(batch, self.harmonics), torch.zeros(batch, 1, dtype=torch.float64),
+                torch.zeros(batch, 1, dtype=torch.float64)]
+
+    def forward(self, h: Tensor, pitch: Tensor, voicing: Tensor, amp_state: Tensor, f0_state: Tensor,
+                phase_state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch, frames = h.shape[0], h.shape[1]
+        # safeguard: each partial at most 1 and their sum at most 1, so the part's peak is at most 1
+        amp = torch.exp((self.proj(h) * self.gain).clamp(max=0.0))
+        amp = amp / amp.sum(-1, keepdim=True).clamp(min=1.0) * voicing.clamp(0.0, 1.0).unsqueeze(-1)
+        f0 = (440.0 * torch.pow(2.0, (pitch.clamp(0.0, 127.0) - 69.0) / 12.0)).double()
+        start = torch.where(f0_state > 0, f0_state, f0[:, :1])
+        f_prev = torch.cat([start, f0[:, :-1]], 1)
+        freq = f_prev.unsqueeze(-1) + (f0 - f_prev).unsqueeze(-1) * self.ramp  # (batch, T, hop) Hz
+        phase = torch.cumsum(freq.reshape(batch, -1) * (2.0 * math.pi / self.sample_rate), 1) + phase_state
+        phase = torch.remainder(phase, 2.0 * math.pi)
+        # each partial's taper at the highest frequency it reaches in the block, held over the
+        # block: a partial that passes the limit anywhere in a block is silent in all of it
+        highest = torch.maximum(f_prev, f0).float().unsqueeze(-1) * self.numbers  # (batch, T, K)
+        fade = ((highest - (self.top - self.taper)) / self.taper).clamp(0.0, 1.0)
+        fade = 0.5 + 0.5 * torch.cos(math.pi * fade)
+        with torch.no_grad():
+            basis = torch.sin(phase.float().reshape(batch, frames, self.hop, 1) * self.numbers)
+        a_prev = torch.cat([amp_state.unsqueeze(1), amp[:, :-1]], 1) * fade
+        a_next = amp * fade
+        # the amplitude ramp factors out of the sum over partials: two matrix products, no
+        # (batch, T, hop, K) tensor that needs a gradient
+        audio = torch.matmul(basis, a_prev.unsqueeze(-1)).squeeze(-1) \
+            + self.ramp32 * torch.matmul(basis, (a_next - a_prev).unsqueeze(-1)).squeeze(-1)
+        return audio.reshape(batch, frames * self.hop), amp[:, -1], f0[:, -1:], phase[:, -1:]
+
+
+class Decoder(nn.Module):
+    """Causal decoder: latents `(batch, latent, T)` (and, with a harmonic head, pitch and voicing
+    `(batch, 2, T)`) -> audio `(batch, 1, T * hop)`.
+
+    Output block t (samples t*hop .. (t+1)*hop) depends on frames <= t only. The trunk sees the
+    latents and, normalised, the pitch and voicing; its features drive the iSTFT head (the
+    residual) and the harmonic head, whose outputs add. `step` takes and returns the full
+    streaming state (see `initial_state`).
+    """
+
+    __constants__ = ["harmonic_path"]
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.hop, self.n_fft = cfg.hop, cfg.n_fft
+        self.conditioning = cfg.conditioning
+        self.harmonic_path = cfg.harmonics > 0
         dim = cfg.decoder_dim
-        self.input = CausalInput(cfg.latent_size, dim, cfg.input_kernel)
+        self.input = CausalInput(cfg.latent_size + cfg.conditioning, dim, cfg.input_kernel)
         self.blocks = nn.ModuleList(CausalBlock(dim, cfg.decoder_kernel, int(d), cfg.decoder_mlp_ratio)
                                     for d in cfg.decoder_dilations)
         self.norm = nn.LayerNorm(dim)
         self.head = ISTFTHead(cfg, dim)
+        self.harmonic = HarmonicHead(cfg, dim) if self.harmonic_path else nn.Identity()
 
     @property
     def receptive_frames(self) -> int:
@@ -376,10 +471,12 @@ class Decoder(nn.Module):
         return self.input.context + sum(b.dwconv.context for b in self.blocks) + self.n_fft // self.hop - 1
 
     def initial_state(self, batch: int) -> list[Tensor]:
-        """Zero state for `batch` streams: the conv caches, the running phase, the overlap-add
-        tail, the frame count."""
+        """Zero state for `batch` streams: the conv caches, the harmonic head's amplitudes, pitch
+        and phase (with one), the running phase, the overlap-add tail, the frame count."""
         state = [self.input.initial_state(batch)]
         state += [block.dwconv.initial_state(batch) for block in self.blocks]
+        if self.harmonic_path:
+            state += self.harmonic.initial_state(batch)
         state.append(torch.zeros(batch, self.head.bins))
         state.append(torch.zeros(batch, self.n_fft - self.hop))
         state.append(torch.zeros(1, dtype=torch.long))
@@ -395,35 +492,56 @@ class Decoder(nn.Module):
         decoder.head.fold_output_gain()
         return decoder
 
-    def step(self, z: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Decode `z` `(batch, latent, T)` continuing from `state`; returns audio
+    def step(self, z: Tensor, state: list[Tensor], condition: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Decode `z` `(batch, latent, T)` with `condition` `(batch, conditioning, T)` (pitch and
+        voicing; `(batch, 0, T)` without a harmonic head) continuing from `state`; returns audio
         `(batch, 1, T * hop)` and the state after it."""
-        return self.step_frames(z.transpose(1, 2), state)
+        return self.step_frames(z.transpose(1, 2), state, condition.transpose(1, 2))
 
-    def step_frames(self, z: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """`step` for latents laid out `(batch, T, latent)`, the decoder's own layout."""
-        h, cache = self.input(z, state[0])
+    def step_frames(self, z: Tensor, state: list[Tensor], condition: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """`step` for inputs laid out `(batch, T, channels)`, the decoder's own layout."""
+        if self.harmonic_path:
+            pitch, voicing = condition[..., 0], condition[..., 1]
+            # the trunk sees pitch as octaves around middle C: inputs of order one
+            trunk_in = torch.cat([z, ((pitch - 60.0) / 12.0).unsqueeze(-1), voicing.unsqueeze(-1)], -1)
+        else:
+            pitch, voicing = condition, condition
+            trunk_in = z
+        h, cache = self.input(trunk_in, state[0])
         new_state = [cache]
         for i, block in enumerate(self.blocks):
             h, cache = block(h, state[i + 1])
             new_state.append(cache)
+        h = self.norm(h)
         frame_index = state[-1]
-        audio, phase, tail = self.head(self.norm(h), state[-3], state[-2], frame_index)
+        audio, phase, tail = self.head(h, state[-3], state[-2], frame_index)
+        if self.harmonic_path:
+            first = len(self.blocks) + 1
+            harmonic, amp, f0, accumulator = self.harmonic(h, pitch, voicing, state[first], state[first + 1],
+                                                           state[first + 2])
+            audio = audio + harmonic
+            new_state += [amp, f0, accumulator]
         new_state.append(phase)
         new_state.append(tail)
         new_state.append(frame_index + z.shape[1])
         return audio.unsqueeze(1), new_state
 
-    def forward(self, z: Tensor, frame_index: int = 0) -> Tensor:
-        """Decode from silence (zero state): `(batch, latent, T)` -> `(batch, 1, T * hop)`.
-        `frame_index` offsets the noise table (training varies it; streaming starts at 0)."""
+    def forward(self, z: Tensor, condition: Tensor, frame_index: int = 0) -> Tensor:
+        """Decode from silence (zero state): `(batch, latent, T)` with `(batch, conditioning, T)`
+        -> `(batch, 1, T * hop)`. `frame_index` offsets the noise table (training varies it;
+        streaming starts at 0)."""
         state = [s.to(z.device) for s in self.initial_state(z.shape[0])]
         state[-1] = state[-1] + frame_index
-        return self.step(z, state)[0]
+        return self.step(z, state, condition)[0]
 
 
 class VAE(nn.Module):
-    """Causal VAE. encode: audio -> (mean, logvar); decode: latents -> audio (causal).
+    """Causal VAE. encode: audio -> (mean, logvar); decode: latents (+ pitch and voicing) -> audio.
+
+    With a harmonic head, pitch and voicing are inputs of the decoder, not latents: `condition`
+    computes them from audio with the one pitch tracker (training.pitch), and `decode` without
+    them holds `default_condition` (the training set's typical pitch and voicing), which is what
+    the control analysis sweeps the latents at.
 
     `latency_samples` is the decoder's algorithmic latency. In training mode `decode` starts the
     noise table at a random frame, so no fixed noise pattern can be learned; in eval mode at 0.
@@ -436,6 +554,9 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.decoder = Decoder(cfg)
         self.encoder = Encoder(cfg, self.decoder.head.bins)
+        self.tracker = PitchTracker(cfg.sample_rate, cfg.hop) if cfg.harmonics > 0 else None
+        if cfg.harmonics > 0:
+            self.register_buffer("default_condition", torch.tensor([REST_PITCH, 1.0]))
         self.latency_samples = cfg.latency_samples
         self.warmup_samples = cfg.n_fft - cfg.hop
         self.hop = cfg.hop
@@ -444,21 +565,36 @@ class VAE(nn.Module):
         """`(batch, 1, samples)` -> mean, logvar (log-variance), each `(batch, latent, samples // hop)`."""
         return self.encoder(x)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """`(batch, latent, T)` -> `(batch, 1, T * hop)`, causal, from zero state."""
+    def condition(self, x: Tensor) -> Tensor:
+        """Pitch (MIDI note units) and voicing of `x` `(batch, 1, samples)`: `(batch, 2, samples // hop)`;
+        `(batch, 0, frames)` for a decoder without a pitch input."""
+        if self.tracker is None:
+            return x.new_zeros(x.shape[0], 0, x.shape[-1] // self.hop)
+        return self.tracker(x).to(x.dtype)
+
+    def held_condition(self, z: Tensor) -> Tensor:
+        """`default_condition` for every frame of `z` `(batch, latent, T)`: `(batch, conditioning, T)`."""
+        if self.tracker is None:
+            return z.new_zeros(z.shape[0], 0, z.shape[2])
+        return self.default_condition.view(1, -1, 1).expand(z.shape[0], -1, z.shape[2]).to(z.dtype)
+
+    def decode(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        """`(batch, latent, T)` (+ `(batch, conditioning, T)`, default: held) -> `(batch, 1, T * hop)`,
+        causal, from zero state."""
         offset = 0
         if self.training:
             offset = int(torch.randint(0, self.decoder.head.noise_table_frames, (1,)))
-        return self.decoder(z, offset)
+        return self.decoder(z, self.held_condition(z) if condition is None else condition, offset)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`(batch, 1, samples)` -> (y `(batch, 1, frames * hop)`, mean, logvar).
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`(batch, 1, samples)` -> (y `(batch, 1, frames * hop)`, mean, logvar). The decoder's
+        pitch and voicing are `condition` when given, else tracked from `x`.
         In training mode z is sampled (reparameterised); in eval mode z is the mean."""
         mean, logvar = self.encode(x)
         z = mean
         if self.training:
             z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-        return self.decode(z), mean, logvar
+        return self.decode(z, self.condition(x) if condition is None else condition), mean, logvar
 
 
 def fold_scale(linear: nn.Linear, scale: Tensor) -> None:

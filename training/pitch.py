@@ -1,0 +1,184 @@
+"""The one f0 estimator: YIN in torch, scriptable, shared by `prepare`, training and `encode`.
+
+`yin` is the core (de Cheveigné & Kawahara 2002): the cumulative mean normalised difference
+of each frame, the bottom of its first dip under a threshold (the global minimum where none
+dips that far), refined by parabolic interpolation. `PitchTracker` turns audio into the
+decoder's pitch inputs per latent frame: pitch in MIDI note units and a voicing confidence.
+
+Frame convention: value `t` describes the signal at sample `(t + 1) * hop`, the end of output
+block `t`, because the decoder's harmonic path glides from frame `t - 1`'s pitch to frame `t`'s
+across that block. The YIN window is centred there (so the tracker looks `window / 2` samples
+ahead, as the encoder does).
+
+Clean-up, so that a phase accumulator driven by the result never jumps: octave errors (a frame
+12 semitones off the 5-frame median of its neighbourhood) are snapped back, and unvoiced frames
+hold the pitch of the last voiced frame (the first voiced one before any; `rest_pitch` where the
+call has none). Voicing stays the raw confidence: the decoder gates its harmonics with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+# the estimator's parameters: recorded in a prepared set's manifest and in model metadata
+F0_MIN_HZ = 40.0
+F0_MAX_HZ = 2000.0
+YIN_WINDOW = 1024
+YIN_THRESHOLD = 0.15
+VOICED_THRESHOLD = 0.5
+# below -70 dBFS (RMS over the window) a frame is silent: voicing 0; full confidence from -60
+SILENCE_DB = -70.0
+SILENCE_RAMP_DB = 10.0
+REST_PITCH = 60.0
+
+
+def correlation_size(span: int, window: int) -> int:
+    """FFT size for a linear (not circular) correlation of a `window` head with a `span`."""
+    return 1 << (span + window).bit_length()
+
+
+def yin(seg: Tensor, sample_rate: int, window: int, tau_min: int, tau_max: int,
+        threshold: float, n: int) -> tuple[Tensor, Tensor]:
+    """f0 in Hz and confidence (1 - the normalised difference at the chosen lag) of each frame of
+    `seg` `(batch, frames, span)`, span >= window + tau_max + 1; each `(batch, frames)`.
+    `n` is `correlation_size(span, window)`."""
+    head = seg[..., :window]
+    # cross term sum_j x_j x_{j+tau} for tau in 0..tau_max, by FFT correlation
+    cross = torch.fft.irfft(torch.fft.rfft(seg, n) * torch.conj(torch.fft.rfft(head, n)), n)[..., :tau_max + 1]
+    energy = F.pad(torch.cumsum(seg.square(), -1), (1, 0))  # energy[k] = sum_{j<k} x_j^2
+    lags = torch.arange(tau_max + 1, device=seg.device)
+    shifted = energy[..., window:window + tau_max + 1] - energy[..., :tau_max + 1]  # sum_{j<window} x_{j+tau}^2
+    diff = (energy[..., window:window + 1] + shifted - 2.0 * cross).clamp(min=0.0)
+    cum = torch.cumsum(diff[..., 1:], -1)
+    ratio = diff[..., 1:] * lags[1:] / cum.clamp(min=1e-20)
+    cmnd = torch.cat([torch.ones_like(diff[..., :1]),
+                      torch.where(cum > 1e-20, ratio, torch.ones_like(ratio))], -1)
+    search = cmnd[..., tau_min:tau_max]
+    nxt = cmnd[..., tau_min + 1:tau_max + 1]
+    dip = (search < threshold) & (search <= nxt)
+    first = torch.argmax(dip.to(torch.int8), -1)
+    best = torch.where(dip.any(-1), first, torch.argmin(search, -1)) + tau_min
+    # parabolic interpolation around the chosen lag
+    lo = cmnd.gather(-1, (best - 1).unsqueeze(-1)).squeeze(-1)
+    mid = cmnd.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+    hi = cmnd.gather(-1, (best + 1).clamp(max=tau_max).unsqueeze(-1)).squeeze(-1)
+    denom = lo - 2.0 * mid + hi
+    shift = torch.where(denom.abs() > 1e-12, 0.5 * (lo - hi) / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)
+    f0 = sample_rate / (best.to(seg.dtype) + shift)
+    return f0, (1.0 - mid).clamp(0.0, 1.0)
+
+
+def hz_to_midi(f0: Tensor) -> Tensor:
+    return 69.0 + 12.0 * torch.log2(f0.clamp(min=1e-3) / 440.0)
+
+
+def midi_to_hz(pitch: Tensor) -> Tensor:
+    return 440.0 * torch.pow(2.0, (pitch - 69.0) / 12.0)
+
+
+class PitchTracker(nn.Module):
+    """Audio `(batch, 1, samples)` -> `(batch, 2, samples // hop)`: pitch (MIDI note units, filled
+    and octave-corrected, 0..127) and voicing (0..1). Stateless: each call sees its own samples
+    (zero beyond them). Scriptable; no parameters."""
+
+    __constants__ = ["sample_rate", "hop", "window", "tau_min", "tau_max", "span", "n_fft", "threshold",
+                     "voiced_threshold", "rest_pitch", "silence_db", "silence_ramp_db"]
+
+    def __init__(self, sample_rate: int = 48000, hop: int = 256) -> None:
+        super().__init__()
+        self.sample_rate, self.hop, self.window = sample_rate, hop, YIN_WINDOW
+        self.tau_min = max(2, int(sample_rate / F0_MAX_HZ))
+        self.tau_max = int(math.ceil(sample_rate / F0_MIN_HZ))
+        self.span = self.window + self.tau_max + 1
+        self.n_fft = correlation_size(self.span, self.window)
+        self.threshold, self.voiced_threshold, self.rest_pitch = YIN_THRESHOLD, VOICED_THRESHOLD, REST_PITCH
+        self.silence_db, self.silence_ramp_db = SILENCE_DB, SILENCE_RAMP_DB
+
+    @torch.jit.unused
+    def parameters_dict(self) -> dict[str, object]:
+        """What a prepared set's manifest and a model's metadata record of the estimator."""
+        return {"estimator": "yin (synthd, torch)", "f0_min_hz": F0_MIN_HZ, "f0_max_hz": F0_MAX_HZ,
+                "window": YIN_WINDOW, "threshold": YIN_THRESHOLD, "voiced_threshold": VOICED_THRESHOLD,
+                "silence_dbfs": SILENCE_DB, "frame": "value t at sample (t + 1) * hop",
+                "unvoiced": "holds the last voiced pitch", "octave_fix": "snapped to the 5-frame median",
+                "hop": self.hop, "sample_rate": self.sample_rate}
+
+    def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Unprocessed f0 (Hz) and confidence per frame, `(batch, frames)`, from `x`
+        `(batch, samples)`; silent frames get confidence 0."""
+        frames = x.shape[-1] // self.hop
+        span = self.span
+        # centre the YIN window (the head and its first lags) on sample (t + 1) * hop
+        left = self.window // 2 - self.hop
+        # float32: within 2e-5 semitones and 5e-7 of voicing of float64 on tones, glides and
+        # noise, at a third of the time
+        x = x.float()
+        if left >= 0:
+            padded = F.pad(x, (left, span))
+        else:
+            padded = F.pad(x[..., -left:], (0, span - left))
+        seg = padded.unfold(-1, span, self.hop)[:, :frames]
+        f0, confidence = yin(seg, self.sample_rate, self.window, self.tau_min, self.tau_max, self.threshold,
+                             self.n_fft)
+        level = 10.0 * torch.log10(seg[..., :self.window].square().mean(-1) + 1e-20)
+        gate = ((level - self.silence_db) / self.silence_ramp_db).clamp(0.0, 1.0)
+        return f0, confidence * gate
+
+    def finish(self, f0: Tensor, confidence: Tensor) -> Tensor:
+        """Raw estimates `(batch, frames)` -> `(batch, 2, frames)` float32 pitch and voicing."""
+        pitch = hz_to_midi(f0)
+        voiced = confidence > self.voiced_threshold
+        filled = self._fill(pitch, voiced)
+        if pitch.shape[-1] >= 3:
+            median = F.pad(filled.unsqueeze(1), (2, 2), mode="replicate").squeeze(1).unfold(-1, 5, 1).median(-1).values
+            octaves = torch.round((pitch - median) / 12.0)
+            off = (octaves != 0) & ((pitch - median - 12.0 * octaves).abs() < 1.0)
+            pitch = torch.where(off, pitch - 12.0 * octaves, pitch)
+            filled = self._fill(pitch, voiced)
+        return torch.stack([filled.clamp(0.0, 127.0), confidence], 1).float()
+
+    def _fill(self, pitch: Tensor, voiced: Tensor) -> Tensor:
+        """Each unvoiced frame takes the last voiced frame's pitch (the first voiced one before it,
+        `rest_pitch` in a row with none)."""
+        index = torch.arange(pitch.shape[-1], device=pitch.device).expand_as(pitch)
+        last = torch.cummax(torch.where(voiced, index, torch.full_like(index, -1)), -1).values
+        first = torch.argmax(voiced.to(torch.int8), -1, keepdim=True).expand_as(last)
+        source = torch.where(last >= 0, last, first)
+        filled = pitch.gather(-1, source)
+        return torch.where(voiced.any(-1, keepdim=True), filled, torch.full_like(filled, self.rest_pitch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            f0, confidence = self.raw(x.reshape(x.shape[0], -1))
+            return self.finish(f0, confidence)
+
+
+def track_long(tracker: PitchTracker, x: Tensor, chunk_frames: int = 2048) -> Tensor:
+    """`tracker` on one long signal `(samples,)` in chunks of frames (bounded memory), with the
+    clean-up over the whole: `(2, samples // hop)`, equal to one call."""
+    hop = tracker.hop
+    frames = x.shape[-1] // hop
+    f0s, confs = [], []
+    reach = tracker.window + tracker.tau_max + 1 + tracker.window  # samples past a chunk its frames read
+    with torch.no_grad():
+        for start in range(0, max(frames, 1), chunk_frames):
+            count = min(chunk_frames, frames - start)
+            if count <= 0:
+                break
+            lo = start * hop
+            piece = x[lo:lo + count * hop + reach]
+            # the first frame of a chunk reads window/2 - hop samples before it
+            left = max(0, tracker.window // 2 - hop)
+            before = x[max(0, lo - left):lo]
+            piece = torch.cat([before.new_zeros(left - before.shape[-1]), before, piece])
+            f0, conf = tracker.raw(piece[None])
+            skip = left // hop
+            f0s.append(f0[:, skip:skip + count])
+            confs.append(conf[:, skip:skip + count])
+        if not f0s:
+            return torch.zeros(2, 0)
+        return tracker.finish(torch.cat(f0s, -1), torch.cat(confs, -1))[0]
