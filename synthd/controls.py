@@ -66,12 +66,19 @@ class Control:
     caught: bool = True  # pickup: False until the knob crosses the control's value
     knob: float | None = None  # pickup: where the knob was last seen
     msb: int = 0  # 14-bit CC: the last MSB
+    # a pitch input in MIDI units: the note last played (exact, None once a knob or OSC sets the
+    # control) and the pitch bend on top, in semitones
+    note: float | None = None
+    bend: float = 0.0
 
     def model_value(self) -> float:
         """The model-unit value the engine is heading for."""
+        lo, hi = self.info.minimum, self.info.maximum
         u = min(1.0, max(0.0, self.wire + self.offset))
-        r = shape(self.mapping, u)
-        return self.info.minimum + r * (self.info.maximum - self.info.minimum)
+        value = lo + shape(self.mapping, u) * (hi - lo)
+        if self.info.unit == "midi":
+            value = (value if self.note is None else self.note) + self.bend
+        return min(hi, max(lo, value))
 
 
 @dataclass
@@ -225,6 +232,7 @@ class ControlSurface:
         with self._lock:
             c = self._require(key)
             c.wire = self._clamp(float(value), 0.0, 1.0, count_clamp)
+            c.note = None
             if self.patch.pickup_of(c.mapping) and c.mapping.cc is not None:
                 c.caught = False
             self._apply(c, glide_s=glide_s, at=at, origin=origin)
@@ -328,6 +336,9 @@ class ControlSurface:
                 self._notes.held.remove(note)
             self._notes.held.append(note)
             self._note_pitch(note, at)
+            target = self.find(self.patch.midi.velocity_control) if self.patch.midi.velocity_control else None
+            if target is not None:
+                self.set(target.info.label, velocity / 127.0, glide_s=0.0, at=at)
             vel = velocity / 127.0 if self.patch.gate.velocity else 1.0
             self.set_gate(True, velocity=vel, at=at)
 
@@ -343,21 +354,41 @@ class ControlSurface:
             elif was_last:
                 self._note_pitch(self._notes.held[-1], at)
 
+    def _pitch_input(self) -> Control | None:
+        """The note control when it is a pitch input in MIDI units (played in tune)."""
+        mid = self.patch.midi
+        c = self.find(mid.note_control) if mid.note_control else None
+        return c if c is not None and c.info.unit == "midi" else None
+
     def _note_pitch(self, note: int, at: int | None) -> None:
         mid = self.patch.midi
         c = self.find(mid.note_control) if mid.note_control else None
-        if c is not None:
-            self.set(c.info.label, (note - mid.note_low) / (mid.note_high - mid.note_low), glide_s=0.0,
+        if c is None:
+            return
+        if c.info.unit == "midi":
+            # the note number is the model value: no range, curve or learned scaling between
+            span = c.info.maximum - c.info.minimum
+            c.wire = min(1.0, max(0.0, (note - c.info.minimum) / span))
+            c.note = float(note)
+            self._apply(c, glide_s=mid.glide, at=at, origin=None)
+        else:
+            self.set(c.info.label, (note - mid.note_low) / (mid.note_high - mid.note_low), glide_s=mid.glide,
                      at=at, count_clamp=False)
 
     def pitch_bend(self, value: int, *, at: int | None = None) -> None:
-        """Pitch bend (-8192..8191) moves the patch's bend control by up to ±bend_depth."""
+        """Pitch bend (-8192..8191): a pitch input in MIDI units moves by up to ±bend_range
+        semitones; the patch's bend control (another one) by up to ±bend_depth wire units."""
         with self._lock:
             mid = self.patch.midi
+            amount = max(-1.0, min(1.0, value / 8192.0))
+            pitch = self._pitch_input()
+            if pitch is not None:
+                pitch.bend = amount * mid.bend_range
+                self.engine.set_latent(pitch.info.index, pitch.model_value(), glide_s=0.0, at=at)
             c = self.find(mid.bend_control) if mid.bend_control else None
-            if c is None:
+            if c is None or c is pitch:
                 return
-            c.offset = max(-1.0, min(1.0, value / 8192.0)) * mid.bend_depth
+            c.offset = amount * mid.bend_depth
             self.engine.set_latent(c.info.index, c.model_value(), glide_s=0.0, at=at)
 
     # ---------------------------------------------------------------- presets

@@ -45,6 +45,7 @@ class ControlInfo:
     default: float
     source: str  # "metadata:<source>" for our files, "fallback" for RAVE-like ones
     attribute: str | None = None
+    unit: str | None = None  # "midi": model units are MIDI note numbers (a pitch input)
 
 
 @dataclass
@@ -196,9 +197,13 @@ def _from_metadata(path: Path, module: torch.jit.ScriptModule, meta: dict, laten
             raise ModelError(f"{path}: {where}.default {default} lies outside [{lo}, {hi}]")
         source = raw.get("source")
         attribute = raw.get("attribute")
+        unit = raw.get("unit")
+        if unit is not None and not isinstance(unit, str):
+            raise ModelError(f"{path}: {where}.unit = {unit!r} is not a string")
         controls.append(ControlInfo(index=i, label=label, minimum=lo, maximum=hi, default=default,
                                     source=f"metadata:{source}" if source else "metadata",
-                                    attribute=attribute if isinstance(attribute, str) else None))
+                                    attribute=attribute if isinstance(attribute, str) else None,
+                                    unit=unit))
     name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else path.stem
     return Model(path=path, name=name, module=module, sample_rate=rate, hop=hop,
                  latent_size=latent_size, channels=channels, latency_samples=latency,

@@ -30,6 +30,14 @@ Schema, version 1 (every key optional unless marked):
     note_high = 96                   # ... and this one to 1 (linear in between)
     bend_control = ""                # control that pitch bend moves ("" for none)
     bend_depth = 0.0833              # wire units added at full bend up (subtracted at full down)
+    bend_range = 2.0                 # semitones of full bend, for a pitch input in MIDI units
+    glide = 0.0                      # seconds a note takes to reach its pitch (portamento)
+    velocity_control = ""            # control that note velocity sets (wire = velocity / 127)
+
+A model whose note control is a pitch input in MIDI units (metadata `"unit": "midi"`) is
+played in tune: a note sets it to the note number exactly, whatever note_low, note_high and
+the control's mapping say, and pitch bend (with or without bend_control) adds up to
+±bend_range semitones.
 
     [presets]
     glide = 0.5                      # seconds a preset recall takes to reach its values
@@ -141,6 +149,9 @@ class MidiSettings:
     note_high: int = 96
     bend_control: str = ""
     bend_depth: float = 1.0 / 12.0
+    bend_range: float = 2.0
+    glide: float = 0.0
+    velocity_control: str = ""
 
 
 @dataclass
@@ -343,10 +354,12 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
         program_change=m.get("program_change", bool, True), notes=m.get("notes", bool, True),
         note_control=m.get("note_control", str, "pitch"), note_low=m.integer("note_low", 36, 0, 127),
         note_high=m.integer("note_high", 96, 0, 127), bend_control=m.get("bend_control", str, ""),
-        bend_depth=m.number("bend_depth", 1.0 / 12.0, 0.0, 1.0))
+        bend_depth=m.number("bend_depth", 1.0 / 12.0, 0.0, 1.0),
+        bend_range=m.number("bend_range", 2.0, 0.0, 96.0), glide=m.number("glide", 0.0, 0.0, 30.0),
+        velocity_control=m.get("velocity_control", str, ""))
     if patch.midi.note_high <= patch.midi.note_low:
         raise m.fail("note_high", f"{patch.midi.note_high} must be above note_low {patch.midi.note_low}")
-    for key in ("note_control", "bend_control"):
+    for key in ("note_control", "bend_control", "velocity_control"):
         value = getattr(patch.midi, key)
         if value and not NAME_PATTERN.match(value):
             raise m.fail(key, f"{value!r} is not a control label (lowercase [a-z0-9_])")

@@ -101,33 +101,45 @@ def untrained_default(tmp_path_factory) -> Path:
     return out
 
 
+# decode's inputs: pitch and voicing, then the 4 controls of the latent space
+INPUTS = 2 + 4
+
+
 def test_nn_tilde_members_and_shapes(exported):
     model = _load(exported[2])
-    assert model.get_methods() == ["encode", "decode", "forward"]
+    # a model with a pitch input always has named inputs, so nn~ gets `play` with labelled inlets
+    assert model.get_methods() == ["encode", "decode", "forward", "play"]
     assert model.get_attributes() == []
-    assert model.decode_params.tolist() == [4, 256, 1, 1]
-    assert model.encode_params.tolist() == [1, 1, 4, 256]
+    assert model.decode_params.tolist() == [INPUTS, 256, 1, 1]
+    assert model.encode_params.tolist() == [1, 1, INPUTS, 256]
     assert model.forward_params.tolist() == [1, 1, 1, 1]
+    assert model.play_params.tolist() == [INPUTS, 256, 1, 1]
+    assert model.play_input_labels[:2] == ["pitch", "voicing"]
     with torch.no_grad():
-        assert model.decode(torch.zeros(1, 4, 7)).shape == (1, 1, 7 * 256)
-        assert model.encode(torch.zeros(1, 1, 256 * 5 + 17)).shape == (1, 4, 5)
+        assert model.decode(torch.zeros(1, INPUTS, 7)).shape == (1, 1, 7 * 256)
+        assert model.encode(torch.zeros(1, 1, 256 * 5 + 17)).shape == (1, INPUTS, 5)
         model.reset()
         assert model.forward(torch.zeros(1, 1, 256 * 3)).shape == (1, 1, 3 * 256)
         model.reset()
-        assert model.decode(torch.zeros(2, 4, 3)).shape == (2, 1, 3 * 256)  # another batch size starts afresh
+        assert model.decode(torch.zeros(2, INPUTS, 3)).shape == (2, 1, 3 * 256)  # another batch size starts afresh
 
 
 def test_metadata_follows_the_contract(exported):
     run, prepared, out = exported
     meta = json.loads(_load(out).metadata())
     assert meta["format"] == "synthd-model" and meta["format_version"] == 1
-    assert (meta["sample_rate"], meta["channels"], meta["latent_size"], meta["hop"]) == (48000, 1, 4, 256)
+    assert (meta["sample_rate"], meta["channels"], meta["latent_size"], meta["hop"]) == (48000, 1, INPUTS, 256)
     assert meta["latency_samples"] == 768
+    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256}
+    assert meta["pitch"]["estimator"].startswith("yin") and meta["run"]["model"]["vae_latent_size"] == 4
     labels = [c["label"] for c in meta["controls"]]
-    assert len(set(labels)) == 4 and all(re.fullmatch(r"[a-z0-9_]+", label) for label in labels)
+    assert len(set(labels)) == INPUTS and all(re.fullmatch(r"[a-z0-9_]+", label) for label in labels)
+    pitch, voicing = meta["controls"][:2]
+    assert (pitch["label"], pitch["source"], pitch["unit"], pitch["min"], pitch["max"]) == ("pitch", "f0", "midi", 0, 127)
+    assert (voicing["label"], voicing["source"], voicing["min"], voicing["max"]) == ("voicing", "voicing", 0, 1)
     for i, c in enumerate(meta["controls"]):
         assert c["index"] == i and c["min"] <= c["default"] <= c["max"] and c["min"] < c["max"]
-        assert c["source"] in ("pca", "attribute", "regularized")
+        assert c["source"] in (("f0", "voicing") if i < 2 else ("pca", "attribute", "regularized"))
     dataset = PreparedSet.open(prepared)
     assert meta["preprocessing"] == dataset.preprocessing
     assert meta["preprocessing"]["gain_db"] == dataset.gain_db
@@ -147,13 +159,16 @@ def test_encode_returns_control_coordinates_deterministically(exported):
             x = torch.from_numpy(dataset.load(f)).view(1, 1, -1)
             u = model.encode(x)
             assert torch.equal(u, model.encode(x))  # the posterior mean: no sampling
+            # pitch and voicing come from the one tracker, as prepare stored them
+            torch.testing.assert_close(u[0, :2], torch.from_numpy(dataset.load_condition(f)), rtol=0, atol=1e-4)
             # offset + basis @ u is the VAE's posterior mean: the file's dimensions are its controls
-            z = model.offset + torch.matmul(model.basis, u)
+            z = model.offset + torch.matmul(model.basis, u[:, 2:])
             torch.testing.assert_close(z, vae.encode(x)[0], rtol=1e-4, atol=1e-4)
             us.append(u[0].T)
     middle = np.median(torch.cat(us).numpy(), axis=0)
     for j, c in enumerate(meta["controls"]):
         assert c["min"] <= middle[j] <= c["max"], (c, middle[j])
+    assert abs(meta["controls"][0]["default"] - float(vae.default_condition[0])) < 1e-6
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -162,7 +177,7 @@ def test_file_streams_in_chunks_and_resets(exported, size):
     meta = json.loads(model.metadata())
     lo = torch.tensor([c["min"] for c in meta["controls"]]).view(1, -1, 1)
     hi = torch.tensor([c["max"] for c in meta["controls"]]).view(1, -1, 1)
-    u = lo + (hi - lo) * torch.rand(1, 4, 29, generator=torch.Generator().manual_seed(size))
+    u = lo + (hi - lo) * torch.rand(1, INPUTS, 29, generator=torch.Generator().manual_seed(size))
     with torch.no_grad():
         model.reset()
         whole = model.decode(u)
@@ -183,11 +198,13 @@ def test_file_decodes_what_the_trained_decoder_decodes(exported):
     run, _, out = exported
     model = _load(out)
     _, vae = load_run(run)
-    u = torch.randn(1, 4, 17, generator=torch.Generator().manual_seed(3))
+    u = torch.randn(1, INPUTS, 17, generator=torch.Generator().manual_seed(3))
+    u[:, 0] = torch.linspace(30.0, 90.0, 17)
+    u[:, 1] = torch.rand(17, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         model.reset()
         got = model.decode(u)
-        want = vae.eval().decode(model.offset + torch.matmul(model.basis, u))
+        want = vae.eval().decode(model.offset + torch.matmul(model.basis, u[:, 2:]), u[:, :2])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
@@ -204,7 +221,7 @@ def test_loads_in_a_fresh_process_with_only_torch(exported):
     result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                             timeout=120, env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(1, 1, 768) ['encode', 'decode', 'forward']"
+    assert result.stdout.strip() == "(1, 1, 768) ['encode', 'decode', 'forward', 'play']"
     assert "Warning" not in result.stderr
 
 
@@ -290,6 +307,12 @@ def test_decoded_latent_walks_fold_nothing_and_extremes_stay_bounded(alias_model
     generator = torch.Generator().manual_seed(0)
     steps = torch.rand(1, size, 300, generator=generator)
     walk = 0.5 + 0.5 * torch.sin(torch.cumsum(0.2 * torch.randn(1, size, 300, generator=generator), dim=2))
+    # the pitch input held at its default: a pitch leaping across the keyboard every 5 ms chirps its
+    # partials across kHz within a block, whose spread above 20 kHz is not folding (test_pitch
+    # plays glides and leaps against the ideal band-limited series)
+    for i, c in enumerate(meta["controls"]):
+        if c.get("unit") == "midi":
+            steps[:, i] = walk[:, i] = (c["default"] - c["min"]) / (c["max"] - c["min"])
     with torch.no_grad():
         for u01 in (steps, walk):
             alias_model.reset()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
 
-from support.jack import Recorder, jack_server  # noqa: F401  (fixture)
+from support.jack import jack_server, record  # noqa: F401  (fixture)
+from support.midi import midi_out  # noqa: F401  (fixture)
 from support.nnmodels import build_toy_model
 from support.synthd_proc import OscClient, SynthdProcess, crossings_per_second, rms_db
 
@@ -33,22 +33,6 @@ name = "low"
 program = 5
 values = { pitch = 0.25 }
 """
-
-
-@pytest.fixture(scope="module")
-def midi_out(jack_server):
-    """A JACK MIDI output port `d2sender:out` owned by the test."""
-    import rtmidi
-
-    saved = {k: os.environ.get(k) for k in ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")}
-    os.environ.update({k: v for k, v in jack_server.env().items() if k in saved})
-    out = rtmidi.MidiOut(rtapi=rtmidi.API_UNIX_JACK, name="d2sender")
-    out.open_virtual_port("out")
-    yield out
-    out.close_port()
-    out.delete()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +72,6 @@ def polled(get, check, timeout: float = 3.0) -> dict:
 def settled(osc: OscClient, check) -> dict[str, float]:
     """Control values once `check(values)` holds (see `polled`)."""
     return polled(lambda: values(osc), check)
-
-
-def record(server, seconds: float, actions) -> np.ndarray:
-    with Recorder(server.name, channels=1, seconds=seconds + 0.5) as rec:
-        rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 1))
-        rec.start()
-        t0 = time.monotonic()
-        for at, action in actions:
-            time.sleep(max(0.0, t0 + at - time.monotonic()))
-            action()
-        rec.wait_frames(int(seconds * RATE))
-        return rec.data()[: int(seconds * RATE), 0]
 
 
 def w(x, a, b):

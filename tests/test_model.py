@@ -24,11 +24,19 @@ def tiny(**overrides) -> VAE:
     return VAE(ModelConfig(**{**TINY, **overrides})).eval()
 
 
-def stream(model: VAE, z: torch.Tensor, size: int) -> torch.Tensor:
+def moving_condition(batch: int, frames: int) -> torch.Tensor:
+    """Pitch (a glide from 40 to 90, then a jump down an octave) and voicing (0.2 .. 1), `(batch, 2, frames)`."""
+    pitch = torch.linspace(40.0, 90.0, frames)
+    pitch[frames * 2 // 3:] -= 12.0
+    voicing = 0.6 + 0.4 * torch.sin(torch.arange(frames) / 3.0)
+    return torch.stack([pitch, voicing]).expand(batch, 2, frames).clone()
+
+
+def stream(model: VAE, z: torch.Tensor, size: int, condition: torch.Tensor) -> torch.Tensor:
     state = model.decoder.initial_state(z.shape[0])
     parts = []
     for i in range(0, z.shape[2], size):
-        audio, state = model.decoder.step(z[:, :, i:i + size], state)
+        audio, state = model.decoder.step(z[:, :, i:i + size], state, condition[:, :, i:i + size])
         parts.append(audio)
     return torch.cat(parts, dim=2)
 
@@ -73,14 +81,38 @@ def test_latency_matches_the_reach_of_one_frame():
     assert 10 * 256 <= first < 11 * 256
 
 
+@pytest.mark.parametrize("harmonics", [16, 0])
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
-def test_streaming_equals_whole_decoding(size):
-    model = tiny(decoder_dilations=[1, 4])  # a cache (16 frames) longer than every chunk
+def test_streaming_equals_whole_decoding(size, harmonics):
+    model = tiny(decoder_dilations=[1, 4], harmonics=harmonics)  # a cache (16 frames) longer than every chunk
+    with torch.no_grad():  # a harmonic part as loud as the residual
+        if harmonics:
+            model.decoder.harmonic.proj.bias.zero_()
     z = torch.randn(2, 4, 37)
+    condition = moving_condition(2, 37)[:, :model.cfg.conditioning]
     with torch.no_grad():
-        whole = model.decode(z)
-        chunked = stream(model, z, size)
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
+        whole = model.decode(z, condition)
+        chunked = stream(model, z, size, condition)
+    # the running phase agrees to float64 rounding; each partial's phase k * phase is taken in
+    # float32, whose last bit at 2 pi, times k, is a few millionths of the peak
+    tolerance = 2e-5 if harmonics else 1e-6
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=tolerance * float(whole.abs().max()))
+
+
+def test_a_pitch_change_reaches_the_output_within_one_hop_of_its_frame():
+    model = tiny()
+    with torch.no_grad():
+        model.decoder.harmonic.proj.bias.zero_()
+    z = torch.zeros(1, 4, 40)
+    condition = moving_condition(1, 40)
+    changed = condition.clone()
+    changed[:, 0, 10:] += 7.0
+    with torch.no_grad():
+        diff = (model.decode(z, changed) - model.decode(z, condition)).abs()[0, 0]
+    first = int(torch.nonzero(diff > 1e-6)[0])
+    # frame 10's pitch is glided to across output block 10 (one hop), never earlier
+    assert 10 * 256 <= first < 10 * 256 + 16
+    assert float(diff[10 * 256:11 * 256].max()) > 0.01
 
 
 def test_folded_decoder_gives_the_same_audio_and_leaves_the_original_alone():
@@ -92,13 +124,14 @@ def test_folded_decoder_gives_the_same_audio_and_leaves_the_original_alone():
     folded = model.decoder.folded()
     assert all(b.gamma_folded for b in folded.blocks) and folded.head.gain_folded
     z = torch.randn(1, 4, 23)
+    condition = moving_condition(1, 23)
     with torch.no_grad():
-        whole = model.decoder(z)
+        whole = model.decoder(z, condition)
         scripted = torch.jit.script(folded)
         state = folded.initial_state(1)
         parts = []
         for i in range(z.shape[2]):
-            audio, state = scripted.step(z[:, :, i:i + 1], state)
+            audio, state = scripted.step(z[:, :, i:i + 1], state, condition[:, :, i:i + 1])
             parts.append(audio)
     torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=0, atol=1e-5 * float(whole.abs().max()))
     assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from support.jack import Recorder, jack_server  # noqa: F401  (fixture)
+from support.jack import Recorder, jack_server, record  # noqa: F401  (fixture)
 from support.nnmodels import build_toy_model
 from support.synthd_proc import REPO, OscClient, SynthdProcess, crossings_per_second, rms_db
 
@@ -44,19 +44,6 @@ def client(synthd):
     c = OscClient(synthd.osc_address)
     yield c
     c.close()
-
-
-def record(server, seconds: float, actions: list[tuple[float, callable]]) -> np.ndarray:
-    """Record synthd's first output for `seconds`, running each action at its time."""
-    with Recorder(server.name, channels=1, seconds=seconds + 0.5) as rec:
-        rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 1))
-        rec.start()
-        t0 = time.monotonic()
-        for at, action in actions:
-            time.sleep(max(0.0, t0 + at - time.monotonic()))
-            action()
-        rec.wait_frames(int(seconds * RATE))
-        return rec.data()[: int(seconds * RATE), 0]
 
 
 def window(x: np.ndarray, start: float, stop: float) -> np.ndarray:

@@ -578,19 +578,27 @@ def analyze(model: torch.nn.Module, dataset, *, regularized: list[str] | tuple[s
     config = settled_for(config, getattr(model.decoder, "receptive_frames", None))
     desc_cfg = DescriptorConfig(sample_rate=int(dataset.preprocessing.get("sample_rate", 48000)), hop=_hop(model))
     table = encode_set(model, dataset, desc_cfg, show_progress)
+    # a decoder with a pitch input is played at a pitch; no latent is asked to stand in for it,
+    # and the latents are swept with the pitch held (vae_latent_decoder decodes at the held one)
+    given = {"pitch": "the model's pitch input (named by construction)"} if model.cfg.conditioning else {}
     return analyze_table(table, vae_latent_decoder(model), regularized=regularized, config=config,
-                         desc_cfg=desc_cfg, show_progress=show_progress)
+                         desc_cfg=desc_cfg, show_progress=show_progress, given=given)
 
 
 def analyze_table(table: FrameTable, decode_latents: Callable[[np.ndarray], np.ndarray], *,
                   regularized: list[str] | tuple[str, ...] = (), config: AnalysisConfig = AnalysisConfig(),
-                  desc_cfg: DescriptorConfig = DescriptorConfig(), show_progress: bool = False) -> Analysis:
+                  desc_cfg: DescriptorConfig = DescriptorConfig(), show_progress: bool = False,
+                  given: dict[str, str] | None = None) -> Analysis:
     """The analysis of an encoded set, `decode_latents` mapping latents `(points, latent, frames)`
-    to audio `(points, samples)` from a zero initial state."""
+    to audio `(points, samples)` from a zero initial state. `given` names descriptors the model
+    takes as inputs, with the reason: no latent control is made for them (they are still held
+    still while the others are swept)."""
     fits, white = fit_descriptors(table, config)
-    rejected = {}
+    rejected = dict(given or {})
     for name in DESCRIPTOR_NAMES:
         fit = fits.get(name)
+        if name in rejected:
+            continue
         if fit is None:
             rejected[name] = ("the encoder gives every frame the same latents" if white.axes.shape[1] == 0
                               else "too few frames where it is defined")

@@ -80,12 +80,12 @@ def run_checkpoint_path(run_dir: str | os.PathLike[str], which: str = "best") ->
 
 def load_run(run_dir: str | os.PathLike[str], which: str = "best"):
     """(checkpoint dict, VAE with its weights, in eval mode on the CPU) for a run folder."""
-    from training.config import config_from_dict
+    from training.config import checkpoint_config
     from training.model import VAE
 
     path = run_checkpoint_path(run_dir, which)
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"], f"{path} config")
+    cfg = checkpoint_config(ckpt["config"], f"{path} config")
     model = VAE(cfg.model)
     # the moving average of the weights, where the run kept one, is the model in use
     model.load_state_dict(ckpt.get("ema", ckpt["model"]))

@@ -334,6 +334,13 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     return cfg
 
 
+def checkpoint_config(values: dict[str, Any], source: str) -> TrainConfig:
+    """The config a checkpoint holds. One written before the harmonic head existed names no
+    `model.harmonics`: its decoder had none, which is 0, not today's default."""
+    model = {"harmonics": 0, **values.get("model", {})}
+    return config_from_dict({**values, "model": model}, source)
+
+
 def load_config(path: str | os.PathLike[str] | None) -> TrainConfig:
     """The defaults overridden by the TOML file at `path` (None: the defaults alone)."""
     if path is None:

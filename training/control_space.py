@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 _LABEL = re.compile(r"^[a-z0-9_]+$")
-SOURCES = ("pca", "attribute", "regularized")
+SOURCES = ("pca", "attribute", "regularized", "f0", "voicing")
 
 
 @dataclass
@@ -29,12 +29,16 @@ class ControlSpec:
     source: str = "pca"
     attribute: str | None = None
     quality: dict[str, Any] | None = None
+    unit: str | None = None
 
     def to_metadata(self, index: int) -> dict[str, Any]:
         """The control's entry in the model file's metadata (README schema)."""
-        return {"index": index, "label": self.label, "min": float(self.minimum), "max": float(self.maximum),
-                "default": float(self.default), "source": self.source, "attribute": self.attribute,
-                "quality": self.quality}
+        entry = {"index": index, "label": self.label, "min": float(self.minimum), "max": float(self.maximum),
+                 "default": float(self.default), "source": self.source, "attribute": self.attribute,
+                 "quality": self.quality}
+        if self.unit is not None:
+            entry["unit"] = self.unit
+        return entry
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """`PreparedSet`: the one reader of a prepared set (what `synthd-train prepare` writes).
 
-A prepared set is a folder holding `manifest.json` and `audio/<id>.npy`: each file converted
+A prepared set is a folder holding `manifest.json`, `audio/<id>.npy`: each file converted
 by `training.audio` to `(samples,)` float32 mono at the set's rate, stored *before* the set
-gain. The set gain and every other preprocessing parameter live in the manifest's
+gain, and `condition/<id>.npy`: its pitch (MIDI note units) and voicing per latent frame,
+`(2, samples // hop)` float32, from `training.pitch` after the gain. The set gain and every other preprocessing parameter live in the manifest's
 `preprocessing` object; `load` applies the gain, so every reader gets the same samples.
 """
 
@@ -23,6 +24,7 @@ FORMAT = "synthd-prepared-set"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 AUDIO_DIR = "audio"
+CONDITION_DIR = "condition"
 
 
 class PreparedSetError(Exception):
@@ -43,6 +45,8 @@ class PreparedFile:
     audio_path: Path          # the converted audio (.npy, float32, before the set gain)
     original: dict[str, Any] = field(default_factory=dict)  # source rate, channels, bit depth, ...
     notes: tuple[str, ...] = ()
+    condition_path: Path | None = None   # pitch and voicing (.npy, (2, frames)); None in older sets
+    voiced_share: float | None = None    # frames voiced, 0..1
 
 
 class PreparedSet:
@@ -95,7 +99,9 @@ class PreparedSet:
                             content_hash=str(entry["content_hash"]),
                             audio_path=self.root / entry["audio"],
                             original=dict(entry.get("original", {})),
-                            notes=tuple(entry.get("notes", ())))
+                            notes=tuple(entry.get("notes", ())),
+                            condition_path=self.root / entry["condition"] if entry.get("condition") else None,
+                            voiced_share=entry.get("voiced_share"))
 
     @property
     def train_files(self) -> list[PreparedFile]:
@@ -153,6 +159,22 @@ class PreparedSet:
             raise PreparedSetError(f"{f.audio_path}: expected {f.frames} float32 mono samples, found "
                                    f"{samples.dtype} {samples.shape}; prepare the set again")
         return apply_gain(samples, self.gain_db)
+
+    def load_condition(self, f: PreparedFile | str) -> np.ndarray | None:
+        """`(2, samples // hop)` float32: pitch (MIDI note units) and voicing per latent frame, or
+        None for a set prepared before pitch was tracked."""
+        f = self.file(f) if isinstance(f, str) else f
+        if f.condition_path is None:
+            return None
+        try:
+            condition = np.load(f.condition_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise PreparedSetError(f"{f.condition_path}: cannot read the pitch track of {f.source} "
+                                   f"({exc}); prepare the set again") from None
+        if condition.dtype != np.float32 or condition.ndim != 2 or condition.shape[0] != 2:
+            raise PreparedSetError(f"{f.condition_path}: expected (2, frames) float32, found "
+                                   f"{condition.dtype} {condition.shape}; prepare the set again")
+        return condition
 
     def __iter__(self) -> Iterator[PreparedFile]:
         return iter(self.files)

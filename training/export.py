@@ -24,34 +24,54 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.control_space import ControlSpace
+from training.control_space import ControlSpace, ControlSpec
 from training.model import VAE
 
 FORMAT_VERSION = 1
 CHECK_CHUNKS = (1, 2, 3, 8)
 
 
+def input_controls(vae: VAE, space: ControlSpace) -> list[ControlSpec]:
+    """decode's inputs in order: with a pitch input, `pitch` (MIDI note units, 0..127, the note a
+    keyboard plays) and `voicing` (0..1, how much of the sound is the harmonic part), at the
+    training set's typical values; then the control space's controls."""
+    if not vae.cfg.conditioning:
+        return list(space.controls)
+    pitch, voicing = (float(v) for v in vae.default_condition)
+    return [ControlSpec("pitch", 0.0, 127.0, min(max(pitch, 0.0), 127.0), source="f0", attribute="pitch", unit="midi"),
+            ControlSpec("voicing", 0.0, 1.0, min(max(voicing, 0.0), 1.0), source="voicing")] + list(space.controls)
+
+
 class StreamingModel(nn.Module):
     """The exported module: nn~ methods over a VAE, in control coordinates, with streaming state.
 
-    decode(u `(batch, L, T)`) -> `(batch, 1, T * hop)`; encode(x `(batch, 1, N)`) -> `(batch, L, N // hop)`.
+    decode(u `(batch, C + L, T)`) -> `(batch, 1, T * hop)`; encode(x `(batch, 1, N)`) ->
+    `(batch, C + L, N // hop)`, where the first C = 2 inputs are pitch (MIDI) and voicing for a
+    decoder with a pitch input (C = 0 without) and the L others the control space's controls.
     State is kept for one batch size at a time; a call with another batch size starts afresh.
     """
+
+    __constants__ = ["pitched"]
 
     def __init__(self, vae: VAE, space: ControlSpace, metadata: str) -> None:
         super().__init__()
         space.validate()
         self.decoder = vae.decoder.folded()
         self.encoder = vae.encoder
+        self.conditioning = vae.cfg.conditioning
+        self.pitched = vae.tracker is not None
+        # the one pitch tracker: `encode` reads pitch and voicing as `prepare` and training did
+        self.tracker = vae.tracker if vae.tracker is not None else nn.Identity()
         size = vae.cfg.latent_size
-        self.latent_size = size
+        inputs = size + self.conditioning
+        self.latent_size = inputs
         self.hop = vae.cfg.hop
         basis = torch.as_tensor(np.asarray(space.basis), dtype=torch.float64)
         self.register_buffer("offset", torch.as_tensor(np.asarray(space.offset), dtype=torch.float32).view(1, size, 1))
         self.register_buffer("basis", basis.float())
         self.register_buffer("inverse", torch.linalg.inv(basis).float())
-        self.register_buffer("decode_params", torch.tensor([size, self.hop, 1, 1]))
-        self.register_buffer("encode_params", torch.tensor([1, 1, size, self.hop]))
+        self.register_buffer("decode_params", torch.tensor([inputs, self.hop, 1, 1]))
+        self.register_buffer("encode_params", torch.tensor([1, 1, inputs, self.hop]))
         self.register_buffer("forward_params", torch.tensor([1, 1, 1, 1]))
         self.meta = metadata
         self.state: list[Tensor] = self.decoder.initial_state(1)
@@ -79,18 +99,22 @@ class StreamingModel(nn.Module):
         if u.shape[0] != self.state[0].shape[0]:
             self.state = self.decoder.initial_state(u.shape[0])
         # one affine map straight into the decoder's `(batch, T, latent)` layout
-        z = nn.functional.linear(u.transpose(1, 2), self.basis, self.offset.view(-1))
-        audio, state = self.decoder.step_frames(z, self.state)
+        z = nn.functional.linear(u[:, self.conditioning:].transpose(1, 2), self.basis, self.offset.view(-1))
+        audio, state = self.decoder.step_frames(z, self.state, u[:, :self.conditioning].transpose(1, 2))
         self.state = state
         return audio
 
     @torch.jit.export
     def encode(self, x: Tensor) -> Tensor:
-        """Audio `(batch, 1, samples)` -> control values `(batch, latent_size, samples // hop)`: the
-        posterior mean, so the same audio always gives the same controls. Stateless: each call
-        analyses its own samples (zero beyond its end)."""
+        """Audio `(batch, 1, samples)` -> control values `(batch, latent_size, samples // hop)`: pitch
+        and voicing from the tracker (with a pitch input), then the posterior mean, so the same
+        audio always gives the same controls. Stateless: each call analyses its own samples (zero
+        beyond its end)."""
         mean, _ = self.encoder(x)
-        return torch.matmul(self.inverse, mean - self.offset)
+        controls = torch.matmul(self.inverse, mean - self.offset)
+        if self.pitched:
+            return torch.cat([self.tracker(x), controls], 1)
+        return controls
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -131,14 +155,21 @@ def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any
     run["model"] = {"n_fft": cfg.n_fft, "decoder_dim": cfg.decoder_dim, "decoder_blocks": cfg.decoder_blocks,
                     "decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()),
                     "receptive_frames": vae.decoder.receptive_frames,
-                    "noise_branch": cfg.noise_branch, "max_frequency": cfg.max_frequency}
+                    "noise_branch": cfg.noise_branch, "max_frequency": cfg.max_frequency,
+                    "harmonics": cfg.harmonics, "vae_latent_size": cfg.latent_size}
+    controls = input_controls(vae, space)
     meta = {
         "format": "synthd-model", "format_version": FORMAT_VERSION, "name": name,
-        "sample_rate": cfg.sample_rate, "channels": 1, "latent_size": cfg.latent_size, "hop": cfg.hop,
+        "sample_rate": cfg.sample_rate, "channels": 1, "latent_size": len(controls), "hop": cfg.hop,
         "latency_samples": vae.latency_samples,
-        "controls": space.metadata(),
+        # a note or pitch change is heard through the harmonic path within one hop of its frame;
+        # the residual (iSTFT) path has played a frame in full after `latency_samples`
+        "latency": {"residual_samples": vae.latency_samples,
+                    "harmonic_samples": cfg.harmonic_latency_samples if cfg.harmonics else None},
+        "controls": [c.to_metadata(i) for i, c in enumerate(controls)],
         "preprocessing": dict(ckpt.get("preprocessing") or {}),
         "data": dict(ckpt.get("data_summary") or {}),
+        "pitch": vae.tracker.parameters_dict() if vae.tracker is not None else None,
         "run": run,
     }
     return json.dumps(meta, allow_nan=False)
@@ -153,12 +184,14 @@ def export_model(vae: VAE, space: ControlSpace, metadata: str, out: str | Path, 
     from training.checkpoint import atomic_write_bytes
 
     vae = vae.eval()
-    module = PlayableModel(vae, space, metadata) if has_named_controls(space) else StreamingModel(vae, space, metadata)
+    playable = has_named_controls(space) or vae.cfg.conditioning > 0
+    module = PlayableModel(vae, space, metadata) if playable else StreamingModel(vae, space, metadata)
     generator = torch.Generator().manual_seed(0)
-    lo = torch.tensor([c.minimum for c in space.controls]).view(1, -1, 1)
-    hi = torch.tensor([c.maximum for c in space.controls]).view(1, -1, 1)
+    controls = input_controls(vae, space)
+    lo = torch.tensor([c.minimum for c in controls]).view(1, -1, 1)
+    hi = torch.tensor([c.maximum for c in controls]).view(1, -1, 1)
     # a latent walk across each control's useful range
-    u = lo + (hi - lo) * torch.rand(1, len(space.controls), check_frames, generator=generator)
+    u = lo + (hi - lo) * torch.rand(1, len(controls), check_frames, generator=generator)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -214,8 +247,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"streaming check: chunks of {', '.join(map(str, CHECK_CHUNKS))} frames equal one whole decode "
           f"(worst difference {worst:.2g} of peak)", file=sys.stderr)
-    print(f"latency {vae.latency_samples} samples ({1000 * vae.latency_samples / vae.cfg.sample_rate:.1f} ms), "
-          f"{vae.cfg.latent_size} controls, written in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    rate = vae.cfg.sample_rate
+    harmonic = (f"; pitch and harmonics {vae.cfg.harmonic_latency_samples} samples "
+                f"({1000 * vae.cfg.harmonic_latency_samples / rate:.1f} ms)" if vae.cfg.harmonics else "")
+    print(f"latency {vae.latency_samples} samples ({1000 * vae.latency_samples / rate:.1f} ms){harmonic}, "
+          f"{len(input_controls(vae, space))} controls, written in {time.monotonic() - started:.1f} s", file=sys.stderr)
     print(out)
     return 0
 
@@ -235,13 +271,14 @@ class PlayableModel(StreamingModel):
 
     def __init__(self, vae: VAE, space: ControlSpace, metadata: str) -> None:
         super().__init__(vae, space, metadata)
-        size = len(space.controls)
-        low = torch.tensor([c.minimum for c in space.controls], dtype=torch.float32).view(1, size, 1)
-        high = torch.tensor([c.maximum for c in space.controls], dtype=torch.float32).view(1, size, 1)
+        controls = input_controls(vae, space)
+        size = len(controls)
+        low = torch.tensor([c.minimum for c in controls], dtype=torch.float32).view(1, size, 1)
+        high = torch.tensor([c.maximum for c in controls], dtype=torch.float32).view(1, size, 1)
         self.register_buffer("control_min", low)
         self.register_buffer("control_span", high - low)
         self.register_buffer("play_params", torch.tensor([size, self.hop, 1, 1]))
-        self.play_input_labels: list[str] = [c.label for c in space.controls]
+        self.play_input_labels: list[str] = [c.label for c in controls]
         self.play_output_labels: list[str] = ["audio"]
 
     @torch.jit.export

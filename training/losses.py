@@ -92,13 +92,17 @@ class MultiResolutionSpectralLoss(nn.Module):
     At every FFT size in `fft_sizes` (Hann window of that size, hop = size // 4):
     spectral convergence ||Y - Ŷ||_F / ||Y||_F and the mean |log Y - log Ŷ|; at the sizes also in
     `mel_fft_sizes`, the mean |log mel(Y) - log mel(Ŷ)| with `n_mels` bands (scaled down for small
-    FFTs so that no band is narrower than a bin).
+    FFTs so that no band is narrower than a bin). With `band_limit` (max_frequency, taper in Hz)
+    the target's spectra are faded to nothing above `max_frequency` as the decoder's band limit
+    is, so nothing asks the decoder for what it cannot make.
     """
 
     def __init__(self, fft_sizes: tuple[int, ...] | list[int] = (64, 128, 256, 512, 1024, 2048, 4096),
                  mel_fft_sizes: tuple[int, ...] | list[int] = (),
-                 n_mels: int = 80, sample_rate: int = 48000) -> None:
+                 n_mels: int = 80, sample_rate: int = 48000,
+                 band_limit: tuple[float, float] | None = None) -> None:
         super().__init__()
+        self.band_limited = band_limit is not None
         self.fft_sizes = sorted(set(fft_sizes) | set(mel_fft_sizes))
         self.stft_sizes = set(fft_sizes)
         self.mel_sizes = set(mel_fft_sizes)
@@ -106,6 +110,12 @@ class MultiResolutionSpectralLoss(nn.Module):
             if n < 16 or n & (n - 1):
                 raise ValueError(f"FFT size {n} must be a power of two >= 16")
             self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
+            if band_limit is not None:
+                top, taper = band_limit
+                freqs = torch.arange(n // 2 + 1, dtype=torch.float64) * sample_rate / n
+                fade = ((freqs - (top - taper)) / max(taper, 1e-9)).clamp(0.0, 1.0)
+                self.register_buffer(f"band_{n}", (0.5 + 0.5 * torch.cos(math.pi * fade)).float().view(-1, 1),
+                                     persistent=False)
             if n in self.mel_sizes:
                 bands = min(n_mels, n // 4)
                 self.register_buffer(f"mel_{n}", mel_filterbank(n, bands, sample_rate), persistent=False)
@@ -131,6 +141,8 @@ class MultiResolutionSpectralLoss(nn.Module):
         err, ref, floors, lm, mel = [], [], [], [], []
         for n in self.fft_sizes:
             pred, true = self._magnitude(y_hat, n), self._magnitude(y, n)
+            if self.band_limited:
+                true = (true * getattr(self, f"band_{n}")).clamp(min=_MAG_FLOOR)
             if n in self.stft_sizes:
                 err.append((true - pred).square().sum(dim=(1, 2)))
                 window = getattr(self, f"window_{n}")

@@ -378,19 +378,19 @@ class HarmonicHead(nn.Module):
     so the part is bounded whatever the network says); voicing multiplies them, so an unvoiced
     frame leaves the output to the residual head. Within output block t, pitch (Hz) and the
     amplitudes glide linearly from frame t - 1's values to frame t's, reached at the block's
-    last sample: the path adds one hop of latency. Every partial is faded out by a raised-cosine
-    taper between `max_frequency - band_taper_hz` and `max_frequency`, taken in each block at the
-    highest frequency the partial reaches there, so nothing above `max_frequency` is ever made
-    (alias-free on any glide or jump) and a glide past the limit fades its partials block by
-    block instead of cutting them (a steady pitch never changes the taper). The running phase is accumulated in float64 and wrapped every sample, so streaming in
+    last sample: the path adds one hop of latency. Every partial is faded out sample by sample
+    at its own frequency by a smooth taper between `max_frequency - band_taper_hz` and
+    `max_frequency`, so nothing at or above `max_frequency` is ever made (nothing can fold) and
+    a glide past the limit fades its partials without a step. The running phase is accumulated in float64 and wrapped every sample, so streaming in
     chunks equals one call.
 
-    forward(h `(batch, T, dim)`, pitch `(batch, T)` MIDI, voicing `(batch, T)`, amp `(batch, K)`,
+    forward(h `(batch, T, dim)`, pitch `(batch, T)` MIDI, voicing `(batch, T)`, amp `(batch, K)` (the
+    previous frame's amplitudes),
     f0 `(batch, 1)` (Hz; 0 = none yet), phase `(batch, 1)` float64) -> (audio `(batch, T * hop)`,
     new amp, new f0, new phase).
     """
 
-    __constants__ = ["hop", "sample_rate", "gain", "top", "taper"]
+    __constants__ = ["hop", "sample_rate", "harmonics", "gain", "top", "taper"]
 
     def __init__(self, cfg: ModelConfig, dim: int) -> None:
         super().__init__()
@@ -401,7 +401,10 @@ class HarmonicHead(nn.Module):
         self.register_buffer("numbers", torch.arange(1, cfg.harmonics + 1, dtype=torch.float32), persistent=False)
         ramp = (torch.arange(cfg.hop, dtype=torch.float64) + 1.0) / cfg.hop
         self.register_buffer("ramp", ramp, persistent=False)
-        self.register_buffer("ramp32", ramp.float(), persistent=False)
+        # amplitudes glide along a smoothstep, flat at both ends of the block: a step in the
+        # network's output leaves no corner in a partial's envelope (a linear glide's corners
+        # spread a 14 kHz partial's sidebands past 20 kHz at -84 dB)
+        self.register_buffer("amp_ramp", (ramp * ramp * (3.0 - 2.0 * ramp)).float(), persistent=False)
         # start quiet (each partial 40 dB under the untrained residual's level): the untrained
         # decoder's output is the residual's soft noise floor, not a buzz
         with torch.no_grad():
@@ -424,19 +427,23 @@ class HarmonicHead(nn.Module):
         freq = f_prev.unsqueeze(-1) + (f0 - f_prev).unsqueeze(-1) * self.ramp  # (batch, T, hop) Hz
         phase = torch.cumsum(freq.reshape(batch, -1) * (2.0 * math.pi / self.sample_rate), 1) + phase_state
         phase = torch.remainder(phase, 2.0 * math.pi)
-        # each partial's taper at the highest frequency it reaches in the block, held over the
-        # block: a partial that passes the limit anywhere in a block is silent in all of it
-        highest = torch.maximum(f_prev, f0).float().unsqueeze(-1) * self.numbers  # (batch, T, K)
-        fade = ((highest - (self.top - self.taper)) / self.taper).clamp(0.0, 1.0)
-        fade = 0.5 + 0.5 * torch.cos(math.pi * fade)
         with torch.no_grad():
             basis = torch.sin(phase.float().reshape(batch, frames, self.hop, 1) * self.numbers)
-        a_prev = torch.cat([amp_state.unsqueeze(1), amp[:, :-1]], 1) * fade
-        a_next = amp * fade
+            # every partial faded sample by sample at its own frequency (a smoothstep from 1 at
+            # `top - taper` to 0 at `top`): nothing at or above `top` is ever made, on any glide
+            # or jump. Only partials that come near the limit in this call need it.
+            highest = float(freq.max())
+            first = int((self.top - self.taper) / max(highest, 1e-3))
+            if first < self.harmonics:
+                fade = freq.float().reshape(batch, frames, self.hop, 1) * self.numbers[first:]
+                fade = fade.sub_(self.top - self.taper).div_(self.taper).clamp_(0.0, 1.0)
+                fade = 1.0 - fade * fade * (3.0 - 2.0 * fade)
+                basis[..., first:] *= fade
+        a_prev = torch.cat([amp_state.unsqueeze(1), amp[:, :-1]], 1)
         # the amplitude ramp factors out of the sum over partials: two matrix products, no
         # (batch, T, hop, K) tensor that needs a gradient
         audio = torch.matmul(basis, a_prev.unsqueeze(-1)).squeeze(-1) \
-            + self.ramp32 * torch.matmul(basis, (a_next - a_prev).unsqueeze(-1)).squeeze(-1)
+            + self.amp_ramp * torch.matmul(basis, (amp - a_prev).unsqueeze(-1)).squeeze(-1)
         return audio.reshape(batch, frames * self.hop), amp[:, -1], f0[:, -1:], phase[:, -1:]
 
 

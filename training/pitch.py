@@ -2,7 +2,8 @@
 
 `yin` is the core (de Cheveigné & Kawahara 2002): the cumulative mean normalised difference
 of each frame, the bottom of its first dip under a threshold (the global minimum where none
-dips that far), refined by parabolic interpolation. `PitchTracker` turns audio into the
+dips that far), refined by parabolic interpolation; a frame whose period is shorter than the
+range allows (a pitch above `F0_MAX_HZ`) is unpitched. `PitchTracker` turns audio into the
 decoder's pitch inputs per latent frame: pitch in MIDI note units and a voicing confidence.
 
 Frame convention: value `t` describes the signal at sample `(t + 1) * hop`, the end of output
@@ -62,14 +63,19 @@ def yin(seg: Tensor, sample_rate: int, window: int, tau_min: int, tau_max: int,
     dip = (search < threshold) & (search <= nxt)
     first = torch.argmax(dip.to(torch.int8), -1)
     best = torch.where(dip.any(-1), first, torch.argmin(search, -1)) + tau_min
-    # parabolic interpolation around the chosen lag
-    lo = cmnd.gather(-1, (best - 1).unsqueeze(-1)).squeeze(-1)
-    mid = cmnd.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-    hi = cmnd.gather(-1, (best + 1).clamp(max=tau_max).unsqueeze(-1)).squeeze(-1)
+    # parabolic interpolation around the chosen lag, on the difference function itself: the
+    # normalisation's slope biases the normalised one (3.4 cents at 1760 Hz, 0.1 on d)
+    lo = diff.gather(-1, (best - 1).unsqueeze(-1)).squeeze(-1)
+    mid = diff.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+    hi = diff.gather(-1, (best + 1).clamp(max=tau_max).unsqueeze(-1)).squeeze(-1)
     denom = lo - 2.0 * mid + hi
     shift = torch.where(denom.abs() > 1e-12, 0.5 * (lo - hi) / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)
     f0 = sample_rate / (best.to(seg.dtype) + shift)
-    return f0, (1.0 - mid).clamp(0.0, 1.0)
+    confidence = (1.0 - cmnd.gather(-1, best.unsqueeze(-1)).squeeze(-1)).clamp(0.0, 1.0)
+    # a period shorter than the shortest lag searched: the pitch lies above the range, and what
+    # the search found is a subharmonic of it, so the frame counts as unpitched
+    above = cmnd[..., 2:tau_min].min(-1).values < threshold
+    return f0, torch.where(above, torch.zeros_like(confidence), confidence)
 
 
 def hz_to_midi(f0: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ import numpy as np
 import soundfile as sf
 
 from training.audio import SAMPLE_RATE, AudioError, amplitude_to_db, convert, pipeline_parameters
-from training.dataset import AUDIO_DIR, FORMAT, FORMAT_VERSION, MANIFEST
+from training.dataset import AUDIO_DIR, CONDITION_DIR, FORMAT, FORMAT_VERSION, MANIFEST
 from training.progress import Progress
 
 DEFAULT_TARGET_LUFS = -20.0
@@ -251,6 +251,38 @@ def _process(c: Candidate, opts: Options, staging: Path, reusable: dict[str, dic
     return Accepted(entry, peak, False)
 
 
+def track_pitch(entries: list[dict[str, Any]], staging: Path, sample_rate: int, gain_db: float) -> dict[str, Any]:
+    """Pitch and voicing of every file, after the set gain (the level the model hears), with the
+    tracker the model's pitch input and its `encode` use: `condition/<id>.npy`, float32
+    `(2, samples // hop)` (pitch in MIDI note units, voicing 0..1), and each entry's
+    `voiced_share` (frames with voicing over the tracker's threshold) and `median_pitch` (MIDI,
+    over voiced frames; null without any). Returns the tracker's parameters for `preprocessing`."""
+    import torch
+
+    from training.audio import apply_gain
+    from training.model import ModelConfig
+    from training.pitch import PitchTracker, track_long
+
+    tracker = PitchTracker(sample_rate, ModelConfig().hop)
+    (staging / CONDITION_DIR).mkdir(exist_ok=True)
+    progress = Progress(len(entries), "pitch", unit="file")
+    for e in entries:
+        x = apply_gain(np.load(staging / e["audio"], allow_pickle=False), gain_db)
+        condition = track_long(tracker, torch.from_numpy(x)).numpy()
+        rel = f"{CONDITION_DIR}/{e['id']}.npy"
+        with open(staging / rel, "wb") as fh:
+            np.save(fh, condition.astype(np.float32), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        voiced = condition[1] > tracker.voiced_threshold
+        e["condition"] = rel
+        e["voiced_share"] = round(float(voiced.mean()), 4) if voiced.size else 0.0
+        e["median_pitch"] = round(float(np.median(condition[0][voiced])), 3) if voiced.any() else None
+        progress.update(file=e["source"])
+    progress.close()
+    return tracker.parameters_dict()
+
+
 def _valid_npy(path: Path, frames: int) -> bool:
     try:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -378,6 +410,7 @@ def _fsync_dir(path: Path) -> None:
 def _install(staging: Path, out: Path) -> None:
     """Make `staging` the set at `out`. Readers see the old set or the new one, nothing else."""
     _fsync_dir(staging / AUDIO_DIR)
+    _fsync_dir(staging / CONDITION_DIR)
     _fsync_dir(staging)
     if not out.exists():
         os.rename(staging, out)
@@ -504,6 +537,7 @@ def _build(opts: Options, src: Path, out: Path, staging: Path, walk: Walk,
         e["gain_db"] = gain["gain_db"]
         e["loudness_after_gain_lufs"] = round(e["loudness_lufs"] + gain["gain_db"], 3)
     warnings += assign_splits(entries, previous, opts)
+    pitch_parameters = track_pitch(entries, staging, opts.sample_rate, gain["gain_db"])
     preprocessing = {**pipeline_parameters(opts.sample_rate),
                      "target_lufs": opts.target_lufs,
                      "loudness": "ITU-R BS.1770-4 integrated (pyloudnorm); files under 0.4 s: "
@@ -512,7 +546,8 @@ def _build(opts: Options, src: Path, out: Path, staging: Path, walk: Walk,
                      "set_loudness_lufs": gain["set_loudness_lufs"],
                      "peak_ceiling_dbfs": opts.peak_ceiling_dbfs,
                      "gain_db": gain["gain_db"], "wanted_gain_db": gain["wanted_gain_db"],
-                     "gain_limited": gain["gain_limited"], "limiting_file": gain["limiting_file"]}
+                     "gain_limited": gain["gain_limited"], "limiting_file": gain["limiting_file"],
+                     "pitch": pitch_parameters}
     train = [e for e in entries if e["split"] == "train"]
     valid = [e for e in entries if e["split"] == "validation"]
     after = [e["loudness_after_gain_lufs"] for e in entries]
@@ -563,6 +598,11 @@ def _report(result: Result, out: Path) -> str:
         lines.append(f"              lowered from {pre['wanted_gain_db']:+.1f} dB so that the loudest "
                      f"peak ({pre['limiting_file']}) stays under {pre['peak_ceiling_dbfs']:.1f} dBFS: "
                      f"the set reaches {pre['set_loudness_lufs'] + pre['gain_db']:.1f} LUFS")
+    voiced = [f["voiced_share"] for f in m["files"] if f.get("voiced_share") is not None]
+    if voiced:
+        pitched = sum(v >= 0.5 for v in voiced)
+        lines.append(f"  pitch       {pitched} of {_count(len(voiced), 'file')} mostly voiced (median voiced share "
+                     f"{statistics.median(voiced):.2f}; per file in manifest.json)")
     lines.append(f"  split       train {_count(s['train_files'], 'file')} ({s['train_duration_s']:.1f} s), "
                  f"validation {_count(s['validation_files'], 'file')} ({s['validation_duration_s']:.1f} s)")
     lines += _details(m["rejected"], [f for f in m["files"] if f["notes"]])

@@ -244,13 +244,19 @@ class Trainer:
 
         torch.manual_seed(self.seed)  # the initial weights depend on the seed alone
         model = VAE(cfg.model).to(self.device)
+        if cfg.model.harmonics > 0:
+            model.default_condition.copy_(typical_condition(self.dataset))
         self.model = model
         # the averaged weights are what validation sees and what best.pt and the export carry
         self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
         self.eval_model = self.ema if self.ema is not None else model
         self.hop = cfg.model.hop
+        # the losses ask for nothing above the decoder's band limit: a target's content there
+        # (cymbals, noise) would otherwise push the top bins up until their leakage reached it
         self.spectral = MultiResolutionSpectralLoss(cfg.loss.stft_fft_sizes, cfg.loss.mel_fft_sizes,
-                                                    cfg.loss.n_mels, sample_rate).to(self.device)
+                                                    cfg.loss.n_mels, sample_rate,
+                                                    band_limit=(cfg.model.max_frequency,
+                                                                cfg.model.band_taper_hz)).to(self.device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
         adversarial = cfg.adversarial.enabled
@@ -317,8 +323,8 @@ class Trainer:
         return ckpt
 
     def _resume_config(self, args: argparse.Namespace, ckpt: dict[str, Any]) -> TrainConfig:
-        from training.config import config_from_dict
-        cfg = config_from_dict(ckpt["config"], f"{self.run_dir / 'last.pt'} config")
+        from training.config import checkpoint_config
+        cfg = checkpoint_config(ckpt["config"], f"{self.run_dir / 'last.pt'} config")
         if args.config is not None and config_to_dict(load_config(args.config)) != config_to_dict(cfg):
             raise ConfigError(f"{args.config}: differs from the config of the run being resumed "
                               f"({self.run_dir / 'config.toml'}); a resumed run keeps its config")
@@ -385,8 +391,10 @@ class Trainer:
         beta = kl_beta(progress, cfg.kl.beta_start, cfg.kl.beta, cfg.kl.warmup)
 
         self.train_model.train()
+        # pitch and voicing of what the decoder must make (the clean crop), by the model's tracker
+        condition = self.model.condition(target)
         with self._autocast():
-            y, mean, logvar = self.train_model(inputs)
+            y, mean, logvar = self.train_model(inputs, condition)
         full_target = target
         y = y.float()[..., self.context:]
         target = target[..., self.context:]
@@ -674,6 +682,27 @@ class Trainer:
                   f"{best.get('val_distance', float('nan')):.4f} at step {best.get('step')}; "
                   f"saved {self.run_dir / 'best.pt'} and {self.run_dir / 'last.pt'}")
         report_collapse(self.run_dir, self.cfg)
+
+
+def typical_condition(dataset) -> Tensor:
+    """The pitch and voicing the analysis holds while it sweeps the latents, `(2,)`: the median
+    pitch (MIDI) of the training files' voiced frames and the share of frames voiced."""
+    from training.pitch import REST_PITCH, VOICED_THRESHOLD, PitchTracker, track_long
+
+    tracker = None
+    pitches, voicings = [], []
+    for f in dataset.train_files:
+        condition = dataset.load_condition(f)
+        if condition is None:  # a set prepared before pitch was tracked
+            tracker = tracker or PitchTracker(dataset.sample_rate)
+            condition = track_long(tracker, torch.from_numpy(dataset.load(f))).numpy()
+        voiced = condition[1] > VOICED_THRESHOLD
+        pitches.append(condition[0][voiced])
+        voicings.append(voiced)
+    pitch = np.concatenate(pitches) if pitches else np.zeros(0)
+    voiced = np.concatenate(voicings) if voicings else np.zeros(0)
+    return torch.tensor([float(np.median(pitch)) if pitch.size else REST_PITCH,
+                         float(voiced.mean()) if voiced.size else 0.0])
 
 
 def report_collapse(run_dir: Path, cfg: TrainConfig) -> list[int]:

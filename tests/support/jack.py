@@ -297,6 +297,20 @@ class Recorder:
         self.close()
 
 
+def record(server, seconds: float, actions, rate: int = 48000) -> np.ndarray:
+    """`seconds` of the PortAudio output on `server`, mono, while `actions` ((seconds after the
+    start, callable) pairs) run at their times."""
+    with Recorder(server.name, channels=1, seconds=seconds + 0.5) as rec:
+        rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 1))
+        rec.start()
+        t0 = time.monotonic()
+        for at, action in actions:
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            action()
+        rec.wait_frames(int(seconds * rate))
+        return rec.data()[: int(seconds * rate), 0]
+
+
 @pytest.fixture(scope="module")
 def jack_server():
     """A JACK dummy server for one test module, stopped afterwards."""

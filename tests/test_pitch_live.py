@@ -1,0 +1,83 @@
+"""A model with a pitch input played from a keyboard: notes and pitch bend in tune at synthd's
+JACK output (MIDI on rtmidi's JACK port, audio recorded from the PortAudio output)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from support.jack import jack_server, record  # noqa: F401  (fixture)
+from support.midi import midi_out  # noqa: F401  (fixture)
+from support.pitched_model import build_pitched_model
+from support.synthd_proc import OscClient, SynthdProcess, rms_db
+from training.pitch import PitchTracker
+
+RATE = 48000
+PATCH = """version = 1
+[gate]
+open = false
+attack = 0.005
+release = 0.05
+velocity = false
+[midi]
+note_low = 60
+note_high = 72
+bend_range = 2.0
+[[control]]
+label = "pitch"
+curve = "exponential"
+range = [0.2, 0.9]
+"""
+
+
+@pytest.fixture(scope="module")
+def synthd(jack_server, midi_out, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("pitched")
+    build_pitched_model(d / "pitched.ts")
+    (d / "keys.toml").write_text(PATCH)
+    with SynthdProcess(jack_server, "--model", str(d / "pitched.ts"), "--patch", str(d / "keys.toml"),
+                       "--midi-in", "d2sender") as proc:
+        yield proc
+
+
+def pitch_between(x: np.ndarray, start: float, stop: float) -> np.ndarray:
+    """The tracker's pitch (MIDI) of every frame of `x` from `start` to `stop` seconds."""
+    frames = PitchTracker()(torch.from_numpy(x[int(start * RATE):int(stop * RATE)].copy())[None, None])[0]
+    assert float(frames[1].min()) > 0.9  # voiced throughout
+    return frames[0].numpy()
+
+
+def test_a_played_a4_is_440_hz_and_bends_by_the_patch_range(jack_server, synthd, midi_out):  # noqa: F811
+    # the patch maps `pitch` through a curve and a range, and note_low/high would scale a learned
+    # control: a pitch input in MIDI units ignores all of that and plays the note itself
+    x = record(jack_server, 2.2, [
+        (0.3, lambda: midi_out.send_message([0x90, 69, 100])),
+        (1.0, lambda: midi_out.send_message([0xE0, 0x7F, 0x7F])),  # full bend up: +2 semitones
+        (1.8, lambda: midi_out.send_message([0x80, 69, 0])),
+    ])
+    assert rms_db(x[:int(0.25 * RATE)]) < -80  # the gate starts closed
+    a4 = pitch_between(x, 0.45, 0.95)
+    cents = (a4 - 69.0) * 100
+    assert np.abs(cents).max() < 5.0, f"A4 read {np.median(cents):+.2f} cents (worst {np.abs(cents).max():.2f})"
+    bent = pitch_between(x, 1.15, 1.75)
+    assert np.abs((bent - 71.0) * 100).max() < 5.0
+    assert rms_db(x[int(2.0 * RATE):]) < -80  # released
+
+
+def test_notes_report_the_pitch_control_in_midi_units(synthd, midi_out):  # noqa: F811
+    osc = OscClient(synthd.osc_address)
+    try:
+        midi_out.send_message([0x90, 50, 100])
+        row = None
+        for _ in range(40):  # MIDI crosses two JACK periods; a busy machine may take longer
+            osc.send("/synthd/controls")
+            row = {r[1][0]: r[1] for r in osc.replies(count=4)}.get("pitch")
+            if row is not None and row[3] == pytest.approx(50.0):
+                break
+        midi_out.send_message([0x80, 50, 0])
+        # (label, index, wire 0..1, model value, min, max, source): the model value is the note
+        assert row is not None and row[3] == pytest.approx(50.0) and row[2] == pytest.approx(50 / 127), row
+        assert row[4:6] == [0.0, 127.0]
+    finally:
+        osc.close()
