@@ -1,6 +1,6 @@
 """Pitch accuracy of reconstructions of held-out recorded notes: the decoder with a pitch input and
 a harmonic head (the defaults) against the previous decoder (`model.harmonics = 0`), trained side
-by side for the same wall-clock budget on the same notes.
+by side (at once, the cores shared between them) for the same wall-clock budget on the same notes.
 
 The notes are the General MIDI set `bench/train_quality.py --set gm` renders with fluidsynth
 (8 instruments x 5 pitches, 43..76); every sixth note is held out of `prepare` entirely. Every
@@ -18,6 +18,7 @@ reconstruction. Printed per run, over the source's voiced frames:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -94,32 +95,38 @@ def main() -> int:
                    check=True, capture_output=True)
     print(f"gm notes: {len(files) - len(held)} prepared, {len(held)} held out: "
           f"{', '.join(f.stem for f in held)}", flush=True)
-    final = {}
-    for name in args.runs.split(","):
+    # the runs train side by side, each on its own share of the cores, so that neither gets
+    # the machine the other was denied and both see the same wall clock
+    names = args.runs.split(",")
+    threads = max(1, (os.cpu_count() or 1) // len(names))
+    procs, caches, final = {}, {}, {}
+    for name in names:
         config = args.work / f"{name}.toml"
-        config.write_text(RUNS[name])
+        config.write_text(RUNS[name] + f"[optim]\nthreads = {threads}\n")
         run_dir = args.work / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "training", "train", str(prepared), str(run_dir), "--minutes",
                f"{args.minutes:g}", "--seed", str(args.seed), "--config", str(config)]
         print(f"[{name}] {' '.join(cmd)}", flush=True)
         with open(args.work / f"train-{name}.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        cache: dict = {}
-        started, next_check = time.monotonic(), args.every * 60
-        while True:
-            done = proc.poll() is not None
-            if done or time.monotonic() - started >= next_check:
-                line = measure(run_dir, held, cache)
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        caches[name] = {}
+    started, next_check = time.monotonic(), args.every * 60
+    while procs:
+        finished = [name for name, proc in procs.items() if proc.poll() is not None]
+        due = time.monotonic() - started >= next_check
+        for name in list(procs):
+            if due or name in finished:
+                line = measure(args.work / f"run-{name}", held, caches[name])
                 if line:
                     final[name] = line
                     print(f"[{name}] {(time.monotonic() - started) / 60:5.1f} min  {line}", flush=True)
-                next_check += args.every * 60
-            if done:
-                break
-            time.sleep(2)
-        if proc.returncode != 0:
-            raise SystemExit(f"[{name}] training failed (exit {proc.returncode}); see {args.work / f'train-{name}.log'}")
+        if due:
+            next_check += args.every * 60
+        for name in finished:
+            if procs.pop(name).returncode != 0:
+                raise SystemExit(f"[{name}] training failed; see {args.work / f'train-{name}.log'}")
+        time.sleep(2)
     print("\n".join(f"{name:9s} {line}" for name, line in final.items()))
     return 0
 

@@ -184,10 +184,13 @@ def test_demo_model_controls_mean_what_they_say(tmp_path_factory):
     controls = [A.ControlSpec(label=c["label"], minimum=c["min"], maximum=c["max"], default=c["default"],
                               source=c["source"], attribute=c["attribute"], quality=c["quality"])
                 for c in meta["controls"]]
-    named = [c for c in controls if c.source != "pca"]
+    # pitch and voicing are the decoder's inputs, named by construction, ahead of the latent controls
+    assert [(c.label, c.source) for c in controls[:2]] == [("pitch", "f0"), ("voicing", "voicing")]
+    assert summary["rejected"]["pitch"].startswith("the model's pitch input")
+    named = [c for c in controls if c.source in ("attribute", "regularized")]
     # the file names what this analysis of the same run named, and nothing else
     assert sorted(c.label for c in named) == sorted(summary["named"])
-    assert all(c.label.startswith("timbre_") for c in controls if c.source == "pca")
+    assert all(c.label.startswith("timbre_") for c in controls[2:] if c.source == "pca")
     if named:
         assert "play" in model.get_methods() and list(model.play_input_labels) == [c.label for c in controls]
     cfg = A.settled_for(A.AnalysisConfig(), meta["run"]["model"].get("receptive_frames"))

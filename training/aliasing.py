@@ -17,6 +17,7 @@ take numpy arrays and know nothing about the model, so they run unchanged on a t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from scipy.ndimage import maximum_filter, median_filter
@@ -134,7 +135,8 @@ def new_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4800
 
 def folded_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000, n_fft: int = 1024,
                     harmonics: int = 9, prominence_db: float = 15.0, range_db: float = 60.0,
-                    excess_db: float = 20.0, tolerance_bins: int = 2, persist_frames: int = 3) -> list[Partial]:
+                    excess_db: float = 20.0, tolerance_bins: int = 2, persist_frames: int = 3,
+                    own_partials: Callable[[float], np.ndarray] | None = None) -> list[Partial]:
     """Partials of `output` where folding would put the harmonics of a one-partial `source`.
 
     Per STFT frame (`n_fft` points, short: a fast sweep must not smear its images flat) the
@@ -148,7 +150,9 @@ def folded_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4
     is folded energy, while a steady tone of the model's own that an image passes (or crosses
     slowly, where the image turns at 0 Hz or at Nyquist) is not. Images that land on the source's
     own main lobe cannot be told from it and are skipped, as are frames where the source is
-    silent (40 dB below its loudest).
+    silent (40 dB below its loudest). `own_partials(t)` gives the frequencies (Hz) the model
+    itself made at time t (a harmonic head's partials, known from its pitch input): a peak on one
+    of them is the model's own tone, whatever image passes it.
     """
     freqs, times, out_db, src_db, prominence, top = _spectra(source, output, sample_rate, n_fft)
     nyquist, bin_hz = sample_rate / 2, freqs[1]
@@ -168,6 +172,9 @@ def folded_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4
                 continue
             lo, hi = max(0, b - tolerance_bins), min(len(freqs) - 1, b + tolerance_bins)
             k = lo + int(out_db[lo:hi + 1, j].argmax())
+            if own_partials is not None and np.any(
+                    np.abs(own_partials(float(times[j])) - freqs[k]) <= (tolerance_bins + 1) * bin_hz):
+                continue
             if (prominence[k, j] >= prominence_db and out_db[k, j] >= top - range_db
                     and out_db[k, j] - src_db[k, j] >= excess_db):
                 marks[m][int(j)] = (b, k)
@@ -183,7 +190,39 @@ def folded_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4
     return sorted(found, key=lambda p: p.time_s)
 
 
-def aliasing_report(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000) -> AliasReport:
-    """Every measure for `output` (what a model made of `source`)."""
+def steady_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000, low: float = 18000.0,
+                    high: float = 20000.0, n_fft: int = 4096, prominence_db: float = 10.0,
+                    excess_db: float = 10.0) -> list[Partial]:
+    """Steady lines of `output` between `low` and `high` Hz that `source` lacks: a whistle at the
+    band edge, a partial that sounds whatever the input, which no transient or noise makes.
+
+    Each bin's level is its mean power over the frames where the source sounds (within 60 dB of
+    its loudest), so that noise averages out. A line is a bin `prominence_db` above the median of
+    its ±32-bin neighbourhood and `excess_db` above the source's level around it (the same
+    neighbourhood's median: a dip of the source's own noise at one bin is no reason)."""
+    n = min(len(source), len(output))
+    freqs, _, out_spec = stft(np.asarray(output[:n], dtype=np.float64), fs=sample_rate, window="hann", nperseg=n_fft,
+                              noverlap=3 * n_fft // 4, boundary=None, padded=False)
+    _, times, src_spec = stft(np.asarray(source[:n], dtype=np.float64), fs=sample_rate, window="hann",
+                              nperseg=n_fft, noverlap=3 * n_fft // 4, boundary=None, padded=False)
+    src_power, out_power = np.abs(src_spec) ** 2, np.abs(out_spec) ** 2
+    frame_level = src_power.sum(axis=0)
+    sounding = frame_level >= frame_level.max() * 1e-6
+    if not sounding.any():
+        return []
+    out_line = 10 * np.log10(out_power[:, sounding].mean(axis=1) + 1e-20)
+    src_line = 10 * np.log10(src_power[:, sounding].mean(axis=1) + 1e-20)
+    prominence = out_line - median_filter(out_line, size=65, mode="reflect")
+    excess = out_line - median_filter(src_line, size=65, mode="reflect")
+    band = (freqs >= low) & (freqs <= high)
+    found = np.flatnonzero(band & (prominence >= prominence_db) & (excess >= excess_db))
+    return [Partial(float(times[0]), float(freqs[b]), float(out_line[b] - out_line.max())) for b in found]
+
+
+def aliasing_report(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000,
+                    own_partials: Callable[[float], np.ndarray] | None = None) -> AliasReport:
+    """Every measure for `output` (what a model made of `source`); see `folded_partials` for
+    `own_partials`."""
     return AliasReport(energy_above_db(source, sample_rate), energy_above_db(output, sample_rate),
-                       new_partials(source, output, sample_rate), folded_partials(source, output, sample_rate))
+                       new_partials(source, output, sample_rate),
+                       folded_partials(source, output, sample_rate, own_partials=own_partials))

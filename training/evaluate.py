@@ -32,7 +32,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import soundfile as sf
@@ -80,7 +80,8 @@ class Subject:
             {"label": f"latent_{i}", "min": -3.0, "max": 3.0, "default": 0.0} for i in range(self.latent_size)]
         self.controls = [ControlSpec(label=c["label"], minimum=float(c["min"]), maximum=float(c["max"]),
                                      default=float(c["default"]), source=c.get("source", "pca"),
-                                     attribute=c.get("attribute"), quality=c.get("quality")) for c in controls]
+                                     attribute=c.get("attribute"), quality=c.get("quality"), unit=c.get("unit"))
+                         for c in controls]
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """`(samples,)` -> control coordinates `(latent, samples // hop)`."""
@@ -123,6 +124,27 @@ class Subject:
             for lag in range(0, limit + 1, 4):
                 score[lag] += float(np.dot(ex, ey[lag:lag + len(ex)]))
         return int(np.argmax(score))
+
+    def harmonic_partials(self, x: np.ndarray) -> Callable[[float], np.ndarray] | None:
+        """For a model with a harmonic head: the frequencies of the partials it makes at time t
+        when it reconstructs `x` (the harmonics of the pitch `encode` reads, while voiced), so an
+        aliasing check can tell them from images. None for other models."""
+        if not self.controls or self.controls[0].unit != "midi":
+            return None
+        count = int(self.metadata.get("run", {}).get("model", {}).get("harmonics") or 0)
+        frames = -(-len(x) // self.hop)
+        padded = np.zeros(frames * self.hop, dtype=np.float32)
+        padded[:len(x)] = x
+        pitch, voicing = self.encode(padded)[:2]
+        hz = 440.0 * 2.0 ** ((pitch - 69.0) / 12.0)
+        numbers = np.arange(1, count + 1)
+
+        def partials(t: float) -> np.ndarray:
+            # pitch frame i describes sample (i + 1) * hop
+            i = min(max(int(round(t * self.sample_rate / self.hop)) - 1, 0), frames - 1)
+            return hz[i] * numbers if voicing[i] > 0.05 else numbers[:0].astype(float)
+
+        return partials
 
     def wire_to_model(self, wire: np.ndarray) -> np.ndarray:
         """Wire values 0..1 `(latent, ...)` -> model units."""
@@ -322,6 +344,8 @@ class Evaluation:
             summary["mrstft_to_noise"] = (summary["mrstft"] / summary["noise_mrstft"]
                                           if summary["mrstft"] is not None and summary["noise_mrstft"] else None)
             summary["files"] = len(files)
+            # how much of each file the pitch tracker heard as pitched (prepare's reading)
+            summary["voiced_share"] = {f.source: f.voiced_share for f in files}
             per_split[split] = summary
         gap = {m: (per_split["validation"][m] - per_split["train"][m]
                    if per_split["validation"][m] is not None and per_split["train"][m] is not None else None)
@@ -461,7 +485,7 @@ class Evaluation:
         sr = self.sr
         sweep_in = sine_sweep(3.0, sr, amplitude=0.1 * math.sqrt(2))  # -20 dBFS RMS, near the set's level
         sweep_out = self.s.reconstruct(sweep_in, self.delay)
-        report = aliasing_report(sweep_in, sweep_out, sr)
+        report = aliasing_report(sweep_in, sweep_out, sr, own_partials=self.s.harmonic_partials(sweep_in))
         in_db, out_db = report.source_above_db, report.output_above_db
         randoms = [self.s.decode(self.s.wire_to_model(self.rng.uniform(0, 1, (self.s.latent_size, 64))))
                    for _ in range(4)]

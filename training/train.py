@@ -251,12 +251,12 @@ class Trainer:
         self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
         self.eval_model = self.ema if self.ema is not None else model
         self.hop = cfg.model.hop
-        # the losses ask for nothing above the decoder's band limit: a target's content there
-        # (cymbals, noise) would otherwise push the top bins up until their leakage reached it
+        # the losses ask for nothing above the decoder's band limit, tapered as the decoder's is: a
+        # target's content there (cymbals, noise) pushed the top bins up until their leakage
+        # reached it, a steady whistle at 19.6 kHz on every reconstruction
         self.spectral = MultiResolutionSpectralLoss(cfg.loss.stft_fft_sizes, cfg.loss.mel_fft_sizes,
                                                     cfg.loss.n_mels, sample_rate,
-                                                    band_limit=(cfg.model.max_frequency,
-                                                                cfg.model.band_taper_hz)).to(self.device)
+                                                    band_limit=band_limit(cfg.model)).to(self.device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
         adversarial = cfg.adversarial.enabled
@@ -682,6 +682,13 @@ class Trainer:
                   f"{best.get('val_distance', float('nan')):.4f} at step {best.get('step')}; "
                   f"saved {self.run_dir / 'best.pt'} and {self.run_dir / 'last.pt'}")
         report_collapse(self.run_dir, self.cfg)
+
+
+def band_limit(cfg) -> tuple[float, float]:
+    """(top, taper) in Hz of the decoder's iSTFT band limit (training.spectral_ops.band_limit_mask):
+    its last nonzero bin lies 7 bins under `max_frequency`."""
+    top = cfg.max_frequency - 7 * cfg.sample_rate / cfg.n_fft
+    return top, cfg.band_taper_hz
 
 
 def typical_condition(dataset) -> Tensor:

@@ -69,7 +69,7 @@ threads = 2
 
 # steps of "the trained demo model" that the analysis, evaluation and aliasing tests share (trained
 # once per test session)
-TRAINED_STEPS = 200
+TRAINED_STEPS = 400
 
 
 def trained_demo(base: Path, steps: int) -> Path:
