@@ -196,3 +196,49 @@ def test_default_patch_binds_most_important_controls_of_any_model(model):
                                 "those mappings are idle"]  # CCs 25-28
     surface.midi_cc(16, 21, 127)
     assert engine.latents()[0] == pytest.approx(2.0)
+
+
+def test_a_pitch_input_in_midi_units_plays_notes_exactly_bends_glides_and_takes_velocity(tmp_path):
+    import torch
+
+    from support.pitched_model import build_pitched_model
+    from training.pitch import PitchTracker
+
+    pitched = load_model(build_pitched_model(tmp_path / "pitched.ts"))
+    assert pitched.control("pitch").unit == "midi"
+    patch = parse_patch("""version = 1
+[midi]
+note_low = 60
+note_high = 72
+bend_range = 12.0
+glide = 0.1
+velocity_control = "timbre_1"
+[[control]]
+label = "pitch"
+curve = "exponential"
+invert = true
+range = [0.3, 0.6]
+""", "keys.toml")
+    engine = Engine(pitched, channels=1, block_frames=256)
+    surface = ControlSurface(engine, patch)
+    pitch = surface.find("pitch")
+    surface.note_on(69, 64)
+    # the note itself, whatever the mapping, note range and curve say
+    assert pitch.model_value() == 69.0
+    assert surface.find("timbre_1").wire == pytest.approx(64 / 127)
+    surface.pitch_bend(-8192)
+    assert pitch.model_value() == pytest.approx(57.0)
+    surface.pitch_bend(0)
+    rate = pitched.sample_rate
+    engine.render(int(0.3 * rate))
+    surface.note_on(45, 100)  # legato: the patch's glide from 69 to 45
+    assert pitch.model_value() == 45.0
+    heard = PitchTracker()(torch.from_numpy(np.ascontiguousarray(engine.render(int(0.4 * rate))[:, 0]))[None, None])[0, 0]
+    seconds = (np.arange(len(heard)) + 1) * pitched.hop / rate
+    # the engine's render-ahead delays what is heard a little; the glide takes 0.1 s of it
+    gliding = heard[(seconds > 0.02) & (seconds < 0.2)].numpy()
+    assert gliding.max() > 60 and gliding.min() < 50 and np.all(np.diff(gliding) < 0.05)
+    assert np.abs(heard[(seconds > 0.3) & (seconds < 0.38)].numpy() - 45.0).max() < 0.05  # the end: the window runs out
+    # a knob (or OSC) on the pitch input takes over from the notes, through the patch's mapping
+    surface.set("pitch", 0.0)
+    assert pitch.note is None and pitch.model_value() == pytest.approx(0.6 * 127.0)

@@ -324,3 +324,25 @@ def test_decoded_latent_walks_fold_nothing_and_extremes_stay_bounded(alias_model
             audio = alias_model.decode(torch.full((1, size, 100), value))
             assert torch.isfinite(audio).all()
             assert float(audio.square().mean().sqrt()) <= 4 / 3 and float(audio.abs().max()) <= 16.0
+
+
+def test_a_decoder_without_a_pitch_input_still_exports_and_plays_as_before(tmp_path):
+    """`model.harmonics = 0` (the first decoder, and every file exported before pitch was an input):
+    decode takes the controls alone, and synthd loads it with no pitch input to play in tune."""
+    from synthd.model import load_model
+
+    torch.manual_seed(0)
+    vae = VAE(ModelConfig(harmonics=0, latent_size=4, encoder_dim=16, encoder_blocks=1, decoder_dim=24,
+                          decoder_blocks=2, decoder_dilations=[1, 2])).eval()
+    with torch.no_grad():
+        mean, _ = vae.encode(torch.from_numpy(sine_sweep(1.0)).view(1, 1, -1))
+    space = pca_space(mean[0].T.numpy())
+    out = tmp_path / "first.ts"
+    export_model(vae, space, build_metadata("first", vae, space, {"step": 0}), out)
+    module = _load(out)
+    meta = json.loads(module.metadata())
+    assert module.decode_params.tolist() == [4, 256, 1, 1] and module.get_methods() == ["encode", "decode", "forward"]
+    assert meta["pitch"] is None and meta["latency"]["harmonic_samples"] is None
+    assert all(c["source"] == "pca" and "unit" not in c for c in meta["controls"])
+    model = load_model(out)
+    assert model.latent_size == 4 and all(c.unit is None for c in model.controls)

@@ -63,3 +63,28 @@ def test_kl_free_bits_beta_ramp_and_collapse():
     assert kl_beta(0.0, 1e-6, 1e-2, 0.5) == pytest.approx(1e-6)
     assert kl_beta(0.25, 1e-6, 1e-2, 0.5) == pytest.approx(1e-4)  # log-scale midpoint
     assert kl_beta(0.9, 1e-6, 1e-2, 0.5) == 1e-2
+
+
+def test_a_band_limited_loss_asks_nothing_above_the_limit():
+    """A tone of the target above the decoder's band limit costs (almost) nothing when the
+    prediction lacks it; the same tone below the limit still counts, and so does the tone above
+    for the plain loss. The rest of the target is noise up to 18 kHz, so no bin is empty."""
+    noise = torch.randn(48000, generator=torch.Generator().manual_seed(0)) * 0.1
+    spectrum = torch.fft.rfft(noise)
+    spectrum[torch.fft.rfftfreq(48000, 1 / 48000) > 18000] = 0
+    base = torch.fft.irfft(spectrum, 48000)
+    t = torch.arange(48000) / 48000
+    above = base + 0.1 * torch.sin(2 * torch.pi * 21500 * t)
+    below = base + 0.1 * torch.sin(2 * torch.pi * 12000 * t)
+    limited = MultiResolutionSpectralLoss((256, 1024, 4096), band_limit=(19672.0, 1000.0))
+    plain = MultiResolutionSpectralLoss((256, 1024, 4096))
+
+    def cost(loss, target):
+        """What leaving the tone out of `target` costs, over a perfect prediction of the rest."""
+        def distance(t):
+            return float(loss.terms(base.view(1, 1, -1), t.view(1, 1, -1)).distance()[0])
+        return distance(target) - distance(base)
+
+    assert cost(limited, above) < 0.15  # the tone's edges leak a little below the limit
+    assert cost(limited, below) > 0.5
+    assert cost(plain, above) > 1.0

@@ -120,3 +120,39 @@ def test_bad_automation_is_refused_and_writes_nothing(files, edit, words):
     assert "Traceback" not in proc.stderr
     for word in words:
         assert word in proc.stderr, proc.stderr
+
+
+def test_the_demo_performance_plays_its_melody_in_tune_then_sweeps_the_timbre(tmp_path):
+    """What `make demo` renders: the melody (a MIDI file) on the pitch input, every note at its
+    pitch, then the timbre sweep (automation) with the pitch input left alone."""
+    import json
+    import warnings
+
+    import torch
+
+    from support.pitched_model import build_pitched_model
+    from training import demo
+    from training.pitch import PitchTracker
+
+    model = build_pitched_model(tmp_path / "pitched.ts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controls = json.loads(torch.jit.load(str(model)).metadata())["controls"]
+    played = demo._write_melody(controls, tmp_path / "melody.mid")
+    assert played == pytest.approx(len(demo.MELODY) * demo.NOTE_SECONDS)
+    seconds = demo._write_automation(controls, tmp_path / "sweep.toml", start=played + 0.5)
+    automation = (tmp_path / "sweep.toml").read_text()
+    assert 'control = "pitch"' not in automation and 'control = "voicing"' in automation
+    result = synthd_render("--model", str(model), "--midi", str(tmp_path / "melody.mid"), "--automation",
+                           str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "demo.wav"))
+    assert result.returncode == 0, result.stderr
+    y, rate = sf.read(tmp_path / "demo.wav", dtype="float32")
+    assert rate == RATE and len(y) >= int(seconds * RATE) - RATE
+    root = round(controls[0]["default"])
+    tracker = PitchTracker()
+    for i, step in enumerate(demo.MELODY):
+        # the middle of each note, clear of the glide in and the release
+        a, b = int((i + 0.3) * demo.NOTE_SECONDS * RATE), int((i + 0.8) * demo.NOTE_SECONDS * RATE)
+        pitch, voicing = tracker(torch.from_numpy(np.ascontiguousarray(y[a:b, 0]))[None, None])[0]
+        assert float(voicing.median()) > 0.9, i
+        assert abs(float(pitch.median()) - (root + step)) < 0.05, (i, float(pitch.median()), root + step)

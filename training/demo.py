@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 # a step budget, not wall-clock: the same steps on a fast or a busy machine give the same model
-DEFAULT_STEPS = STEPS_PLACEHOLDER
+DEFAULT_STEPS = 800
 SWEPT_CONTROLS = 4
 SWEEP_SECONDS = 4.0
 # the melody: semitones from the set's typical pitch, each note NOTE_SECONDS long
