@@ -3,8 +3,9 @@
 A prepared set is a folder holding `manifest.json`, `audio/<id>.npy`: each file converted
 by `training.audio` to `(samples,)` float32 mono at the set's rate, stored *before* the set
 gain, and `condition/<id>.npy`: its pitch (MIDI note units) and voicing per latent frame,
-`(2, samples // hop)` float32, from `training.pitch` after the gain. The set gain and every other preprocessing parameter live in the manifest's
-`preprocessing` object; `load` applies the gain, so every reader gets the same samples.
+`(2, samples // hop)` float32, from `training.pitch` after the gain. The set gain and every
+other preprocessing parameter live in the manifest's `preprocessing` object; `load` applies
+the gain, so every reader gets the same samples.
 """
 
 from __future__ import annotations

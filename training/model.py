@@ -383,19 +383,18 @@ class HarmonicHead(nn.Module):
     Per frame, the trunk gives each partial's log amplitude (each at most 1, their sum at most 1,
     so the part is bounded whatever the network says); a gate on voicing multiplies them (shut
     below 0.3, open above 0.7), so an unvoiced or noisy frame leaves the output to the residual
-    head. Within output block t, pitch (Hz, linearly)
-    and the amplitudes (along a smoothstep, so a step in the network's output leaves no corner
-    in an envelope) glide from frame t - 1's values to frame t's, reached at the block's last
-    sample: the path adds one hop of latency.
+    head. Within output block t, pitch (Hz, linearly) and the amplitudes (along a smoothstep, so
+    a step in the network's output leaves no corner in an envelope) glide from frame t - 1's
+    values to frame t's, reached at the block's last sample: the path adds one hop of latency.
 
     Band limit: every partial is faded by a smoothstep taper between `max_frequency -
     band_taper_hz` and `max_frequency`, taken at the end of each block and glided like the
     amplitudes; a partial that reaches `max_frequency` anywhere within a block is silent in all
     of it. So nothing at or above `max_frequency` is ever made and nothing can fold. Taken per
-    sample instead, the taper would cost a `(batch, T, hop, K)` tensor more (a sixth of a
-    training step); the block's taper lets a fast glide spread a little more energy past 20 kHz
-    than an ideal series does (30 Hz -> 4 kHz in 3 s with 64 partials at full level: -68 dB of
-    the signal against -77 dB; tests/test_pitch.py).
+    sample instead, the taper would cost an operation more on every sample of every partial;
+    the block's taper lets a fast glide spread a little more energy past 20 kHz than an ideal
+    series does (30 Hz -> 4 kHz in 3 s with 64 partials at full level: -68 dB of the signal
+    against -77 dB; tests/test_pitch.py).
 
     The running phase is accumulated in float64 and wrapped every sample, so streaming in
     chunks equals one call.
