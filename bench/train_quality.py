@@ -11,6 +11,7 @@ prints, over the held-out files:
             between each held-out file and the model's reconstruction of it
     noise   the same distance for noise shaped to each file's average spectrum and level
     ratio   model / noise   (target: <= 0.45 within 20 minutes on 2 CPU cores)
+    worst   the held-out file with the highest ratio of its own (target: <= 0.65)
 
     .venv/bin/python bench/train_quality.py --set drums --minutes 20
     .venv/bin/python bench/train_quality.py --set drums --kit "circAfrique v4" --minutes 20
@@ -113,14 +114,27 @@ class HeldOut:
     """The held-out files in the model's format and their noise baselines."""
 
     def __init__(self, files: list[Path], preprocessing: dict) -> None:
+        self.names = [f.name for f in files]
         self.audio = [load_for_model(f, preprocessing) for f in files]
-        self.noise_distance = float(np.mean([
+        self.noise_distances = [
             float(mrstft_distance(torch.from_numpy(shaped_noise(a, i)).reshape(1, 1, -1),
                                   torch.from_numpy(a).reshape(1, 1, -1)))
-            for i, a in enumerate(self.audio)]))
+            for i, a in enumerate(self.audio)]
+        self.noise_distance = float(np.mean(self.noise_distances))
 
     @torch.no_grad()
     def model_distance(self, model: torch.nn.Module, hop: int) -> float:
+        return float(np.mean(self.model_distances(model, hop)))
+
+    def worst_file(self, distances: list[float]) -> tuple[str, float]:
+        """The held-out file with the highest ratio of its model distance (`distances`, as
+        `model_distances` gives them) to its noise's."""
+        ratios = [m / n for m, n in zip(distances, self.noise_distances)]
+        i = int(np.argmax(ratios))
+        return self.names[i], ratios[i]
+
+    @torch.no_grad()
+    def model_distances(self, model: torch.nn.Module, hop: int) -> list[float]:
         out = []
         # silence in front for the decoder's warm-up, as in training: the onset is decoded in full
         context = -(-model.warmup_samples // hop) * hop
@@ -129,11 +143,12 @@ class HeldOut:
             x = torch.from_numpy(np.pad(a, (context, n - len(a)))).reshape(1, 1, -1)
             y = model(x)[0][..., context:context + len(a)]
             out.append(float(mrstft_distance(y, x[..., context:context + len(a)])))
-        return float(np.mean(out))
+        return out
 
 
-def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, float] | None:
-    """(step, model distance, noise distance) of the run's latest checkpoint, None before the first."""
+def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, float, tuple[str, float]] | None:
+    """(step, model distance, noise distance, (worst file, its ratio)) of the run's latest
+    checkpoint, None before the first."""
     try:
         ckpt, model = load_run(run_dir, "last")
     except (FileNotFoundError, ValueError):
@@ -141,7 +156,8 @@ def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, f
     if "held" not in cache:
         cache["held"] = HeldOut(held, ckpt["preprocessing"])
     h = cache["held"]
-    return int(ckpt["step"]), h.model_distance(model, int(ckpt["config"]["model"]["hop"])), h.noise_distance
+    distances = h.model_distances(model, int(ckpt["config"]["model"]["hop"]))
+    return int(ckpt["step"]), float(np.mean(distances)), h.noise_distance, h.worst_file(distances)
 
 
 def run_one(name: str, prepared: Path, held: list[Path], work: Path, minutes: float, every: float,
@@ -163,11 +179,11 @@ def run_one(name: str, prepared: Path, held: list[Path], work: Path, minutes: fl
         if done or time.monotonic() - started >= next_check:
             result = measure(run_dir, held, cache)
             if result is not None:
-                step, model_d, noise_d = result
+                step, model_d, noise_d, (worst, worst_ratio) = result
                 ratio = model_d / noise_d
                 print(f"[{name}] {(time.monotonic() - started) / 60:5.1f} min  step {step:6d}  "
-                      f"held-out distance: model {model_d:.4f}  noise {noise_d:.4f}  ratio {ratio:.3f}",
-                      flush=True)
+                      f"held-out distance: model {model_d:.4f}  noise {noise_d:.4f}  ratio {ratio:.3f}  "
+                      f"worst file {worst} {worst_ratio:.3f}", flush=True)
             next_check += every * 60
         if done:
             break
