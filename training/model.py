@@ -382,8 +382,8 @@ class HarmonicHead(nn.Module):
 
     Per frame, the trunk gives each partial's log amplitude (each at most 1, their sum at most 1,
     so the part is bounded whatever the network says); a gate on voicing multiplies them (shut
-    below 0.3, open above 0.7), so an unvoiced or noisy frame leaves the output to the residual
-    head. Within output block t, pitch (Hz, linearly) and the amplitudes (along a smoothstep, so
+    below 0.3, open above 0.7, linear between), so an unvoiced or noisy frame leaves the output
+    to the residual head. Within output block t, pitch (Hz, linearly) and the amplitudes (along a smoothstep, so
     a step in the network's output leaves no corner in an envelope) glide from frame t - 1's
     values to frame t's, reached at the block's last sample: the path adds one hop of latency.
 
@@ -405,20 +405,22 @@ class HarmonicHead(nn.Module):
     new amp, new f0, new phase).
     """
 
-    __constants__ = ["hop", "sample_rate", "harmonics", "gain", "top", "taper", "gate_low", "gate_high",
-                     "recurrence_frames"]
+    __constants__ = ["hop", "sample_rate", "harmonics", "gain", "top", "taper", "gate_low", "gate_scale",
+                     "hz_at_0", "recurrence_frames", "gain_folded"]
 
     def __init__(self, cfg: ModelConfig, dim: int) -> None:
         super().__init__()
         self.hop, self.sample_rate, self.harmonics = cfg.hop, cfg.sample_rate, cfg.harmonics
         self.gain = float(cfg.magnitude_gain)
         self.top, self.taper = float(cfg.max_frequency), max(float(cfg.band_taper_hz), 1.0)
-        self.gate_low, self.gate_high = VOICING_GATE
+        self.gate_low, self.gate_scale = VOICING_GATE[0], 1.0 / (VOICING_GATE[1] - VOICING_GATE[0])
+        self.hz_at_0 = 440.0 * 2.0 ** (-69.0 / 12.0)  # MIDI note 0
         self.recurrence_frames = RECURRENCE_FRAMES
+        self.gain_folded = False
         self.proj = nn.Linear(dim, cfg.harmonics)
         self.register_buffer("numbers", torch.arange(1, cfg.harmonics + 1, dtype=torch.float32), persistent=False)
         ramp = (torch.arange(cfg.hop, dtype=torch.float64) + 1.0) / cfg.hop
-        self.register_buffer("ramp", ramp, persistent=False)
+        self.register_buffer("ramp", ramp.float(), persistent=False)
         # amplitudes glide along a smoothstep, flat at both ends of the block: a step in the
         # network's output leaves no corner in a partial's envelope (a linear glide's corners
         # spread a 14 kHz partial's sidebands past 20 kHz at -84 dB)
@@ -429,35 +431,47 @@ class HarmonicHead(nn.Module):
             self.proj.weight.mul_(0.1 / self.gain)
             self.proj.bias.fill_(math.log(0.01 * cfg.initial_rms / math.sqrt(cfg.harmonics)) / self.gain)
 
+    def fold_gain(self) -> None:
+        """Multiply the output gain into proj (inference only: training needs it apart)."""
+        fold_scale(self.proj, torch.full((self.harmonics,), self.gain))
+        self.gain_folded = True
+
     def initial_state(self, batch: int) -> list[Tensor]:
-        return [torch.zeros(batch, self.harmonics), torch.zeros(batch, 1, dtype=torch.float64),
+        return [torch.zeros(batch, self.harmonics), torch.zeros(batch, 1),
                 torch.zeros(batch, 1, dtype=torch.float64)]
 
     def forward(self, h: Tensor, pitch: Tensor, voicing: Tensor, amp_state: Tensor, f0_state: Tensor,
                 phase_state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch, frames = h.shape[0], h.shape[1]
+        x = self.proj(h)
+        if not self.gain_folded:
+            x = x * self.gain
         # safeguard: each partial at most 1 and their sum at most 1, so the part's peak is at most 1
-        amp = torch.exp((self.proj(h) * self.gain).clamp(max=0.0))
-        # the voicing gate: silent below `VOICING_GATE[0]` (noise reads 0.1 .. 0.3), open above
-        # `VOICING_GATE[1]` (a note reads 0.9 and more), a smoothstep between
-        gate = ((voicing - self.gate_low) / (self.gate_high - self.gate_low)).clamp(0.0, 1.0)
-        amp = amp / amp.sum(-1, keepdim=True).clamp(min=1.0) * (gate * gate * (3.0 - 2.0 * gate)).unsqueeze(-1)
-        f0 = (440.0 * torch.pow(2.0, (pitch.clamp(0.0, 127.0) - 69.0) / 12.0)).double()
+        amp = torch.exp(x.clamp(max=0.0))
+        # the voicing gate: shut below `VOICING_GATE[0]` (noise reads 0.1 .. 0.3), open above
+        # `VOICING_GATE[1]` (a note reads 0.9 and more)
+        gate = ((voicing - self.gate_low) * self.gate_scale).clamp(0.0, 1.0)
+        amp = amp * (gate / amp.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        f0 = torch.exp2(pitch.clamp(0.0, 127.0) * (1.0 / 12.0)) * self.hz_at_0  # (batch, T) Hz
         start = torch.where(f0_state > 0, f0_state, f0[:, :1])
         f_prev = torch.cat([start, f0[:, :-1]], 1)
         freq = f_prev.unsqueeze(-1) + (f0 - f_prev).unsqueeze(-1) * self.ramp  # (batch, T, hop) Hz
-        phase = torch.cumsum(freq.reshape(batch, -1) * (2.0 * math.pi / self.sample_rate), 1) + phase_state
+        # the running phase in float64, wrapped every sample: chunked calls equal one call
+        phase = torch.cumsum(freq.reshape(batch, -1).double() * (2.0 * math.pi / self.sample_rate), 1) + phase_state
         phase = torch.remainder(phase, 2.0 * math.pi)
-        # each partial's taper (a smoothstep from 1 at `top - taper` to 0 at `top`) taken at the end
-        # of each block and glided with the amplitudes, so a glide toward the limit fades it
-        # smoothly; a partial that reaches the limit anywhere within a block is silent in all of
-        # it, so nothing at or above `top` is ever made and nothing can fold
-        end_hz = f0.float().unsqueeze(-1) * self.numbers  # (batch, T, K)
-        fade = ((end_hz - (self.top - self.taper)) / self.taper).clamp(0.0, 1.0)
-        below = torch.maximum(f_prev, f0).float().unsqueeze(-1) * self.numbers < self.top
-        a_next = amp * (1.0 - fade * fade * (3.0 - 2.0 * fade)) * below
+        a_next = amp
+        highest = torch.maximum(f_prev, f0).unsqueeze(-1) * self.numbers  # (batch, T, K): each partial's top
+        if float(highest.max()) > self.top - self.taper:
+            # each partial's taper (a smoothstep from 1 at `top - taper` to 0 at `top`) taken at
+            # the end of each block and glided with the amplitudes, so a glide toward the limit
+            # fades it smoothly; a partial that reaches the limit anywhere within a block is
+            # silent in all of it, so nothing at or above `top` is ever made and nothing can fold
+            fade = ((f0.unsqueeze(-1) * self.numbers - (self.top - self.taper)) / self.taper).clamp(0.0, 1.0)
+            a_next = amp * (1.0 - fade * fade * (3.0 - 2.0 * fade)) * (highest < self.top)
         # each block starts where the previous one ended
-        a_prev = torch.cat([amp_state.unsqueeze(1), a_next[:, :-1]], 1) * below
+        a_prev = torch.cat([amp_state.unsqueeze(1), a_next[:, :-1]], 1)
+        if a_next is not amp:
+            a_prev = a_prev * (highest < self.top)
         angle = phase.float().reshape(batch, frames, self.hop)
         if batch * frames > self.recurrence_frames:
             audio = self._sum_by_recurrence(angle, a_prev, a_next)
@@ -540,6 +554,8 @@ class Decoder(nn.Module):
         for block in decoder.blocks:
             block.fold_gamma()
         decoder.head.fold_output_gain()
+        if decoder.harmonic_path:
+            decoder.harmonic.fold_gain()
         return decoder
 
     def step(self, z: Tensor, state: list[Tensor], condition: Tensor) -> tuple[Tensor, list[Tensor]]:
