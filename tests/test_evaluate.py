@@ -3,6 +3,7 @@ ranked below a trained one on every reconstruction figure."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from html.parser import HTMLParser
@@ -71,7 +72,7 @@ def check_report(out: Path) -> dict:
             if isinstance(value, float) and math.isfinite(value):
                 assert math.isclose(float(shown), value, rel_tol=1e-3, abs_tol=1e-9), (path, shown, value)
             else:
-                assert shown == _fmt(value).replace("&amp;", "&"), (path, shown, value)
+                assert shown == html.unescape(_fmt(value)), (path, shown, value)
     for example in report["figures"]["spectrograms"]["values"]["examples"]:
         for wav in (example["original"], example["reconstruction"]):
             info = sf.info(out / wav)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import html
 import json
 import math
@@ -146,6 +147,12 @@ class Subject:
 
         return partials
 
+    def tracked_pitch_range(self) -> tuple[float, float]:
+        """The pitch input's range (MIDI) the model's tracker reads: its f0 range, a note inside."""
+        pitch = self.metadata.get("pitch") or {}
+        low, high = float(pitch.get("f0_min_hz", 40.0)), float(pitch.get("f0_max_hz", 2000.0))
+        return 69.0 + 12.0 * math.log2(low / 440.0) + 1.0, 69.0 + 12.0 * math.log2(high / 440.0) - 1.0
+
     def wire_to_model(self, wire: np.ndarray) -> np.ndarray:
         """Wire values 0..1 `(latent, ...)` -> model units."""
         lo = np.array([c.minimum for c in self.controls])
@@ -228,6 +235,11 @@ class ReconstructionMetrics:
             # an octave or worse is as wrong as it gets: cap so one wild frame cannot dominate
             f0_error = float(cents.clamp(max=1200.0).mean())
         return {"mrstft": mrstft, "mel": mel, "loudness_error_db": loudness_error, "f0_error_cents": f0_error}
+
+
+def replace_other_rho(cfg: AnalysisConfig) -> AnalysisConfig:
+    """The sweep rule without its crosstalk limit: for a pitch input, whose sweep may move timbre."""
+    return dataclasses.replace(cfg, other_rho=1.0)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -567,11 +579,17 @@ class Evaluation:
         span = np.full_like(rho, np.nan)
         named = {}
         for i, c in enumerate(self.s.controls):
-            s = sweep(self.s.decode_batch, self.s.controls, i, acfg, desc_cfg)
+            controls = self.s.controls
+            if c.unit == "midi":
+                # a pitch input is swept over the notes the tracker reads, and must move the pitch
+                # it names; a note's timbre moving with it (brightness rising with pitch) is music
+                low, high = self.s.tracked_pitch_range()
+                controls = [*controls[:i], dataclasses.replace(c, minimum=low, maximum=high), *controls[i + 1:]]
+            s = sweep(self.s.decode_batch, controls, i, acfg, desc_cfg)
             rho[i] = [np.nan if s.rho[d] is None else s.rho[d] for d in DESCRIPTOR_NAMES]
             span[i] = [np.nan if s.span[d] is None else s.span[d] for d in DESCRIPTOR_NAMES]
             if c.attribute in DESCRIPTOR_NAMES:
-                why = sweep_verdict(s, c.attribute, acfg)
+                why = sweep_verdict(s, c.attribute, replace_other_rho(acfg) if c.unit == "midi" else acfg)
                 named[c.label] = {"attribute": c.attribute, "rho": s.rho[c.attribute], "passes": why is None,
                                   "why": why or ""}
             self.progress.update(1, stage=f"sweep {c.label}")

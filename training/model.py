@@ -370,7 +370,9 @@ class ISTFTHead(nn.Module):
         return audio, phase, tail
 
 
-VOICING_GATE = (0.3, 0.7)
+# the harmonic head's gate on voicing: shut up to the tracker's own voiced threshold (noise reads
+# 0.1 .. 0.45; a partial left open there learns to whistle for bright noise), open from 0.8
+VOICING_GATE = (0.5, 0.8)
 # calls of more frames than this (batch x T) sum their partials by recurrence (training batches),
 # shorter ones from a table of sines (streaming): the same sum, whichever is faster at the size
 RECURRENCE_FRAMES = 256
@@ -382,7 +384,7 @@ class HarmonicHead(nn.Module):
 
     Per frame, the trunk gives each partial's log amplitude (each at most 1, their sum at most 1,
     so the part is bounded whatever the network says); a gate on voicing multiplies them (shut
-    below 0.3, open above 0.7, linear between), so an unvoiced or noisy frame leaves the output
+    below 0.5, open above 0.8, linear between), so an unvoiced or noisy frame leaves the output
     to the residual head. Within output block t, pitch (Hz, linearly) and the amplitudes (along a smoothstep, so
     a step in the network's output leaves no corner in an envelope) glide from frame t - 1's
     values to frame t's, reached at the block's last sample: the path adds one hop of latency.
@@ -448,8 +450,7 @@ class HarmonicHead(nn.Module):
             x = x * self.gain
         # safeguard: each partial at most 1 and their sum at most 1, so the part's peak is at most 1
         amp = torch.exp(x.clamp(max=0.0))
-        # the voicing gate: shut below `VOICING_GATE[0]` (noise reads 0.1 .. 0.3), open above
-        # `VOICING_GATE[1]` (a note reads 0.9 and more)
+        # the voicing gate (see VOICING_GATE): a note reads 0.9 and more
         gate = ((voicing - self.gate_low) * self.gate_scale).clamp(0.0, 1.0)
         amp = amp * (gate / amp.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         f0 = torch.exp2(pitch.clamp(0.0, 127.0) * (1.0 / 12.0)) * self.hz_at_0  # (batch, T) Hz
