@@ -32,8 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.train_quality import HeldOut, build_gm  # noqa: E402
-from training.checkpoint import load_run  # noqa: E402
+from bench.train_quality import HeldOut, build_gm, latest  # noqa: E402
 from training.pitch import VOICED_THRESHOLD, PitchTracker  # noqa: E402
 
 HOLD_OUT_EVERY = 6
@@ -58,13 +57,10 @@ def pitch_errors(model: torch.nn.Module, held: HeldOut, hop: int) -> np.ndarray:
 
 
 def measure(run_dir: Path, held_files: list[Path], cache: dict) -> str | None:
-    try:
-        ckpt, model = load_run(run_dir, "last")
-    except (FileNotFoundError, ValueError):
+    found = latest(run_dir, held_files, cache)
+    if found is None:
         return None
-    if "held" not in cache:
-        cache["held"] = HeldOut(held_files, ckpt["preprocessing"])
-    held = cache["held"]
+    ckpt, model, held = found
     hop = int(ckpt["config"]["model"]["hop"])
     cents = pitch_errors(model, held, hop)
     ratio = held.model_distance(model, hop) / held.noise_distance

@@ -146,16 +146,25 @@ class HeldOut:
         return out
 
 
-def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, float, tuple[str, float]] | None:
-    """(step, model distance, noise distance, (worst file, its ratio)) of the run's latest
-    checkpoint, None before the first."""
+def latest(run_dir: Path, held: list[Path], cache: dict) -> tuple[dict, torch.nn.Module, HeldOut] | None:
+    """(checkpoint, model, held-out files) of the run's latest checkpoint, None before the first;
+    the held-out files are read (and their noise measured) once, into `cache`."""
     try:
         ckpt, model = load_run(run_dir, "last")
     except (FileNotFoundError, ValueError):
         return None
     if "held" not in cache:
         cache["held"] = HeldOut(held, ckpt["preprocessing"])
-    h = cache["held"]
+    return ckpt, model, cache["held"]
+
+
+def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, float, tuple[str, float]] | None:
+    """(step, model distance, noise distance, (worst file, its ratio)) of the run's latest
+    checkpoint, None before the first."""
+    found = latest(run_dir, held, cache)
+    if found is None:
+        return None
+    ckpt, model, h = found
     distances = h.model_distances(model, int(ckpt["config"]["model"]["hop"]))
     return int(ckpt["step"]), float(np.mean(distances)), h.noise_distance, h.worst_file(distances)
 
