@@ -109,6 +109,7 @@ def test_refuses_nan_on_probe(tmp_path):
     (lambda m: m.update(sample_rate="48k"), ["metadata.sample_rate", "wrong type"]),
     (lambda m: m.pop("latency_samples"), ["no `latency_samples`"]),
     (lambda m: m.update(format_version=7), ["format_version 7"]),
+    (lambda m: m["controls"][0].update(unit=69), ["controls[0].unit = 69", "not a string"]),
 ])
 def test_refuses_bad_metadata(tmp_path, change, fragments):
     meta = toy_metadata()
