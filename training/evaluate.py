@@ -237,7 +237,7 @@ class ReconstructionMetrics:
         return {"mrstft": mrstft, "mel": mel, "loudness_error_db": loudness_error, "f0_error_cents": f0_error}
 
 
-def replace_other_rho(cfg: AnalysisConfig) -> AnalysisConfig:
+def without_crosstalk_limit(cfg: AnalysisConfig) -> AnalysisConfig:
     """The sweep rule without its crosstalk limit: for a pitch input, whose sweep may move timbre."""
     return dataclasses.replace(cfg, other_rho=1.0)
 
@@ -589,7 +589,7 @@ class Evaluation:
             rho[i] = [np.nan if s.rho[d] is None else s.rho[d] for d in DESCRIPTOR_NAMES]
             span[i] = [np.nan if s.span[d] is None else s.span[d] for d in DESCRIPTOR_NAMES]
             if c.attribute in DESCRIPTOR_NAMES:
-                why = sweep_verdict(s, c.attribute, replace_other_rho(acfg) if c.unit == "midi" else acfg)
+                why = sweep_verdict(s, c.attribute, without_crosstalk_limit(acfg) if c.unit == "midi" else acfg)
                 named[c.label] = {"attribute": c.attribute, "rho": s.rho[c.attribute], "passes": why is None,
                                   "why": why or ""}
             self.progress.update(1, stage=f"sweep {c.label}")

@@ -462,7 +462,8 @@ class HarmonicHead(nn.Module):
         phase = torch.remainder(phase, 2.0 * math.pi)
         a_next = amp
         highest = torch.maximum(f_prev, f0).unsqueeze(-1) * self.numbers  # (batch, T, K): each partial's top
-        if float(highest.max()) > self.top - self.taper:
+        tapered = float(highest.max()) > self.top - self.taper
+        if tapered:
             # each partial's taper (a smoothstep from 1 at `top - taper` to 0 at `top`) taken at
             # the end of each block and glided with the amplitudes, so a glide toward the limit
             # fades it smoothly; a partial that reaches the limit anywhere within a block is
@@ -471,7 +472,7 @@ class HarmonicHead(nn.Module):
             a_next = amp * (1.0 - fade * fade * (3.0 - 2.0 * fade)) * (highest < self.top)
         # each block starts where the previous one ended
         a_prev = torch.cat([amp_state.unsqueeze(1), a_next[:, :-1]], 1)
-        if a_next is not amp:
+        if tapered:
             a_prev = a_prev * (highest < self.top)
         angle = phase.float().reshape(batch, frames, self.hop)
         if batch * frames > self.recurrence_frames:
