@@ -71,7 +71,11 @@ def test_plays_sound_and_a_gain_step_shows(portaudio_on_jack, toy_models):
     before, after = data[half - 24000:half - 2400], data[-30000:-6000]
     assert rms(before) == pytest.approx(TOY_RMS, rel=0.05)  # sound, at the model's level
     assert rms(after) == pytest.approx(TOY_RMS / 10, rel=0.05)  # -20 dB
-    assert np.array_equal(data[:, 0], data[:, 1])  # a mono model on both outputs
+    # A mono model on both outputs, while it plays: PortAudio's ports go away one at a time
+    # when the stream closes, so the teardown periods may differ between channels.
+    played = data[: int(1.6 * SR)]
+    differ = np.flatnonzero(played[:, 0] != played[:, 1])
+    assert differ.size == 0, f"channels differ from frame {differ[0]} of {len(data)}"
     assert output.ring_underruns <= xruns, output.stats()
     assert output.callbacks > 200
 
