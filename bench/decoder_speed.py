@@ -7,7 +7,9 @@ the weights) to a temporary file and loads that, so the figures are those of a r
 For each call size (256, 512, 1024, 2048 samples) it streams `--seconds` of audio through
 `decode` and prints the median and 99th-percentile time per call and the real-time factor
 (audio duration / compute time), by wall clock and by this thread's CPU time (the second is
-what the decoder costs when other processes share the cores).
+what the decoder costs when other processes share the cores). Each call size gets the file
+loaded afresh, as a host calls one size: TorchScript specialises its graph to the shapes it has
+seen, and a module that has run several sizes is slower at all of them.
 
 Baseline, measured in the same run: the same file decoded without its streaming caches, i.e.
 each call re-decodes the decoder's whole receptive field in front of the new frames (what a
@@ -17,6 +19,7 @@ decoder without cached padding must do to stay continuous).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -95,8 +98,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(args.model) if args.model else default_model_file(folder, args.harmonics)
-        model = torch.jit.load(str(path))
-    meta = json.loads(model.metadata())
+        data = path.read_bytes()
+
+    def fresh() -> torch.jit.ScriptModule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.load(io.BytesIO(data))
+
+    meta = json.loads(fresh().metadata())
     latent, hop, rate = meta["latent_size"], meta["hop"], meta["sample_rate"]
     context = receptive_frames(meta)
     print(f"model: {path if args.model else 'default architecture (untrained)'}; latent {latent}, hop {hop}, "
@@ -110,16 +119,17 @@ def main() -> int:
     with torch.no_grad():
         for size in CALL_SIZES:
             frames = size // hop
-            model.reset()
+            model = fresh()
             wall, cpu = time_calls(model.decode, frames, meta, args.seconds, rate, hop)
             history: list[torch.Tensor] = []
+            baseline = fresh()
 
             def cache_free(u: torch.Tensor) -> torch.Tensor:
                 history.append(u)
                 del history[:-(context // frames + 2)]
                 window = torch.cat(history, dim=2)[:, :, -(context + frames):]
-                model.reset()
-                return model.decode(window)[..., -frames * hop:]
+                baseline.reset()
+                return baseline.decode(window)[..., -frames * hop:]
 
             _, base_cpu = time_calls(cache_free, frames, meta, args.seconds / 2, rate, hop)
             audio = size / rate
