@@ -31,7 +31,7 @@ import soxr
 import torch
 
 from synthd import dsp
-from synthd.model import Model
+from synthd.model import RECOVERY_FRAMES, Model
 
 log = logging.getLogger(__name__)
 
@@ -371,11 +371,22 @@ class Engine:
             self.decode_errors += 1
             if self.decode_errors <= 3:
                 log.error("decode failed (%s); the block plays as silence", exc)
+        self._recover(model)
+        return np.zeros((expected, model.channels), dtype=np.float32)
+
+    def _recover(self, model: Model) -> None:
+        """Clear a bad block out of the model's streaming state, on the render thread: the file's
+        `reset()`, or, without one, RECOVERY_FRAMES frames decoded at the defaults and dropped
+        (reloading the file would stall the render thread for a load's time)."""
         try:
-            model.module.reset()
+            if model.resettable:
+                model.module.reset()
+            else:
+                z = torch.tensor(model.defaults(), dtype=torch.float32).view(1, -1, 1)
+                with torch.inference_mode():
+                    model.module.decode(z.expand(1, -1, RECOVERY_FRAMES).contiguous())
         except Exception:
             pass
-        return np.zeros((expected, model.channels), dtype=np.float32)
 
     def _warm_up(self, model: Model) -> None:
         frames = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
@@ -383,7 +394,10 @@ class Engine:
         with torch.inference_mode():
             for _ in range(WARMUP_CALLS):
                 model.module.decode(z)
-        model.module.reset()
+        # a file without reset() keeps the state of these calls, which is that of a stream at the
+        # defaults: reloading it would throw away what the warm-up calls optimised
+        if model.resettable:
+            model.reset()
 
     # ---------------------------------------------------------------- statistics
 

@@ -9,6 +9,7 @@ the old one when a new one is refused.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -28,6 +29,9 @@ FALLBACK_RANGE = 3.0
 FALLBACK_SAMPLE_RATE = 48000
 LABEL_PATTERN = re.compile(r"^[a-z0-9_]+$")
 PROBE_FRAMES = 4
+# latent frames decoded (and not played) to wash a bad block out of the streaming state of a file
+# without `reset()`: more than the receptive field of the causal decoders we know of
+RECOVERY_FRAMES = 64
 
 
 class ModelError(Exception):
@@ -62,6 +66,21 @@ class Model:
     latency_samples: int
     controls: list[ControlInfo]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # the file's bytes as loaded: a file without `reset()` (a RAVE export) is reset by reloading them
+    source: bytes = field(default=b"", repr=False)
+
+    @property
+    def resettable(self) -> bool:
+        """Whether the file has its own `reset()`."""
+        return hasattr(self.module, "reset")
+
+    def reset(self) -> None:
+        """Fresh streaming state: the file's `reset()`, or, for a file without one, the module
+        loaded anew from the file's bytes (milliseconds to a second: never on the render thread)."""
+        if self.resettable:
+            self.module.reset()
+        else:
+            self.module = _load_torchscript(self.path, self.source)
 
     def control(self, label: str) -> ControlInfo:
         """The control called `label`; KeyError when the model has none."""
@@ -86,22 +105,30 @@ def load_model(path: str | Path) -> Model:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
-    module = _load_torchscript(path)
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the model file ({exc.strerror})") from None
+    module = _load_torchscript(path, source)
     latent_size, hop, channels = _decode_shape(path, module)
     raw_meta = _read_metadata(path, module)
     if raw_meta:
         model = _from_metadata(path, module, raw_meta, latent_size, hop, channels)
     else:
         model = _fallback(path, module, latent_size, hop, channels)
+    model.source = source
     _probe(model)
+    if not model.resettable:
+        log.info("%s has no reset(): reloaded after the load's probe; after a bad block, %d frames are "
+                 "decoded at the defaults to clear its state", path, RECOVERY_FRAMES)
     return model
 
 
-def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+def _load_torchscript(path: Path, source: bytes) -> torch.jit.ScriptModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated but is our format
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = torch.jit.load(io.BytesIO(source), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, ValueError or zip errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a TorchScript model file ({first})") from None
@@ -240,7 +267,8 @@ def _probe(model: Model) -> None:
     hi = torch.tensor([c.maximum for c in model.controls])
     mid = torch.tensor(model.defaults())
     z = torch.stack([mid, lo, hi, mid], dim=1).unsqueeze(0).to(torch.float32)  # (1, latent, 4)
-    _reset(model)
+    if model.resettable:  # a file without reset() is fresh from its load
+        _reset(model)
     try:
         with torch.inference_mode():
             out = model.module.decode(z)
@@ -260,8 +288,9 @@ def _probe(model: Model) -> None:
 
 
 def _reset(model: Model) -> None:
-    if hasattr(model.module, "reset"):
-        try:
-            model.module.reset()
-        except Exception as exc:
-            raise ModelError(f"{model.path}: reset() fails: {exc}") from None
+    try:
+        model.reset()
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{model.path}: reset() fails: {exc}") from None

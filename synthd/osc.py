@@ -62,7 +62,7 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("underruns", int), ("nan_blocks", int), ("render_load_mean", float), ("render_load_peak", float),
     ("invalid", int), ("unknown", int), ("clamped", int), ("gate", int), ("gain_db", float),
     ("sysex", int), ("render_ms_mean", float), ("render_ms_p99", float), ("render_ms_max", float),
-    ("ring_underruns", int), ("output_underflows", int),
+    ("ring_underruns", int), ("output_underflows", int), ("decode_errors", int),
 )
 
 Reply = tuple  # (address, *args)

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 OUT_RATE = 48000
 CHUNK_S = 0.5  # render and write in pieces this long
 TAIL_S = 1.0  # after the last event (and its release), so nothing is cut off
+RENDER_SEED = 0
 
 
 class RenderError(TomlError):
@@ -180,8 +181,19 @@ def render_performance(model_path: Path, out: Path, *, midi: Path | None = None,
     """Render to `out` (48 kHz, 24-bit PCM WAV, written atomically); returns figures.
 
     Raises ModelError, PatchError or RenderError (naming the file at fault) before any
-    audio is rendered, so a bad input never leaves a partial file.
+    audio is rendered, so a bad input never leaves a partial file. Torch's random generator is
+    seeded for the render (and restored after): a file that draws noise in `decode`, as RAVE's
+    do, renders the same twice too.
     """
+    with torch.random.fork_rng():
+        torch.manual_seed(RENDER_SEED)
+        return _render(model_path, out, midi=midi, automation=automation, seconds=seconds, patch_path=patch_path,
+                       channels=channels, block_frames=block_frames, threads=threads, progress=progress)
+
+
+def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path | None, seconds: float | None,
+            patch_path: Path | None, channels: int, block_frames: int, threads: int,
+            progress: bool) -> dict[str, float]:
     torch.set_num_threads(threads)  # before the load's probe: the first call fixes the pools
     model = load_model(model_path)
     patch = load_patch(patch_path) if patch_path else default_patch()

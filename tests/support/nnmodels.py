@@ -185,3 +185,87 @@ def build_frame_probe(path: str | Path, *, hop: int = 256, sample_rate: int = 48
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(FrameProbe(hop, sample_rate, channels, json.dumps(meta))), str(path))
     return Path(path)
+
+
+class RaveExportMirror(torch.nn.Module):
+    """What RAVE v2's `scripts/export.py --streaming` writes, built the way its nn_tilde base
+    class builds it: methods `encode`, `decode`, `forward`, `get_methods`, `get_attributes`
+    only (no `reset()`, no `metadata()`); buffers `{method}_params`, `latent_pca`,
+    `latent_mean`, `fidelity`; attributes `sr`, `latent_size`, `full_latent_size`, `stereo`
+    and the methods' `input_labels` / `output_labels`; one latent frame per `ratio` samples.
+
+    `decode` pads the latents with fresh noise up to the full latent size (RAVE's
+    `pre_process_latent`), maps them through the PCA, and runs them through a cached causal
+    convolution (its cache kept in a buffer between calls, as cached_conv does) into an
+    oscillator whose phase runs on: state that nothing but reloading the file clears. Latent 0
+    sets the pitch (220 Hz * 2**(0.5 z)); the noise moves the level by a few percent.
+    """
+
+    def __init__(self, latent_size: int = 8, ratio: int = 2048, sample_rate: int = 48000):
+        super().__init__()
+        self.sr = sample_rate
+        self.stereo = False
+        self.latent_size = latent_size
+        self.full_latent_size = max(latent_size, 16)
+        self.ratio = ratio
+        full = self.full_latent_size
+        self.register_buffer("latent_pca", torch.eye(full))
+        self.register_buffer("latent_mean", torch.zeros(full))
+        self.register_buffer("fidelity", torch.linspace(0.5, 1.0, full))
+        self.register_buffer("cache", torch.zeros(1, full, 2))
+        self.register_buffer("phase", torch.zeros(1))
+        self.register_buffer("encode_params", torch.tensor([1, 1, latent_size, ratio]))
+        self.register_buffer("decode_params", torch.tensor([latent_size, ratio, 1, 1]))
+        self.register_buffer("forward_params", torch.tensor([1, 1, 1, 1]))
+        self.encode_input_labels = ["(signal) Input audio signal"]
+        self.encode_output_labels = [f"(signal) Latent dimension {i}" for i in range(latent_size)]
+        self.decode_input_labels = [f"(signal) Latent dimension {i}" for i in range(latent_size)]
+        self.decode_output_labels = ["(signal) Reconstructed audio signal (mono)"]
+        self.forward_input_labels = ["(signal) Input audio signal"]
+        self.forward_output_labels = ["(signal) Reconstructed audio signal (mono)"]
+        self._methods = ["encode", "decode", "forward"]
+        self._attributes = torch.jit.Attribute([], list[str])
+
+    @torch.jit.export
+    def get_methods(self) -> list[str]:
+        return self._methods
+
+    @torch.jit.export
+    def get_attributes(self) -> list[str]:
+        return self._attributes
+
+    @torch.jit.export
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, samples) -> (batch, latent_size, samples // ratio): log level in latent 0."""
+        frames = x.shape[-1] // self.ratio
+        rms = x[:, :1, : frames * self.ratio].reshape(x.shape[0], 1, frames, self.ratio).pow(2).mean(-1).sqrt()
+        return torch.cat([torch.log(rms + 1e-4), torch.zeros(x.shape[0], self.latent_size - 1, frames)], 1)
+
+    @torch.jit.export
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, latent_size, frames) -> (batch, 1, frames * ratio); batch 0 drives the state."""
+        batch, _, frames = z.shape
+        noise = torch.randn(batch, self.full_latent_size - self.latent_size, frames)
+        u = torch.nn.functional.conv1d(torch.cat([z, noise], 1), self.latent_pca.T.unsqueeze(-1))
+        u = u + self.latent_mean.unsqueeze(-1)
+        full = torch.cat([self.cache.expand(batch, -1, -1), u], 2)
+        smooth = (full[:, :, :-2] + full[:, :, 1:-1] + full[:, :, 2:]) / 3.0  # causal, kernel 3
+        self.cache.copy_(full[:1, :, -2:])
+        pitch = smooth[:, 0].repeat_interleave(self.ratio, dim=1)  # (batch, samples)
+        wobble = 0.05 * torch.tanh(smooth[:, self.full_latent_size - 1]).repeat_interleave(self.ratio, dim=1)
+        freq = 220.0 * torch.pow(2.0, 0.5 * torch.tanh(pitch))
+        phase = self.phase + torch.cumsum(2.0 * math.pi * freq / self.sr, dim=1)
+        self.phase.copy_(torch.remainder(phase[0, -1:], 2.0 * math.pi))
+        return (0.3 * (1.0 + wobble) * torch.sin(phase)).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def build_rave_mirror(path: str | Path, *, latent_size: int = 8, ratio: int = 2048,
+                      sample_rate: int = 48000) -> Path:
+    """Script a RaveExportMirror to `path`, as RAVE's export does (`torch.jit.script`, save)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(RaveExportMirror(latent_size, ratio, sample_rate).eval()), str(path))
+    return Path(path)
