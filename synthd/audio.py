@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 # The callback waits for the GIL while the render thread runs Python code; a short switch
 # interval bounds that wait well below one period (CPython's default is 5 ms).
 SWITCH_INTERVAL_S = 0.0005
+# no callback for this long while the stream should play: the device or its server is gone
+STALL_S = 0.5
+# a fade-out that waits this long for a callback is not played: nothing is listening
+FADE_STALL_S = 0.2
+# closing a stream can block inside PortAudio when its server died: it is given this long
+CLOSE_TIMEOUT_S = 1.0
+
+
+def bounded(job, timeout: float, name: str) -> bool:
+    """Run `job()` in a daemon thread and wait at most `timeout` seconds; whether it finished.
+    For calls into native libraries that can block for good when a device or server vanished
+    under them: the caller goes on, and the thread dies with the process."""
+    thread = threading.Thread(target=job, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
 
 
 class AudioError(Exception):
@@ -63,6 +79,7 @@ class LiveOutput:
         info = resolve_output(device)
         self.device_index: int = info["index"]
         self.device_name: str = info["name"]
+        self.host_api: str = sd.query_hostapis(info["hostapi"])["name"]
         if info["max_output_channels"] < channels:
             raise AudioError(f"audio device {self.device_name!r} has {info['max_output_channels']} "
                              f"outputs, {channels} asked (--channels)")
@@ -85,11 +102,17 @@ class LiveOutput:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stream = None
+        self._graveyard: list[Any] = []
         self._switch_interval = sys.getswitchinterval()
         self.output_underflows = 0  # PortAudio's own output_underflow flags
         self.ring_underruns = 0  # callbacks that found the ring short
         self.callbacks = 0
+        self._callback_at = 0.0  # time.monotonic() of the latest callback
+        self._finished = threading.Event()  # PortAudio says the stream ended
         self.render_error: BaseException | None = None
+        # True once a stream was left open because closing it hung (its server died): the
+        # process must then exit without PortAudio's clean-up, which would hang or abort too
+        self.abandoned = False
         self._stream_latency_s = 0.0
 
     def _choose_rate(self, sd, info: dict[str, Any]) -> int:
@@ -121,10 +144,14 @@ class LiveOutput:
 
     # ---------------------------------------------------------------- start / stop
 
-    def start(self) -> None:
-        """Fill the ring, then start the render thread and the stream."""
+    def start(self, fade_in_s: float = 0.0) -> None:
+        """Fill the ring, then start the render thread and the stream; with `fade_in_s`, the
+        sound fades in over that long (a stream that resumes after its device came back)."""
         import sounddevice as sd
 
+        if fade_in_s > 0:
+            self._fade = dsp.Ramp(0.0)
+            self._fade.set(1.0, int(fade_in_s * self.engine.sample_rate))
         # the engine's output stage (gain, gate, limiter) moves into the callback, after the
         # ring, unless the ring holds resampled audio (the stage runs at the engine's rate)
         self.engine.stage_deferred = self._resampler is None
@@ -138,7 +165,9 @@ class LiveOutput:
         try:
             self._stream = sd.OutputStream(samplerate=self.sample_rate, blocksize=0,
                                            device=self.device_index, channels=self.channels,
-                                           dtype="float32", latency="low", callback=self._callback)
+                                           dtype="float32", latency="low", callback=self._callback,
+                                           finished_callback=self._finished.set)
+            self._callback_at = time.monotonic()
             self._stream.start()
         except Exception as exc:
             self._stop.set()
@@ -151,27 +180,56 @@ class LiveOutput:
         log.info("audio: %s at %d Hz%s, latency %.1f ms", self.device_name, self.sample_rate,
                  " (resampled)" if self._resampler is not None else "", self.latency_ms)
 
+    def fault(self) -> str | None:
+        """Why the output no longer plays, or None while it does: the render thread died, the
+        stream ended (PortAudio error, device unplugged, JACK server shut down), or no callback
+        came for STALL_S. Cheap; the daemon asks several times a second."""
+        if self._stream is None:
+            return None
+        if self.render_error is not None:
+            return f"the render thread stopped ({self.render_error})"
+        if self._finished.is_set() or not self._stream.active:
+            return "the audio stream stopped (device or server gone)"
+        silent = time.monotonic() - self._callback_at
+        if silent > STALL_S:
+            return f"no audio callback for {silent:.1f} s"
+        return None
+
     def stop(self, fade_s: float = 0.05) -> None:
-        """Fade out over `fade_s`, let the fade play, then close the stream and the thread."""
+        """Fade out over `fade_s` and let the fade play, then close the stream and the thread.
+        Bounded whatever the device does: a device that stopped calling back gets no fade, and a
+        stream that does not close within CLOSE_TIMEOUT_S is left open (see `abandoned`)."""
         if self._stream is None:
             return
-        if fade_s > 0 and self._thread is not None and self._thread.is_alive():
+        playing = self.fault() is None
+        if playing and fade_s > 0 and self._thread is not None and self._thread.is_alive():
             self._fade.set(0.0, int(fade_s * self.sample_rate))
             self._fading_out = True
-            self._faded.wait(timeout=fade_s + 1.0)
-            # the fade is rendered; wait until it has been played
-            deadline = time.monotonic() + self.target_fill / self.sample_rate + 0.5
-            while self._ring.fill > 0 and time.monotonic() < deadline:
+            # the fade is rendered, then played out of the ring; give up when nothing plays it
+            deadline = time.monotonic() + fade_s + self.target_fill / self.sample_rate + 0.5
+            while not (self._faded.is_set() and self._ring.fill == 0):
+                now = time.monotonic()
+                if now > deadline or now - self._callback_at > FADE_STALL_S:
+                    playing = False
+                    break
                 time.sleep(0.002)
         self._stop.set()
         self._wake.set()
+        stream, self._stream = self._stream, None
+
+        def close() -> None:
+            stream.stop()
+            stream.close()
+
         try:
-            self._stream.stop()
-            self._stream.close()
+            if not (playing and bounded(close, CLOSE_TIMEOUT_S, "synthd-audio-close")):
+                self.abandoned = True
+                self._graveyard.append(stream)  # PortAudio may still hold its callback
+                log.info("audio: the stream to %s was left open (its device or server is gone)",
+                         self.device_name)
         finally:
-            self._stream = None
             if self._thread is not None:
-                self._thread.join(timeout=5)
+                self._thread.join(timeout=2)
             self.engine.backlog = None
             self.engine.output_stats = None
             self.engine.stage_deferred = False
@@ -192,9 +250,9 @@ class LiveOutput:
 
     def _render_one(self) -> None:
         block = self.engine.render(self.engine.block_frames)
-        if self._fading_out:
+        if self._fading_out or self._fade.moving:
             block = block * self._fade.process(block.shape[0])[:, None].astype(np.float32)
-            if not self._fade.moving:
+            if self._fading_out and not self._fade.moving:
                 self._faded.set()
         if self._resampler is not None:
             block = self._resampler.resample_chunk(block)
@@ -219,6 +277,7 @@ class LiveOutput:
     def _callback(self, outdata: np.ndarray, frames: int, time_info, status) -> None:
         # real-time: copy, the output stage's few vector operations on one period, count, wake
         # the renderer; no model call, no logging, no torch
+        self._callback_at = time.monotonic()
         if status.output_underflow:
             self.output_underflows += 1
         if self._ring.read_into(outdata) < frames and not self._faded.is_set():

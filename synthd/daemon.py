@@ -3,34 +3,47 @@
 Start-up loads and probes the model, reads the patch, opens the OSC server and the MIDI
 input, then the audio device (synthd.audio's LiveOutput), then prints one line naming the model,
 device, rate, block size, latency and endpoints. A model or patch load over OSC that is
-refused leaves the one playing untouched; one that succeeds crossfades. SIGTERM, SIGINT
-and `/synthd/quit` fade the output out and exit with status 0.
+refused leaves the one playing untouched; one that succeeds crossfades.
+
+The main thread watches the output several times a second. A device or server that goes
+away is noticed within a second: the log says so once, the status says `lost`, subscribers
+get `/synthd/audio lost`, and OSC keeps answering. Each second a child process looks for the
+device; once it is back the daemon resumes where it was (synthd.recovery) and says `ok`.
+
+SIGTERM, SIGINT and `/synthd/quit` stop within two seconds whatever the device does: a
+fade-out when it plays, none when it does not, and exit status 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import torch
 
 from synthd import config as config_mod
+from synthd import recovery
 from synthd.audio import AudioError, LiveOutput
 from synthd.config import ConfigError, DaemonConfig, in_folder
 from synthd.controls import ControlSurface
 from synthd.engine import Engine
 from synthd.midi import MidiError, MidiInput, MidiRouter
 from synthd.model import ModelError, load_model
-from synthd.osc import OscServer
+from synthd.osc import PREFIX, OscServer
 from synthd.patch import Patch, PatchError, default_patch, load_patch
 
 log = logging.getLogger("synthd")
 
 FADE_OUT_S = 0.1
+FADE_IN_S = 0.05  # when the sound resumes after its device came back
+WATCH_S = 0.1  # how often the main thread looks at the output
+RETRY_S = 1.0  # how often a lost device is looked for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,14 +66,18 @@ def setup_logging(level: str) -> None:
 class Daemon:
     """The running instrument: engine, output, control surface, OSC and MIDI."""
 
-    def __init__(self, cfg: DaemonConfig):
+    def __init__(self, cfg: DaemonConfig, resumed: recovery.ResumeState | None = None):
         self.cfg = cfg
+        self.resumed = resumed
         torch.set_num_threads(cfg.threads)  # before the load's probe: the first call fixes the pools
-        model = load_model(cfg.model)
-        patch = load_patch(cfg.patch) if cfg.patch else default_patch()
+        model = load_model(resumed.model if resumed else cfg.model)
+        patch_path = resumed.patch if resumed else cfg.patch
+        patch = load_patch(patch_path) if patch_path else default_patch()
         self.engine = Engine(model, channels=cfg.channels, block_frames=cfg.block_frames, threads=cfg.threads,
                              gate_open=patch.gate.open, gain_db=patch.gain_db)
         self.surface = ControlSurface(self.engine, patch)
+        if resumed:
+            self._restore_values(resumed)
         self.output = LiveOutput(self.engine, device=cfg.device, channels=cfg.channels,
                                  block_frames=cfg.block_frames)
         self.router = MidiRouter(self.surface)
@@ -68,19 +85,40 @@ class Daemon:
         self.osc: OscServer | None = None
         self._stop = threading.Event()
         self._swap = threading.Lock()
+        self.audio_losses = resumed.audio_losses if resumed else 0
+        self.audio_reconnects = resumed.audio_reconnects if resumed else 0
+        self._lost: str | None = None  # why the output is lost; None while it plays
+        self._lost_at = 0.0
+        self._next_look = 0.0
+
+    def _restore_values(self, state: recovery.ResumeState) -> None:
+        for label, wire in state.values.items():
+            if self.surface.find(label) is not None:
+                self.surface.set(label, wire, glide_s=0.0, count_clamp=False)
+        self.surface.set_gain_db(state.gain_db)
+        self.surface.set_gate(state.gate)
 
     def start(self) -> None:
         """Open OSC and MIDI first (imports and sockets cost the main thread time it would
         otherwise share with the render thread), then start the sound and serve."""
+        resumed = self.resumed
         try:
-            self.osc = OscServer(self.surface, self, host=self.cfg.osc_host, port=self.cfg.osc_port)
+            port = resumed.osc_port if resumed else self.cfg.osc_port
+            self.osc = OscServer(self.surface, self, host=self.cfg.osc_host, port=port)
             if self.cfg.midi_in:
-                self.midi = MidiInput(self.router, self.cfg.midi_in)
-            self.output.start()
+                self.midi = MidiInput(self.router, self.cfg.midi_in, wait_for_port=resumed is not None)
+            self.output.start(fade_in_s=FADE_IN_S if resumed else 0.0)
             self.osc.start()
         except BaseException:
             self.shutdown()
             raise
+        if resumed:
+            self.audio_reconnects += 1
+            self.osc.resubscribe(resumed.subscribers)
+            self.osc.broadcast(f"{PREFIX}/audio", "ok")
+            log.warning("audio: %s is back after %.1f s; playing again (losses %d, reconnects %d)",
+                        self.output.device_name, time.time() - resumed.lost_at, self.audio_losses,
+                        self.audio_reconnects)
 
     def startup_line(self) -> str:
         model = self.engine.model
@@ -90,18 +128,64 @@ class Daemon:
                 f"MIDI {self.midi.endpoint if self.midi else 'off'}; patch {self.surface.patch.name}")
 
     def wait(self) -> None:
-        while not self._stop.wait(0.5):
-            pass
+        """Serve until quit, watching the output (see the module's doc)."""
+        while not self._stop.wait(WATCH_S):
+            self._watch()
+
+    def _watch(self) -> None:
+        if self._lost is None:
+            reason = self.output.fault()
+            if reason is not None:
+                self._lose(reason)
+            return
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + RETRY_S
+        out = self.output
+        if recovery.device_available(self.cfg.device, out.device_name, out.host_api, self.cfg.channels, self._stop):
+            if not self._stop.is_set():
+                self._resume()
+
+    def _lose(self, reason: str) -> None:
+        self._lost = reason
+        self._lost_at = time.time()
+        self._next_look = time.monotonic() + RETRY_S
+        self.audio_losses += 1
+        log.warning("audio: lost %s: %s; still serving OSC, looking for it every %.0f s",
+                    self.output.device_name, reason, RETRY_S)
+        if self.osc is not None:
+            self.osc.broadcast(f"{PREFIX}/audio", "lost")
+
+    def _resume(self) -> None:
+        """Hand the performance over to a fresh image of this daemon (synthd.recovery)."""
+        surface = self.surface
+        state = recovery.ResumeState(
+            model=str(self.engine.model.path),
+            patch=str(surface.patch.path) if surface.patch.path else None,
+            osc_port=self.osc.address[1] if self.osc else self.cfg.osc_port,
+            values={label: wire for label, _, wire, *_ in surface.snapshot()},
+            gain_db=surface.gain_db, gate=surface.gate_open,
+            subscribers=self.osc.subscribers() if self.osc else [],
+            audio_losses=self.audio_losses, audio_reconnects=self.audio_reconnects,
+            lost_at=self._lost_at, reason=self._lost or "")
+        log.info("audio: %s is there again; resuming", self.output.device_name)
+        recovery.resume(state)
 
     def quit(self) -> None:
         self._stop.set()
 
+    @property
+    def abandoned(self) -> bool:
+        """Whether a native resource was left open because closing it hung (see `shutdown`)."""
+        return self.output.abandoned or (self.midi is not None and self.midi.abandoned)
+
     def shutdown(self) -> None:
-        """Fade out, then close MIDI, OSC and the audio stream (each at most once)."""
+        """Fade out (when the device plays), then close MIDI, OSC and the audio stream, each at
+        most once and each within a bound: what hangs (a client of a dead JACK server) is left."""
         self.output.stop(fade_s=FADE_OUT_S)
         if self.midi is not None:
             self.midi.close()
-            self.midi = None
         if self.osc is not None:
             self.osc.stop()
             self.osc = None
@@ -118,7 +202,12 @@ class Daemon:
             "gate": int(self.surface.gate_open),
             "gain_db": self.surface.gain_db,
             "sysex": self.router.counters.sysex,
+            "audio": "lost" if self._lost else "ok",
+            "audio_losses": self.audio_losses,
+            "audio_reconnects": self.audio_reconnects,
         })
+        if self.midi is not None:
+            stats.update(self.midi.stats())
         return stats
 
     def load_model(self, name: str) -> str:
@@ -146,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"synthd: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    resumed = recovery.take_resume_state()
     try:
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, resumed)
         daemon.start()
     except (ModelError, PatchError, AudioError, MidiError, OSError) as exc:
         log.error("%s", exc)
@@ -159,8 +249,16 @@ def run(args: argparse.Namespace) -> int:
         daemon.wait()
     finally:
         status = daemon.status()
-        log.info("stopping: fading out")
+        log.info("stopping%s", ": fading out" if status["audio"] == "ok" else " (no audio device: no fade)")
         daemon.shutdown()
-    log.info("stopped; underruns %d, NaN blocks %d, invalid messages %d", status.get("underruns", 0),
-             status.get("nan_blocks", 0), status["invalid"])
+    log.info("stopped; underruns %d, NaN blocks %d, invalid messages %d, audio losses %d",
+             status.get("underruns", 0), status.get("nan_blocks", 0), status["invalid"], status["audio_losses"])
+    if daemon.abandoned:
+        # PortAudio's and libjack's clean-up at exit would block or abort on the client left
+        # open: leave without it, threads and all
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(0)
     return 0

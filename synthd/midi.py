@@ -4,7 +4,9 @@
 offline renderer (MIDI files) share it. `MidiInput` opens a port through rtmidi's JACK
 API when a JACK server runs, else rtmidi's default API: `--midi-in virtual` creates a
 port `synthd:midi_in` for others to connect to, `--midi-in NAME` connects to the first
-output port whose name contains NAME (case-insensitive).
+output port whose name contains NAME (case-insensitive). A port found by name that goes
+away (a keyboard unplugged, a bridge restarted) is looked for each second and connected
+again when a port of that name is back; the status counts both.
 
 Message handling: CC -> patch controls (or MIDI learn); note on/off -> gate and the
 patch's note control; pitch bend -> the patch's bend control; program change -> preset
@@ -29,6 +31,8 @@ PORT_NAME = "midi_in"
 # rtmidi's queue between its JACK thread and our reader: room for 8192 messages between two drains
 QUEUE_SIZE = 8192
 POLL_INTERVAL_S = 0.001
+RESCAN_S = 1.0  # how often a port found by name is looked for
+CLOSE_TIMEOUT_S = 1.0  # closing a client of a JACK server that died can block
 
 
 class MidiError(Exception):
@@ -115,14 +119,22 @@ def _free_client_name(api: int) -> str:
 
 
 class MidiInput:
-    """A live MIDI input port feeding a router from a reader thread of its own."""
+    """A live MIDI input port feeding a router from a reader thread of its own.
 
-    def __init__(self, router: MidiRouter, spec: str):
+    `wait_for_port`: a port named by `spec` that is not there yet is looked for each second
+    instead of refused (a daemon resumed after its audio server came back)."""
+
+    def __init__(self, router: MidiRouter, spec: str, *, wait_for_port: bool = False):
         import rtmidi
 
         from synthd.listing import midi_api
 
         self.router = router
+        self.spec = spec
+        self.losses = 0
+        self.reconnects = 0
+        self.abandoned = False
+        self._closed = False
         api = midi_api()
         try:
             client = _free_client_name(api) if spec == VIRTUAL else CLIENT_NAME
@@ -133,18 +145,19 @@ class MidiInput:
         self.api = rtmidi.get_api_display_name(self._port.get_current_api())
         # sysex arrives so that it is counted; clock and active sensing never reach Python
         self._port.ignore_types(sysex=False, timing=True, active_sense=True)
+        self.connected = True
         try:
             if spec == VIRTUAL:
                 self._port.open_virtual_port(PORT_NAME)
                 self.name = f"{client}:{PORT_NAME}" if "jack" in self.api.lower() else PORT_NAME
-            else:
+            elif not self._connect():
                 ports = self._port.get_ports()
-                match = next((i for i, p in enumerate(ports) if spec.lower() in p.lower()), None)
-                if match is None:
+                if not wait_for_port:
                     raise MidiError(f"no MIDI input port matches {spec!r} ({self.api}); ports: "
                                     f"{', '.join(ports) or 'none'} (or use --midi-in virtual)")
-                self._port.open_port(match, PORT_NAME)
-                self.name = ports[match]
+                self.connected = False
+                self.name = spec
+                log.warning("MIDI: no input port matches %r yet; looking for it every %.0f s", spec, RESCAN_S)
         except rtmidi.SystemError as exc:
             self._port.delete()
             raise MidiError(f"cannot open MIDI port {spec!r} ({self.api}): {exc}") from None
@@ -155,17 +168,51 @@ class MidiInput:
         self._thread = threading.Thread(target=self._poll, name="synthd-midi", daemon=True)
         self._thread.start()
 
+    def _connect(self) -> bool:
+        """Connect to the first port whose name contains `spec`; whether one was there."""
+        ports = self._port.get_ports()
+        match = next((i for i, p in enumerate(ports) if self.spec.lower() in p.lower()), None)
+        if match is None:
+            return False
+        if self._port.is_port_open():
+            self._port.close_port()
+        self._port.open_port(match, PORT_NAME)
+        self.name = ports[match]
+        return True
+
     def _poll(self) -> None:
-        """Drain rtmidi's queue every POLL_INTERVAL_S until closed.
+        """Drain rtmidi's queue every POLL_INTERVAL_S until closed; every RESCAN_S, look for a
+        port found by name that went away.
 
         No rtmidi callback on purpose: with one, rtmidi's JACK back-end runs the Python handler
         inside the JACK process cycle, which then waits for the GIL (measured: up to 5 ms of a
         5.3 ms period) and makes the whole graph late. The queue is lock-free, so JACK's thread
         never waits on Python; the cost is at most POLL_INTERVAL_S of added latency."""
+        import time
+
+        next_scan = time.monotonic() + RESCAN_S
         while not self._stop.is_set():
             while (event := self._port.get_message()) is not None:
                 self._handle(event[0])
+            if self.spec != VIRTUAL and time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + RESCAN_S
+                self._rescan()
             self._stop.wait(POLL_INTERVAL_S)
+
+    def _rescan(self) -> None:
+        try:
+            present = any(self.name == p for p in self._port.get_ports())
+            if self.connected and not present:
+                self.connected = False
+                self.losses += 1
+                log.warning("MIDI: %s went away; connecting again when a port matching %r is back",
+                            self.name, self.spec)
+            elif not self.connected and self._connect():
+                self.connected = True
+                self.reconnects += 1
+                log.warning("MIDI: connected again to %s", self.name)
+        except Exception as exc:  # a back-end that fails now may work next time
+            log.debug("MIDI rescan failed: %s", exc)
 
     def _handle(self, data: list[int]) -> None:
         try:
@@ -178,10 +225,25 @@ class MidiInput:
     def endpoint(self) -> str:
         return f"midi:{self.name} ({self.api})"
 
+    def stats(self) -> dict[str, object]:
+        return {"midi": "ok" if self.connected else "lost", "midi_losses": self.losses,
+                "midi_reconnects": self.reconnects}
+
     def close(self) -> None:
+        """Stop the reader and close the port, within CLOSE_TIMEOUT_S (else `abandoned`)."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         self._thread.join(timeout=2.0)
-        try:
-            self._port.close_port()
-        finally:
-            self._port.delete()
+
+        def close_port() -> None:
+            try:
+                self._port.close_port()
+            finally:
+                self._port.delete()
+
+        from synthd.audio import bounded
+
+        if not bounded(close_port, CLOSE_TIMEOUT_S, "synthd-midi-close"):
+            self.abandoned = True

@@ -24,6 +24,10 @@ Addresses (numbers may be int or float everywhere; Pd sends floats, Max ints):
                                receive: pair it with a udpreceive on port i)
     /synthd/quit               fade out and stop
 
+Sent to notification subscribers (see /synthd/notify) besides value changes:
+    /synthd/audio s            `lost` when the audio device or its server goes away, `ok`
+                               when synthd plays again
+
 Replies follow scsynth: commands answer `/done <address> [detail]`; any refused message
 answers `/fail <address> <reason>`; value messages (control, latent, gain, gate) answer
 only when they fail, so a 1 kHz stream is not echoed. Replies carry no blobs.
@@ -63,6 +67,8 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("invalid", int), ("unknown", int), ("clamped", int), ("gate", int), ("gain_db", float),
     ("sysex", int), ("render_ms_mean", float), ("render_ms_p99", float), ("render_ms_max", float),
     ("ring_underruns", int), ("output_underflows", int), ("decode_errors", int),
+    ("audio", str), ("audio_losses", int), ("audio_reconnects", int),
+    ("midi", str), ("midi_losses", int), ("midi_reconnects", int),
 )
 
 Reply = tuple  # (address, *args)
@@ -208,6 +214,22 @@ class OscServer:
             self._server.socket.sendto(build_msg(address, list(args)).dgram, client)
         except OSError as exc:
             log.debug("cannot send %s to %s: %s", address, client, exc)
+
+    def broadcast(self, address: str, *args: Any) -> None:
+        """Send one message to every notification subscriber."""
+        for client in list(self._subscribers):
+            self.send(self._reply_ports.get(client, client), address, *args)
+
+    def subscribers(self) -> list[tuple[str, int]]:
+        """Where notifications go, one (host, port) per subscriber."""
+        return [tuple(self._reply_ports.get(client, client))[:2] for client in self._subscribers]
+
+    def resubscribe(self, targets: list[tuple[str, int]]) -> None:
+        """Subscribe `targets` again (a daemon resumed after its audio device came back)."""
+        for target in targets[:MAX_SUBSCRIBERS]:
+            fn = self._feedback(target)
+            self._subscribers[target] = fn
+            self.surface.subscribe(fn)
 
     # ---------------------------------------------------------------- routing
 

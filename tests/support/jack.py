@@ -181,6 +181,17 @@ class JackServer:
             proc.stdout.close()
         return self._log.decode(errors="replace")
 
+    def kill(self) -> None:
+        """Kill jackd at once (SIGKILL: no goodbye to its clients), as a crash would; `start()`
+        brings a server of the same name back."""
+        proc, self.process = self.process, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=5)
+            if proc.stdout is not None:
+                self._log += proc.stdout.read() or b""
+                proc.stdout.close()
+
     def __enter__(self) -> "JackServer":
         return self.start()
 

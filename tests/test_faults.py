@@ -1,0 +1,85 @@
+"""A stage's faults through the real interfaces: the JACK server under a playing `synthd run`
+killed and started again (it comes back where it was), and SIGTERM with the server gone."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from support.jack import JackServer, record
+from support.nnmodels import build_toy_model
+from support.synthd_proc import OscClient, SynthdProcess, rms_db
+
+
+@pytest.fixture
+def server():
+    with JackServer() as srv:  # a server of the test's own: it gets killed
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy_model(tmp_path_factory.mktemp("faults") / "toy.ts")
+
+
+def wait_for(client: OscClient, address: str, timeout: float) -> tuple[list, float]:
+    """The arguments of the first message at `address`, and the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for addr, args in client.replies(timeout=timeout - (time.monotonic() - t0), count=1):
+            if addr == address:
+                return args, time.monotonic() - t0
+    raise TimeoutError(f"no {address} within {timeout} s")
+
+
+def test_a_killed_server_is_reported_and_synthd_plays_again_when_it_returns(server, toy):
+    with SynthdProcess(server, "--model", str(toy)) as proc:
+        client = OscClient(proc.osc_address)
+        try:
+            assert client.ask("/synthd/notify", 1, reply="/done") == ["/synthd/notify", 1]
+            client.send("/synthd/control/loudness", 0.9)
+            client.send("/synthd/gain", -6.0)
+            time.sleep(0.2)
+            before = rms_db(record(server, 0.4, []))
+            assert before > -30
+            server.kill()
+            args, took = wait_for(client, "/synthd/audio", 5.0)
+            assert args == ["lost"] and took < 1.5, took
+            status = client.status()  # OSC still answers
+            assert (status["audio"], status["audio_losses"], status["audio_reconnects"]) == ("lost", 1, 0)
+            server.start()
+            args, took = wait_for(client, "/synthd/audio", 30.0)
+            assert args == ["ok"]
+            status = client.status()
+            assert (status["audio"], status["audio_losses"], status["audio_reconnects"]) == ("ok", 1, 1)
+            assert status["gain_db"] == -6.0
+            client.send("/synthd/controls")
+            values = {r[1][0]: r[1][2] for r in client.replies(count=6) if r[0] == "/synthd/controls.reply"}
+            assert values["loudness"] == pytest.approx(0.9)
+            after = rms_db(record(server, 0.4, []))
+            assert after == pytest.approx(before, abs=1.5)  # where it was: same controls, same gain
+        finally:
+            client.close()
+        assert proc.stop() == 0
+    log = proc.log
+    assert log.count("audio: lost") == 1 and "is back after" in log, log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("delay", [0.05, 1.5])
+def test_sigterm_with_the_server_gone_exits_0_within_2_s(server, toy, delay):
+    """Just after the server died (before synthd noticed) and once it has said `lost`."""
+    proc = SynthdProcess(server, "--model", str(toy))
+    try:
+        server.kill()
+        time.sleep(delay)
+        t0 = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        code = proc.proc.wait(timeout=10)
+        took = time.monotonic() - t0
+    finally:
+        proc.stop()
+    assert code == 0 and took < 2.0, (code, took, proc.log)
+    assert "Traceback" not in proc.log
