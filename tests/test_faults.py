@@ -9,6 +9,7 @@ import time
 import pytest
 
 from support.jack import JackServer, record
+from support.midi import jack_midi_out
 from support.nnmodels import build_toy_model
 from support.synthd_proc import OscClient, SynthdProcess, rms_db
 
@@ -83,3 +84,34 @@ def test_sigterm_with_the_server_gone_exits_0_within_2_s(server, toy, delay):
         proc.stop()
     assert code == 0 and took < 2.0, (code, took, proc.log)
     assert "Traceback" not in proc.log
+
+
+def test_a_midi_port_that_goes_away_is_connected_again_when_it_returns(server, toy):
+    def pitch(client: OscClient) -> float:
+        client.send("/synthd/controls")
+        return {r[1][0]: r[1][2] for r in client.replies(count=4)}["pitch"]
+
+    def until(check, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.1)
+        return False
+
+    with jack_midi_out(server, "keys") as keys:
+        proc = SynthdProcess(server, "--model", str(toy), "--midi-in", "keys")
+    client = OscClient(proc.osc_address)
+    try:
+        # the port went with the `with` above
+        assert until(lambda: client.status()["midi"] == "lost" and client.status()["midi_losses"] == 1)
+        with jack_midi_out(server, "keys") as keys:
+            assert until(lambda: client.status()["midi"] == "ok")
+            keys.send_message([0xB0, 21, 127])  # the default patch: CC 21 moves control 0
+            assert until(lambda: pitch(client) == 1.0)
+        status = client.status()
+        assert (status["midi_losses"], status["midi_reconnects"]) == (1, 1)
+    finally:
+        client.close()
+        assert proc.stop() == 0
+    assert "MIDI: connected again to keys:out" in proc.log, proc.log

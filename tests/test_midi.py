@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from support.jack import jack_server, record  # noqa: F401  (fixture)
-from support.midi import midi_out  # noqa: F401  (fixture)
+from support.midi import jack_midi_out, midi_out  # noqa: F401  (fixture)
 from support.nnmodels import build_toy_model
 from support.synthd_proc import OscClient, SynthdProcess, crossings_per_second, rms_db
 
@@ -140,21 +140,15 @@ def test_sysex_flood_and_garbage_keep_it_playing(jack_server, synthd, osc, midi_
 
 
 def test_virtual_port(jack_server, tmp_path):
-    import rtmidi
-
     build_toy_model(tmp_path / "toy.ts", latent_size=4)
     (tmp_path / "p.toml").write_text('version = 1\n[[control]]\nlabel = "brightness"\ncc = 74\n')
     with SynthdProcess(jack_server, "--model", str(tmp_path / "toy.ts"), "--patch", str(tmp_path / "p.toml"),
                        "--midi-in", "virtual") as proc:
         # the module's synthd holds `synthd:midi_in`, so this one takes the next free name
         assert "MIDI midi:synthd-2:midi_in (Jack)" in proc.startup, proc.startup
-        out = rtmidi.MidiOut(rtapi=rtmidi.API_UNIX_JACK, name="d2virtual")
-        ports = out.get_ports()
-        out.open_port(ports.index("synthd-2:midi_in"))
-        time.sleep(0.2)  # the JACK connection is made asynchronously
-        out.send_message([0xB0, 74, 0])
-        osc = OscClient(proc.osc_address)
-        assert settled(osc, lambda v: v["brightness"] == 0.0)["brightness"] == 0.0
-        osc.close()
-        out.close_port()
-        out.delete()
+        with jack_midi_out(jack_server, "d2virtual", connect_to="synthd-2:midi_in") as out:
+            time.sleep(0.2)  # the JACK connection is made asynchronously
+            out.send_message([0xB0, 74, 0])
+            osc = OscClient(proc.osc_address)
+            assert settled(osc, lambda v: v["brightness"] == 0.0)["brightness"] == 0.0
+            osc.close()
