@@ -6,7 +6,8 @@ synthd's virtual JACK MIDI input. Prints underruns, render time (mean, p99, max,
 the block's time budget), NaN blocks, invalid messages, JACK server xruns, and synthd's
 resident memory at the start (after a warm-up) and at the end.
 
-Targets: 0 underruns, memory growth < 5 MB.
+Targets: no underrun that synthd causes (a ring found empty while the server kept time;
+those right after a server xrun are the server's), memory growth < 5 MB.
 
     .venv/bin/python bench/soak.py                      # 10 minutes, make demo's model
     .venv/bin/python bench/soak.py --minutes 2 --model demo-out/demo.ts
@@ -127,9 +128,11 @@ def main() -> int:
           f"block {args.period} frames ({block_ms:.2f} ms)")
     print(f"  underruns           {underruns}   (synthd's count; JACK server xruns seen by a "
           f"watcher client: {rig.xruns - xruns_before})")
-    print(f"    of which          ring empty at a callback (synthd rendered late): "
-          f"{after['ring_underruns'] - before['ring_underruns']}, PortAudio output underflows: "
-          f"{after['output_underflows'] - before['output_underflows']}")
+    late = after["late_underruns"] - before["late_underruns"]
+    print(f"    of which          ring empty at a callback while the server kept time (synthd rendered "
+          f"late): {late}; ring empty just after a server xrun (its catch-up cycles drained it): "
+          f"{after['xrun_underruns'] - before['xrun_underruns']}; PortAudio output underflows "
+          f"(server xruns): {after['output_underflows'] - before['output_underflows']}")
     p99 = after.get("render_ms_p99")
     print(f"  render time (ms)    mean {after['render_load_mean'] * block_ms:.3f}, "
           f"p99 {'%.3f' % p99 if p99 is not None else 'n/a (not in /synthd/status.reply)'}, "
@@ -143,8 +146,8 @@ def main() -> int:
     print(f"  synthd still running at the end: {alive}")
     if stalled:
         print(f"  stream threads still blocked at the end: {stalled} (the JACK server stopped serving them)")
-    ok = underruns == 0 and growth < 5.0 and alive
-    print(f"  targets (0 underruns, growth < 5 MB): {'met' if ok else 'NOT met'}")
+    ok = late == 0 and growth < 5.0 and alive
+    print(f"  targets (no underrun synthd causes, growth < 5 MB): {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
 
 

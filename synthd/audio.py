@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
 # no callback for this long while the stream should play: the device or its server is gone
 STALL_S = 0.5
+# a JACK server that missed cycles runs the next ones back to back, faster than real time,
+# and can drain the ring: a short ring this soon after an xrun is the server's doing
+XRUN_GRACE_S = 0.1
 # a fade-out that waits this long for a callback is not played: nothing is listening
 FADE_STALL_S = 0.2
 # closing a stream can block inside PortAudio when its server died: it is given this long
@@ -104,8 +107,11 @@ class LiveOutput:
         self._stream = None
         self._graveyard: list[Any] = []
         self._switch_interval = sys.getswitchinterval()
-        self.output_underflows = 0  # PortAudio's own output_underflow flags
-        self.ring_underruns = 0  # callbacks that found the ring short
+        self.output_underflows = 0  # PortAudio's own output_underflow flags (server xruns with JACK)
+        self.ring_underruns = 0  # callbacks that found the ring short, split into:
+        self.late_underruns = 0  # ... while the server kept time: synthd rendered late
+        self.xrun_underruns = 0  # ... within XRUN_GRACE_S of a server xrun, whose catch-up drained it
+        self._xrun_at = -1.0
         self.callbacks = 0
         self._callback_at = 0.0  # time.monotonic() of the latest callback
         self._finished = threading.Event()  # PortAudio says the stream ended
@@ -138,7 +144,8 @@ class LiveOutput:
 
     def stats(self) -> dict[str, Any]:
         return {"underruns": self.underruns, "output_underflows": self.output_underflows,
-                "ring_underruns": self.ring_underruns, "device": self.device_name,
+                "ring_underruns": self.ring_underruns, "late_underruns": self.late_underruns,
+                "xrun_underruns": self.xrun_underruns, "device": self.device_name,
                 "device_rate": self.sample_rate, "resampling": self._resampler is not None,
                 "latency_ms": self.latency_ms, "callbacks": self.callbacks}
 
@@ -277,11 +284,16 @@ class LiveOutput:
     def _callback(self, outdata: np.ndarray, frames: int, time_info, status) -> None:
         # real-time: copy, the output stage's few vector operations on one period, count, wake
         # the renderer; no model call, no logging, no torch
-        self._callback_at = time.monotonic()
+        now = self._callback_at = time.monotonic()
         if status.output_underflow:
             self.output_underflows += 1
+            self._xrun_at = now
         if self._ring.read_into(outdata) < frames and not self._faded.is_set():
             self.ring_underruns += 1
+            if now - self._xrun_at < XRUN_GRACE_S:
+                self.xrun_underruns += 1
+            else:
+                self.late_underruns += 1
         if self.engine.stage_deferred:
             outdata[:] = self.engine.stage.process(outdata)
         self.callbacks += 1

@@ -11,7 +11,10 @@ get `/synthd/audio lost`, and OSC keeps answering. Each second a child process l
 device; once it is back the daemon resumes where it was (synthd.recovery) and says `ok`.
 
 SIGTERM, SIGINT and `/synthd/quit` stop within two seconds whatever the device does: a
-fade-out when it plays, none when it does not, and exit status 0.
+fade-out when it plays, none when it does not, and exit status 0. SIGHUP reads the config
+again and crossfades to its model and patch. Under systemd's `Type=notify` the daemon says
+READY once its first block has played and pings the watchdog while its render loop moves
+(synthd.service).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +41,7 @@ from synthd.midi import MidiError, MidiInput, MidiRouter
 from synthd.model import ModelError, load_model
 from synthd.osc import PREFIX, OscServer
 from synthd.patch import Patch, PatchError, default_patch, load_patch
+from synthd.service import Notifier
 
 log = logging.getLogger("synthd")
 
@@ -44,6 +49,7 @@ FADE_OUT_S = 0.1
 FADE_IN_S = 0.05  # when the sound resumes after its device came back
 WATCH_S = 0.1  # how often the main thread looks at the output
 RETRY_S = 1.0  # how often a lost device is looked for
+SUMMARY_S = 10.0  # how often the service manager's status line is refreshed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +72,12 @@ def setup_logging(level: str) -> None:
 class Daemon:
     """The running instrument: engine, output, control surface, OSC and MIDI."""
 
-    def __init__(self, cfg: DaemonConfig, resumed: recovery.ResumeState | None = None):
+    def __init__(self, cfg: DaemonConfig, resumed: recovery.ResumeState | None = None,
+                 args: argparse.Namespace | None = None, notifier: Notifier | None = None):
         self.cfg = cfg
+        self.args = args  # the command line, read again on SIGHUP
         self.resumed = resumed
+        self.notifier = notifier or Notifier({})
         torch.set_num_threads(cfg.threads)  # before the load's probe: the first call fixes the pools
         model = load_model(resumed.model if resumed else cfg.model)
         patch_path = resumed.patch if resumed else cfg.patch
@@ -90,6 +99,9 @@ class Daemon:
         self._lost: str | None = None  # why the output is lost; None while it plays
         self._lost_at = 0.0
         self._next_look = 0.0
+        self._reload_asked = False
+        self._rendered_at_ping = -1
+        self._next_summary = 0.0
 
     def _restore_values(self, state: recovery.ResumeState) -> None:
         for label, wire in state.values.items():
@@ -130,7 +142,31 @@ class Daemon:
     def wait(self) -> None:
         """Serve until quit, watching the output (see the module's doc)."""
         while not self._stop.wait(WATCH_S):
+            if self._reload_asked:
+                self._reload_asked = False
+                self.reload()
+            self._service()
             self._watch()
+
+    def wait_first_block(self, timeout: float = 2.0) -> bool:
+        """Whether the device has taken a first block within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.output.callbacks == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.output.callbacks > 0
+
+    def _service(self) -> None:
+        """Watchdog pings while the render loop moves on (or while the device is lost, which
+        the daemon handles itself), and a fresh status line now and then."""
+        now = time.monotonic()
+        if self.notifier.ping_due():
+            rendered = self.engine.stats()["render_calls"]
+            if rendered != self._rendered_at_ping or self._lost:
+                self._rendered_at_ping = rendered
+                self.notifier.ping()
+        if now >= self._next_summary:
+            self._next_summary = now + SUMMARY_S
+            self.notifier.send(STATUS=self.summary())
 
     def _watch(self) -> None:
         if self._lost is None:
@@ -156,6 +192,7 @@ class Daemon:
                     self.output.device_name, reason, RETRY_S)
         if self.osc is not None:
             self.osc.broadcast(f"{PREFIX}/audio", "lost")
+        self.notifier.send(STATUS=self.summary())
 
     def _resume(self) -> None:
         """Hand the performance over to a fresh image of this daemon (synthd.recovery)."""
@@ -211,7 +248,12 @@ class Daemon:
         return stats
 
     def load_model(self, name: str) -> str:
-        path = in_folder(self.cfg.models_folder, name, ".ts")
+        return self._use_model(in_folder(self.cfg.models_folder, name, ".ts"))
+
+    def load_patch(self, name: str) -> str:
+        return self._use_patch(in_folder(self.cfg.patches_folder, name, ".toml"))
+
+    def _use_model(self, path: Path | str) -> str:
         model = load_model(path)  # ModelError leaves the old model playing
         with self._swap:
             self.engine.swap_model(model, crossfade_s=self.cfg.crossfade)
@@ -219,13 +261,45 @@ class Daemon:
         log.info("model %s loaded from %s (crossfade %.0f ms)", model.name, path, 1000 * self.cfg.crossfade)
         return model.name
 
-    def load_patch(self, name: str) -> str:
-        path = in_folder(self.cfg.patches_folder, name, ".toml")
-        patch: Patch = load_patch(path)  # PatchError leaves the old patch in use
+    def _use_patch(self, path: Path | str | None) -> str:
+        patch: Patch = load_patch(path) if path else default_patch()  # PatchError leaves the old patch
         with self._swap:
             self.surface.rebind(patch=patch)
-        log.info("patch %s loaded from %s", patch.name, path)
+        log.info("patch %s loaded from %s", patch.name, path or "the built-in default")
         return patch.name
+
+    # ---------------------------------------------------------------- SIGHUP
+
+    def request_reload(self) -> None:
+        """From a signal handler: the main thread reloads at its next look (see `reload`)."""
+        self._reload_asked = True
+
+    def reload(self) -> None:
+        """Read the command line's config again and load its model and patch, each crossfaded
+        in; what is refused is logged and leaves the one playing."""
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+        try:
+            cfg = config_mod.resolve(self.args) if self.args is not None else self.cfg
+        except ConfigError as exc:
+            log.error("reload refused: %s", exc)
+            cfg = None
+        if cfg is not None:
+            self.cfg.model, self.cfg.patch = cfg.model, cfg.patch
+            for what, job in (("model", lambda: self._use_model(cfg.model)),
+                              ("patch", lambda: self._use_patch(cfg.patch))):
+                try:
+                    job()
+                except (ModelError, PatchError) as exc:
+                    log.error("reload: %s refused, the old one stays: %s", what, exc)
+        self.notifier.send(READY=1, STATUS=self.summary())
+
+    def summary(self) -> str:
+        """One line for the service manager's status."""
+        if self._lost:
+            return f"audio lost ({self._lost}); serving OSC, looking for {self.output.device_name}"
+        stats = self.engine.stats()
+        return (f"playing {stats['model']} on {self.output.device_name}; render load "
+                f"{stats['render_load_mean']:.2f}; underruns {stats.get('underruns', 0)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,19 +310,26 @@ def run(args: argparse.Namespace) -> int:
         return 2
     setup_logging(cfg.log_level)
     resumed = recovery.take_resume_state()
+    notifier = Notifier()
     try:
-        daemon = Daemon(cfg, resumed)
+        daemon = Daemon(cfg, resumed, args, notifier)
         daemon.start()
     except (ModelError, PatchError, AudioError, MidiError, OSError) as exc:
         log.error("%s", exc)
+        notifier.send(STATUS=f"failed: {exc}")
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.quit())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     print(daemon.startup_line(), file=sys.stderr, flush=True)
+    if not daemon.wait_first_block():
+        log.warning("audio: %s has not asked for a block yet", daemon.output.device_name)
+    notifier.send(READY=1, STATUS=daemon.summary())
     try:
         daemon.wait()
     finally:
         status = daemon.status()
+        notifier.send(STOPPING=1)
         log.info("stopping%s", ": fading out" if status["audio"] == "ok" else " (no audio device: no fade)")
         daemon.shutdown()
     log.info("stopped; underruns %d, NaN blocks %d, invalid messages %d, audio losses %d",

@@ -42,6 +42,7 @@ the server thread (the dispatcher runs with `strict_timing=False`).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 PREFIX = "/synthd"
 MAX_SUBSCRIBERS = 32
 MAX_DATAGRAM = 65535  # read whole datagrams, so a huge one is judged whole, not truncated
+RECEIVE_BUFFER = 4 << 20
+# /fail replies per client and second, at most: a flood of bad messages is counted, and not
+# answered message for message (which would flood the sender, or a spoofed victim, in turn)
+FAIL_REPLIES_PER_S = 50
 # (field in Host.status(), OSC type) in the order /synthd/status.reply sends them
 STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("model", str), ("sample_rate", int), ("block_frames", int), ("latency_ms", float),
@@ -69,6 +74,7 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("ring_underruns", int), ("output_underflows", int), ("decode_errors", int),
     ("audio", str), ("audio_losses", int), ("audio_reconnects", int),
     ("midi", str), ("midi_losses", int), ("midi_reconnects", int),
+    ("late_underruns", int), ("xrun_underruns", int),
 )
 
 Reply = tuple  # (address, *args)
@@ -96,6 +102,7 @@ class OscCounters:
     invalid: int = 0  # datagrams that do not parse, or messages with wrong arguments
     unknown: int = 0  # addresses nobody answers to
     scheduled: int = 0  # messages from bundles with a future timetag
+    unanswered: int = 0  # /fail replies not sent (over FAIL_REPLIES_PER_S)
 
 
 def _number(msg: OscMessage, position: int = 0) -> float:
@@ -146,9 +153,19 @@ class _Server(BlockingOSCUDPServer):
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher, counters: OscCounters):
         self._counters = counters
         super().__init__(address, dispatcher)
+        # room for a burst: the kernel drops what does not fit, a status request included
+        # (capped by net.core.rmem_max; best effort)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        except OSError:
+            pass
 
     def verify_request(self, request, client_address) -> bool:
-        ok = super().verify_request(request, client_address)
+        # an OSC packet is a whole number of 4-byte words and starts with an address or
+        # "#bundle": anything else is refused before any parsing, so garbage costs little
+        data = request[0]
+        ok = (len(data) % 4 == 0 and (data[:1] == b"/" or data[:8] == b"#bundle\0")
+              and super().verify_request(request, client_address))
         if not ok:
             self._counters.invalid += 1
         return ok
@@ -167,6 +184,7 @@ class OscServer:
         self.counters = OscCounters()
         self._subscribers: dict[tuple, Callable[[str, str, float], None]] = {}
         self._reply_ports: dict[tuple, tuple] = {}  # sender -> where its replies go
+        self._fails: dict[tuple, tuple[int, int]] = {}  # sender -> (second, /fail replies in it)
         self._busy = threading.Lock()  # one model/patch load at a time
         self._server = _Server((host, port), _ClockedDispatcher(self._route, self.counters), self.counters)
         self.address: tuple[str, int] = self._server.server_address[:2]
@@ -246,7 +264,21 @@ class OscServer:
         replies = self._answer(msg, when, client)
         target = self._reply_ports.get(client, client)
         for reply in replies:
+            if reply[0] == "/fail" and not self._may_fail(client):
+                self.counters.unanswered += 1
+                continue
             self.send(target, *reply)
+
+    def _may_fail(self, client: tuple) -> bool:
+        """Whether `client` may get another /fail this second (FAIL_REPLIES_PER_S)."""
+        second = int(time.monotonic())
+        start, sent = self._fails.get(client, (second, 0))
+        if start != second:
+            start, sent = second, 0
+        if len(self._fails) > 4 * MAX_SUBSCRIBERS and client not in self._fails:
+            self._fails.clear()  # many senders (spoofed): forget the old ones, bounded memory
+        self._fails[client] = (start, sent + 1)
+        return sent < FAIL_REPLIES_PER_S
 
     def _answer(self, msg: OscMessage, when: float, client: tuple) -> list[Reply]:
         self.counters.received += 1

@@ -118,3 +118,41 @@ def test_refused_at_start_with_a_clear_message(jack_server, folders, args, words
     assert "Traceback" not in proc.stderr
     for w in words:
         assert w in proc.stderr, proc.stderr
+
+
+def malformed_datagrams(n: int, seed: int = 7) -> list[bytes]:
+    """Random bytes, truncated floats and huge indices, in turn."""
+    rng = random.Random(seed)
+    good = build_msg("/synthd/control/loudness", [0.5]).dgram
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            out.append(bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 120))))
+        elif kind == 1:
+            out.append(good[: rng.randrange(len(good) - 3, len(good))])  # a float cut short
+        else:
+            out.append(build_msg(f"/synthd/latent/{rng.randrange(10**6, 10**9)}", [0.5]).dgram)
+    return out
+
+
+def test_status_answers_within_100_ms_after_a_burst_of_3000_malformed_datagrams(synthd):
+    """The burst from one socket, as fast as Python sends; the status from another, once."""
+    client, attacker = OscClient(synthd.osc_address), OscClient(synthd.osc_address)
+    burst = malformed_datagrams(3000)
+    before = client.status()
+    for data in burst:
+        attacker.send_raw(data)
+    t0 = time.monotonic()
+    client.send("/synthd/status")
+    replies = client.replies(timeout=1.0, count=1)
+    took = time.monotonic() - t0
+    time.sleep(0.2)
+    after = client.status()
+    fails = len(attacker.replies(timeout=0.2))
+    client.close()
+    attacker.close()
+    assert replies and replies[0][0] == "/synthd/status.reply" and took < 0.1, (replies, took)
+    counted = after["invalid"] + after["unknown"] - before["invalid"] - before["unknown"]
+    assert counted == 3000  # none lost before it was counted
+    assert fails <= 100  # bad messages are not answered one for one

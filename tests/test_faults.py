@@ -4,6 +4,7 @@ killed and started again (it comes back where it was), and SIGTERM with the serv
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import pytest
@@ -115,3 +116,58 @@ def test_a_midi_port_that_goes_away_is_connected_again_when_it_returns(server, t
         client.close()
         assert proc.stop() == 0
     assert "MIDI: connected again to keys:out" in proc.log, proc.log
+
+
+class NotifySocket:
+    """The service manager's end of sd_notify: a datagram socket collecting what is sent."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict[str, str]] = []
+
+    def until(self, key: str, value: str | None = None, timeout: float = 10.0) -> dict[str, str]:
+        """The first message (from now on) carrying `key` (= `value`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                break
+            message = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(message)
+            if key in message and (value is None or message[key] == value):
+                return message
+        raise TimeoutError(f"no {key}={value} in {self.messages}")
+
+
+def test_sighup_reloads_the_patch_and_systemd_hears_ready_watchdog_and_stopping(server, toy, tmp_path):
+    notify = NotifySocket(tmp_path / "notify")
+    patch = tmp_path / "rig.toml"
+    patch.write_text('version = 1\nname = "first"\n[output]\ngain_db = -3\n')
+    proc = SynthdProcess(server, "--model", str(toy), "--patch", str(patch),
+                         env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"})
+    client = OscClient(proc.osc_address)
+    try:
+        assert "playing toy" in notify.until("READY", "1")["STATUS"]
+        t0 = time.monotonic()
+        notify.until("WATCHDOG", "1")
+        notify.until("WATCHDOG", "1")
+        assert time.monotonic() - t0 < 1.0  # every half period
+        patch.write_text('version = 1\nname = "second"\n[output]\ngain_db = -12\n')
+        proc.proc.send_signal(signal.SIGHUP)
+        notify.until("RELOADING", "1")
+        notify.until("READY", "1")
+        assert client.status()["gain_db"] == -12.0
+        patch.write_text('version = 1\n[output]\ngain_db = "loud"\n')  # refused: the old one stays
+        proc.proc.send_signal(signal.SIGHUP)
+        notify.until("READY", "1")
+        assert client.status()["gain_db"] == -12.0
+    finally:
+        client.close()
+        code = proc.stop()
+    notify.until("STOPPING", "1")
+    assert code == 0
+    assert "patch second loaded" in proc.log and "reload: patch refused" in proc.log, proc.log

@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class SynthdProcess:
-    def __init__(self, server, *args: str, timeout: float = 120.0):
+    def __init__(self, server, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None):
         self.server = server
         cmd = [sys.executable, "-m", "synthd", "run", "--osc-port", "0", *args]
-        env = server.env()
+        env = {**server.env(), **(env or {})}
         env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT on a start-up timeout prints every thread's stack
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
