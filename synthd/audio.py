@@ -209,15 +209,20 @@ class LiveOutput:
         if self._stream is None:
             return
         playing = self.fault() is None
-        if playing and fade_s > 0 and self._thread is not None and self._thread.is_alive():
+        if not playing:
+            log.info("audio: no fade-out: %s does not play", self.device_name)
+        elif fade_s > 0 and self._thread is not None and self._thread.is_alive():
             self._fade.set(0.0, int(fade_s * self.sample_rate))
             self._fading_out = True
             # the fade is rendered, then played out of the ring; give up when nothing plays it
             deadline = time.monotonic() + fade_s + self.target_fill / self.sample_rate + 0.5
             while not (self._faded.is_set() and self._ring.fill == 0):
                 now = time.monotonic()
-                if now > deadline or now - self._callback_at > FADE_STALL_S:
+                if now - self._callback_at > FADE_STALL_S:
+                    log.info("audio: fade-out cut: %s stopped asking for audio", self.device_name)
                     playing = False
+                    break
+                if now > deadline:
                     break
                 time.sleep(0.002)
         self._stop.set()
