@@ -4,9 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages: runtime libraries, the real components the tests talk to, and the
-# recorded sound the benchmarks use.
-APT_PACKAGES := libsndfile1 libportaudio2 jackd2 libjack-jackd2-0 puredata-core liblo-tools
+# Debian packages: runtime libraries and the real components the tests talk to (JACK, Pd,
+# liblo's oscsend, Chromium for the control page); benchmarks install the recorded sound they use.
+APT_PACKAGES := libsndfile1 libportaudio2 jackd2 libjack-jackd2-0 puredata-core liblo-tools chromium chromium-driver
 DEMO_OUT ?= demo-out
 
 .PHONY: demo test system-deps python-deps clean

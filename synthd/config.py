@@ -49,6 +49,10 @@ class DaemonConfig:
     midi_in: str | None = None
     log_level: str = "info"
     crossfade: float = 0.05
+    http_port: int | None = None  # None: no HTTP server
+    http_host: str | None = None  # None: the OSC host
+    http_token: str | None = None
+    zeroconf: bool | None = None  # None: advertise unless the host is loopback
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
@@ -66,6 +70,10 @@ class DaemonConfig:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not 0.0 <= self.crossfade <= 10.0:
             raise ConfigError(f"crossfade {self.crossfade} is outside 0..10 seconds")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port {self.http_port} is not a TCP port")
+        if self.http_token is not None and not 8 <= len(self.http_token) <= 256:
+            raise ConfigError("http_token must be 8 to 256 characters")
 
     @property
     def models_folder(self) -> Path:
@@ -82,6 +90,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_dir": (str,), "patch": (str,), "patch_dir": (str,), "device": (str, int),
     "channels": (int,), "block_frames": (int,), "threads": (int,), "osc_host": (str,), "osc_port": (int,),
     "midi_in": (str,), "log_level": (str,), "crossfade": (float,),
+    "http_port": (int,), "http_host": (str,), "http_token": (str,), "zeroconf": (bool,),
 }
 
 
@@ -101,6 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--midi-in", metavar="NAME|virtual", help="MIDI input: part of a port name, or `virtual`")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="stderr log level (default info)")
     parser.add_argument("--crossfade", type=float, help="seconds a model or patch swap crossfades (default 0.05)")
+    parser.add_argument("--http-port", type=int, help="serve OSCQuery and the control page on this TCP port "
+                        "(off unless given; 0 picks a free one)")
+    parser.add_argument("--http-host", help="HTTP host to listen on (default: the OSC host)")
+    parser.add_argument("--http-token", help="a token the page and the WebSocket require (?token=)")
+    parser.add_argument("--zeroconf", action="store_const", const=True,
+                        help="advertise over zeroconf even on loopback (default: unless the host is loopback)")
 
 
 def load_config(path: str | Path) -> dict[str, object]:

@@ -92,6 +92,7 @@ class Daemon:
         self.router = MidiRouter(self.surface)
         self.midi: MidiInput | None = None
         self.osc: OscServer | None = None
+        self.web = None  # synthd.web.WebServer with --http-port
         self._stop = threading.Event()
         self._swap = threading.Lock()
         self.audio_losses = resumed.audio_losses if resumed else 0
@@ -121,6 +122,13 @@ class Daemon:
                 self.midi = MidiInput(self.router, self.cfg.midi_in, wait_for_port=resumed is not None)
             self.output.start(fade_in_s=FADE_IN_S if resumed else 0.0)
             self.osc.start()
+            if self.cfg.http_port is not None:
+                from synthd.web import WebServer  # aiohttp only for a daemon that serves HTTP
+
+                port = resumed.http_port if resumed and resumed.http_port else self.cfg.http_port
+                self.web = WebServer(self.surface, self.osc, self.status, host=self.cfg.http_host or self.cfg.osc_host,
+                                     port=port, token=self.cfg.http_token, zeroconf=self.cfg.zeroconf)
+                self.web.start()
         except BaseException:
             self.shutdown()
             raise
@@ -137,7 +145,8 @@ class Daemon:
         return (f"synthd: playing {model.name} ({model.path}, {model.latent_size} controls) on "
                 f"{self.output.device_name} at {self.output.sample_rate} Hz, block {self.cfg.block_frames}, "
                 f"latency {self.engine.stats()['latency_ms']:.1f} ms; OSC {self.osc.endpoint}; "
-                f"MIDI {self.midi.endpoint if self.midi else 'off'}; patch {self.surface.patch.name}")
+                f"MIDI {self.midi.endpoint if self.midi else 'off'}; patch {self.surface.patch.name}"
+                + (f"; web {self.web.url}" if self.web else ""))
 
     def wait(self) -> None:
         """Serve until quit, watching the output (see the module's doc)."""
@@ -201,6 +210,7 @@ class Daemon:
             model=str(self.engine.model.path),
             patch=str(surface.patch.path) if surface.patch.path else None,
             osc_port=self.osc.address[1] if self.osc else self.cfg.osc_port,
+            http_port=self.web.port if self.web else None,
             values={label: wire for label, _, wire, *_ in surface.snapshot()},
             gain_db=surface.gain_db, gate=surface.gate_open,
             subscribers=self.osc.subscribers() if self.osc else [],
@@ -221,6 +231,9 @@ class Daemon:
         """Fade out (when the device plays), then close MIDI, OSC and the audio stream, each at
         most once and each within a bound: what hangs (a client of a dead JACK server) is left."""
         self.output.stop(fade_s=FADE_OUT_S)
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         if self.midi is not None:
             self.midi.close()
         if self.osc is not None:
@@ -245,6 +258,8 @@ class Daemon:
         })
         if self.midi is not None:
             stats.update(self.midi.stats())
+        if self.web is not None:
+            stats.update(self.web.stats())
         return stats
 
     def load_model(self, name: str) -> str:

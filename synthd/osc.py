@@ -7,6 +7,7 @@ Addresses (numbers may be int or float everywhere; Pd sends floats, Max ints):
     /synthd/latent/<i> f       control by decode input index, 0..1
     /synthd/gain f             output gain, dB (-120..+24)
     /synthd/gate i [f]         1 opens (optional velocity 0..1), 0 closes
+    /synthd/note i i           note number, velocity 1..127 plays it, 0 releases it (as MIDI)
     /synthd/status             -> /synthd/status.reply (fields: STATUS_FIELDS, in order)
     /synthd/controls           -> one /synthd/controls.reply per control:
                                   name s, index i, value f (0..1), model value f,
@@ -74,7 +75,7 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("ring_underruns", int), ("output_underflows", int), ("decode_errors", int),
     ("audio", str), ("audio_losses", int), ("audio_reconnects", int),
     ("midi", str), ("midi_losses", int), ("midi_reconnects", int),
-    ("late_underruns", int), ("xrun_underruns", int),
+    ("late_underruns", int), ("xrun_underruns", int), ("web_clients", int), ("web_refused", int),
 )
 
 Reply = tuple  # (address, *args)
@@ -185,13 +186,18 @@ class OscServer:
         self._subscribers: dict[tuple, Callable[[str, str, float], None]] = {}
         self._reply_ports: dict[tuple, tuple] = {}  # sender -> where its replies go
         self._fails: dict[tuple, tuple[int, int]] = {}  # sender -> (second, /fail replies in it)
+        # clients that are not UDP senders (WebSocket connections, synthd.web): where their
+        # replies go, and the subscriber that stands for them (their own changes are not echoed)
+        self._external: dict[tuple, tuple[Callable[[Reply], None], object]] = {}
         self._busy = threading.Lock()  # one model/patch load at a time
-        self._server = _Server((host, port), _ClockedDispatcher(self._route, self.counters), self.counters)
+        self._dispatcher = _ClockedDispatcher(self._route, self.counters)
+        self._server = _Server((host, port), self._dispatcher, self.counters)
         self.address: tuple[str, int] = self._server.server_address[:2]
         self._thread: threading.Thread | None = None
         self._exact: dict[str, Callable[[OscMessage, tuple, int | None], list[Reply]]] = {
             f"{PREFIX}/gain": self._gain,
             f"{PREFIX}/gate": self._gate,
+            f"{PREFIX}/note": self._note,
             f"{PREFIX}/status": self._status,
             f"{PREFIX}/controls": self._controls,
             f"{PREFIX}/model/load": self._model_load,
@@ -227,7 +233,12 @@ class OscServer:
         return f"osc.udp://{self.address[0]}:{self.address[1]}"
 
     def send(self, client: tuple, address: str, *args: Any) -> None:
-        """Send one message to `client` from the server's socket (so replies reach the sender)."""
+        """Send one message to `client` from the server's socket (so replies reach the sender),
+        or through its own channel for an attached client."""
+        external = self._external.get(client)
+        if external is not None:
+            external[0]((address, *args))
+            return
         try:
             self._server.socket.sendto(build_msg(address, list(args)).dgram, client)
         except OSError as exc:
@@ -248,6 +259,27 @@ class OscServer:
             fn = self._feedback(target)
             self._subscribers[target] = fn
             self.surface.subscribe(fn)
+
+    def attach(self, client: tuple, deliver: Callable[[Reply], None], origin: object) -> None:
+        """Serve a client that is not a UDP sender: `deliver(reply)` sends it its replies, and
+        changes it makes are announced with `origin` (so its own subscriber skips them)."""
+        self._external[client] = (deliver, origin)
+
+    def detach(self, client: tuple) -> None:
+        self._external.pop(client, None)
+        self._fails.pop(client, None)
+
+    def route_packet(self, data: bytes, client: tuple) -> None:
+        """Handle one OSC packet from an attached client, with the checks and counters of a
+        UDP datagram."""
+        if not (len(data) % 4 == 0 and (data[:1] == b"/" or data[:8] == b"#bundle\0")):
+            self.counters.invalid += 1
+            return
+        self._dispatcher.call_handlers_for_packet(data, client)
+
+    def _origin(self, client: tuple) -> object:
+        external = self._external.get(client)
+        return external[1] if external is not None else self._subscribers.get(client)
 
     # ---------------------------------------------------------------- routing
 
@@ -301,7 +333,7 @@ class OscServer:
                 return [("/fail", address, "unknown address" if name is None else f"no control {name!r}")]
             if len(msg.params) != 1:
                 raise Refused("expects exactly one number, 0..1")
-            self.surface.set(name, _number(msg), at=self._at(when), origin=self._subscribers.get(client))
+            self.surface.set(name, _number(msg), at=self._at(when), origin=self._origin(client))
             return []
         except Refused as exc:
             self.counters.invalid += 1
@@ -318,7 +350,7 @@ class OscServer:
     def _gain(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
         if len(msg.params) != 1:
             raise Refused("expects exactly one number, in dB")
-        self.surface.set_gain_db(_number(msg), at=at, origin=self._subscribers.get(client))
+        self.surface.set_gain_db(_number(msg), at=at, origin=self._origin(client))
         return []
 
     def _gate(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
@@ -329,7 +361,19 @@ class OscServer:
         if not 0.0 <= velocity <= 1.0:
             self.surface.counters.clamped += 1
             velocity = min(1.0, max(0.0, velocity))
-        self.surface.set_gate(on, velocity=velocity, at=at, origin=self._subscribers.get(client))
+        self.surface.set_gate(on, velocity=velocity, at=at, origin=self._origin(client))
+        return []
+
+    def _note(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        if len(msg.params) != 2:
+            raise Refused("expects a note number 0..127 and a velocity 0..127 (0 releases)")
+        note, velocity = _number(msg), _number(msg, 1)
+        if not (note.is_integer() and 0 <= note <= 127 and 0 <= velocity <= 127):
+            raise Refused("expects a note number 0..127 and a velocity 0..127 (0 releases)")
+        if velocity > 0:
+            self.surface.note_on(int(note), max(1, int(round(velocity))), at=at)
+        else:
+            self.surface.note_off(int(note), at=at)
         return []
 
     def _status(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
@@ -393,6 +437,8 @@ class OscServer:
         return [("/done", msg.address, self.surface.recall_preset(key, at=at).name)]
 
     def _notify(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        if client in self._external:
+            raise Refused("a WebSocket client asks for values with LISTEN")
         on = _number(msg) >= 0.5
         old = self._subscribers.pop(client, None)
         if old is not None:
@@ -406,6 +452,8 @@ class OscServer:
         return [("/done", msg.address, 1 if on else 0)]
 
     def _replyport(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        if client in self._external:
+            raise Refused("a WebSocket client gets its replies on its connection")
         port = _number(msg)
         if not port.is_integer() or not 1 <= port <= 65535:
             raise Refused(f"{port} is not a UDP port")

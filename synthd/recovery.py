@@ -35,6 +35,7 @@ class ResumeState:
     model: str
     patch: str | None
     osc_port: int
+    http_port: int | None = None
     values: dict[str, float] = field(default_factory=dict)
     gain_db: float = 0.0
     gate: bool = True
