@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         status = daemon.status()
         notifier.send(STOPPING=1)
-        log.info("stopping")
+        log.info("stopping%s", ": fading out" if status["audio"] == "ok" else " (the audio device is lost: no fade)")
         daemon.shutdown()
     log.info("stopped; underruns %d, NaN blocks %d, invalid messages %d, audio losses %d",
              status.get("underruns", 0), status.get("nan_blocks", 0), status["invalid"], status["audio_losses"])
