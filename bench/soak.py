@@ -6,6 +6,9 @@ synthd's virtual JACK MIDI input. Prints underruns, render time (mean, p99, max,
 the block's time budget), NaN blocks, invalid messages, JACK server xruns, and synthd's
 resident memory at the start (after a warm-up) and at the end.
 
+With `--web-clients N`, synthd also serves HTTP and N WebSocket clients LISTEN to every
+control and the gain the whole time (OSCQuery pushes, at most 60 per second and path).
+
 Targets: no underrun that synthd causes (a ring found empty while the server kept time;
 those right after a server xrun are the server's), memory growth < 5 MB.
 
@@ -16,7 +19,10 @@ those right after a server xrun are the server's), memory growth < 5 MB.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -64,6 +70,31 @@ def midi_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[int
     paced(rate, stop, sent, send)
 
 
+def web_clients(url: str, paths: list[str], count: int, stop: threading.Event, received: list[int]) -> None:
+    """`count` WebSocket clients LISTENing to `paths` until `stop`; `received[0]` counts pushes."""
+    import aiohttp
+
+    async def one(session) -> None:
+        async with session.ws_connect(url) as ws:
+            for path in paths:
+                await ws.send_str(json.dumps({"COMMAND": "LISTEN", "DATA": path}))
+            while not stop.is_set():
+                try:
+                    message = await ws.receive(timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    received[0] += 1
+                elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    return
+
+    async def all_clients() -> None:
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(one(session) for _ in range(count)))
+
+    asyncio.run(all_clients())
+
+
 def fmt(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
@@ -77,11 +108,14 @@ def main() -> int:
     parser.add_argument("--osc-rate", type=float, default=1000.0, help="OSC messages per second (default 1000)")
     parser.add_argument("--cc-rate", type=float, default=100.0, help="MIDI CCs per second (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="synthd's torch threads (default 1)")
+    parser.add_argument("--web-clients", type=int, default=0, help="WebSocket clients listening to every "
+                        "control (default 0: no HTTP)")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so synthd and the JACK server are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    with LiveRig(args.model, period=args.period, threads=args.threads) as rig:
+    extra = ("--http-port", "0") if args.web_clients else ()
+    with LiveRig(args.model, period=args.period, threads=args.threads, extra_args=extra) as rig:
         rig.watchdog(args.minutes * 60.0 + WARMUP_S + 60.0)
         names = rig.controls()
         print(f"soak: {rig.model} ({len(names)} controls), JACK dummy {rig.server.rate} Hz / "
@@ -93,9 +127,14 @@ def main() -> int:
         before = rig.status()
         xruns_before = rig.xruns
         stop = threading.Event()
-        osc_sent, cc_sent = [0], [0]
+        osc_sent, cc_sent, pushed = [0], [0], [0]
         workers = [threading.Thread(target=osc_stream, name="osc", args=(rig, names, args.osc_rate, stop, osc_sent), daemon=True),
                    threading.Thread(target=midi_stream, name="midi", args=(rig, args.cc_rate, stop, cc_sent), daemon=True)]
+        if args.web_clients:
+            url = re.search(r"web (http://\S+)", rig.synthd.startup).group(1)
+            paths = [f"/synthd/control/{n}" for n in names] + ["/synthd/gain"]
+            workers.append(threading.Thread(target=web_clients, name="web", daemon=True,
+                                            args=(url, paths, args.web_clients, stop, pushed)))
         for w in workers:
             w.start()
         total = args.minutes * 60.0
@@ -142,6 +181,9 @@ def main() -> int:
     print(f"  NaN blocks          {after['nan_blocks'] - before['nan_blocks']}")
     print(f"  messages            OSC {osc_sent[0]} ({osc_sent[0] / elapsed:.0f}/s), MIDI CC {cc_sent[0]}, "
           f"invalid {after['invalid'] - before['invalid']}, clamped {after['clamped'] - before['clamped']}")
+    if args.web_clients:
+        print(f"  WebSocket clients   {args.web_clients}, listening to {len(names) + 1} paths each: "
+              f"{pushed[0]} pushes ({pushed[0] / elapsed / args.web_clients:.0f}/s per client)")
     print(f"  memory (RSS)        start {mem_start:.1f} MB, end {mem_end:.1f} MB, growth {growth:+.2f} MB")
     print(f"  synthd still running at the end: {alive}")
     if stalled:

@@ -8,8 +8,8 @@ this loop.
   an attribute that does not exist). A browser asking for `/` (Accept: text/html) gets the page.
 - A WebSocket on any path speaks the proposal's extension: text frames `{"COMMAND":
   "LISTEN"|"IGNORE", "DATA": path}`; values come back as binary OSC packets when they change,
-  at most MAX_PUSH_HZ per path; `{"COMMAND": "PATH_CHANGED", "DATA": "/synthd"}` when a model
-  or patch swap changes the tree. Binary frames are OSC packets, handled exactly as UDP
+  at most MAX_PUSH_HZ times a second (several paths changed at once: one bundle);
+  `{"COMMAND": "PATH_CHANGED", "DATA": "/synthd"}` when a model or patch swap changes the tree. Binary frames are OSC packets, handled exactly as UDP
   datagrams are (synthd.osc: the same checks, counters and replies, here on the connection).
 - `--http-token`: the page and the WebSocket need `?token=` (the start line prints the URL).
 - Limits: MAX_CONNECTIONS WebSockets, frames up to MAX_FRAME bytes, MAX_RATE messages a second
@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -60,8 +61,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bundle(messages: list[bytes]) -> bytes:
+    """One OSC bundle (timetag "immediately") holding `messages`; a single message as it is."""
+    if len(messages) == 1:
+        return messages[0]
+    return b"#bundle\0" + struct.pack(">Q", 1) + b"".join(struct.pack(">i", len(m)) + m for m in messages)
+
+
 class _Connection:
-    """One WebSocket client: what it listens to, its throttled pushes, its message budget."""
+    """One WebSocket client: what it listens to, and its message budget."""
 
     ids = itertools.count(1)
 
@@ -70,46 +78,16 @@ class _Connection:
         self.loop = loop
         self.key = ("ws", next(self.ids))
         self.listens: set[str] = set()
-        self.pending: dict[str, Any] = {}
-        self.sent_at: dict[str, float] = {}
-        self.flush_scheduled = False
         self.second = 0
         self.messages = 0
-        # one bound method, kept: the surface skips the subscriber that *is* a change's origin
-        self.subscriber = self.changed
-
-    # called from any thread (surface subscribers, OSC replies)
-    def changed(self, kind: str, name: str, value: float) -> None:
-        path = f"{PREFIX}/control/{name}" if kind == "control" else f"{PREFIX}/{kind}"
-        self.loop.call_soon_threadsafe(self._queue, path, int(value) if kind == "gate" else float(value))
 
     def deliver(self, reply: tuple) -> None:
-        self.loop.call_soon_threadsafe(self._send_osc, reply[0], list(reply[1:]))
+        """An OSC reply for this client, from any thread."""
+        self.loop.call_soon_threadsafe(self.send_bytes, build_msg(reply[0], list(reply[1:])).dgram)
 
-    # on the loop
-    def _queue(self, path: str, value: Any) -> None:
-        if path not in self.listens:
-            return
-        self.pending[path] = value
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            due = min((self.sent_at.get(p, 0.0) + 1.0 / MAX_PUSH_HZ for p in self.pending), default=0.0)
-            self.loop.call_later(max(0.0, due - time.monotonic()), self._flush)
-
-    def _flush(self) -> None:
-        self.flush_scheduled = False
-        now = time.monotonic()
-        for path in list(self.pending):
-            if now - self.sent_at.get(path, 0.0) >= 1.0 / MAX_PUSH_HZ - 1e-4:
-                self.sent_at[path] = now
-                self._send_osc(path, [self.pending.pop(path)])
-        if self.pending and not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_later(1.0 / MAX_PUSH_HZ, self._flush)
-
-    def _send_osc(self, address: str, args: list) -> None:
+    def send_bytes(self, data: bytes) -> None:
         if not self.ws.closed:
-            self.loop.create_task(self._send(self.ws.send_bytes(build_msg(address, args).dgram)))
+            self.loop.create_task(self._send(self.ws.send_bytes(data)))
 
     def send_json(self, data: dict) -> None:
         if not self.ws.closed:
@@ -151,6 +129,13 @@ class WebServer:
         self._runner: web.AppRunner | None = None
         self._zeroconf = None
         self._page = PAGE.read_text(encoding="utf-8")
+        # value changes waiting for the next push: path -> latest value. Filled from any thread
+        # (the surface's subscriber), emptied on the loop at most MAX_PUSH_HZ times a second,
+        # each message built once and sent to every listener in one frame
+        self._pending: dict[str, Any] = {}
+        self._pending_lock = threading.Lock()
+        self._flush_due = False
+        self._flushed_at = 0.0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -174,7 +159,9 @@ class WebServer:
             return
         self._ready.set()
         loop.create_task(self._watch_tree())
+        self.surface.subscribe(self._changed)
         loop.run_forever()
+        self.surface.unsubscribe(self._changed)
         tasks = asyncio.all_tasks(loop)
         for task in tasks:
             task.cancel()
@@ -299,8 +286,9 @@ class WebServer:
         await ws.prepare(request)
         conn = _Connection(ws, asyncio.get_running_loop())
         self._connections[conn.key] = conn
-        self.osc.attach(conn.key, conn.deliver, conn.subscriber)
-        self.surface.subscribe(conn.subscriber)
+        # its own changes come back to it too (as to every listener): the page ignores values for
+        # a slider under the finger, and the echo confirms what was applied
+        self.osc.attach(conn.key, conn.deliver, None)
         try:
             async for message in ws:
                 if not conn.within_rate():
@@ -317,7 +305,6 @@ class WebServer:
         return ws
 
     def _forget(self, conn: _Connection) -> None:
-        self.surface.unsubscribe(conn.subscriber)
         self.osc.detach(conn.key)
         self._connections.pop(conn.key, None)
 
@@ -341,6 +328,36 @@ class WebServer:
             conn.send_json({"COMMAND": "ERROR", "DATA": f"nothing to listen to at {path}"})
             return
         conn.listens.add(path)
+
+    # ---------------------------------------------------------------- pushes
+
+    def _changed(self, kind: str, name: str, value: float) -> None:
+        """The surface's subscriber (any thread): note the value, wake the loop once per push."""
+        path = f"{PREFIX}/control/{name}" if kind == "control" else f"{PREFIX}/{kind}"
+        with self._pending_lock:
+            self._pending[path] = int(value) if kind == "gate" else float(value)
+            if self._flush_due or not self._connections:
+                return
+            self._flush_due = True
+        self._loop.call_soon_threadsafe(self._schedule_flush)
+
+    def _schedule_flush(self) -> None:
+        delay = self._flushed_at + 1.0 / MAX_PUSH_HZ - time.monotonic()
+        self._loop.call_later(max(0.0, delay), self._flush)
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+            self._flush_due = False
+        self._flushed_at = time.monotonic()
+        built: dict[str, bytes] = {}
+        for conn in list(self._connections.values()):
+            wanted = [path for path in pending if path in conn.listens]
+            if wanted:
+                for path in wanted:
+                    if path not in built:
+                        built[path] = build_msg(path, [pending[path]]).dgram
+                conn.send_bytes(bundle([built[path] for path in wanted]))
 
     async def _watch_tree(self) -> None:
         """PATH_CHANGED to every client when a model or patch swap changes the tree."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from pythonosc.osc_message import OscMessage
+from pythonosc.osc_packet import OscPacket
 from pythonosc.osc_message_builder import build_msg
 
 from support.jack import jack_server, record  # noqa: F401  (fixture)
@@ -110,9 +111,8 @@ async def listen(url: str, paths: list[str], during, seconds: float) -> list[tup
                 message = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 break
-            if message.type == aiohttp.WSMsgType.BINARY:
-                m = OscMessage(message.data)
-                got.append((m.address, list(m.params)))
+            if message.type == aiohttp.WSMsgType.BINARY:  # a message, or a bundle of several
+                got += [(t.message.address, list(t.message.params)) for t in OscPacket(message.data).messages]
     return got
 
 
