@@ -36,8 +36,9 @@ from support.nnmodels import build_rave_mirror, build_toy_model  # noqa: E402
 from support.synthd_proc import OscClient, SynthdProcess, rms_db  # noqa: E402
 
 
-def wait_for(client: OscClient, address: str, timeout: float) -> tuple[list, float]:
-    t0 = time.monotonic()
+def wait_for(client: OscClient, address: str, timeout: float, since: float | None = None) -> tuple[list, float]:
+    """The first message at `address` and the seconds from `since` (default: now) to its arrival."""
+    t0 = time.monotonic() if since is None else since
     while time.monotonic() - t0 < timeout:
         for addr, args in client.replies(timeout=max(0.01, timeout - (time.monotonic() - t0)), count=1):
             if addr == address:
@@ -91,9 +92,10 @@ def restarts(model: Path, count: int) -> bool:
         print(f"   {'#':>3} {'lost s':>7} {'ok s':>6} {'level dB':>9} {'threads':>8} {'fds':>5} {'RSS MB':>7}")
         seen, back, rows = [], [], []
         for i in range(count):
+            killed = time.monotonic()
             server.kill()
-            _, lost = wait_for(client, "/synthd/audio", 5.0)
-            server.start()
+            _, lost = wait_for(client, "/synthd/audio", 5.0, since=killed)
+            server.start()  # returns once a client can connect
             _, returned = wait_for(client, "/synthd/audio", 30.0)
             time.sleep(0.3)
             level = rms_db(record(server, 0.4, []))

@@ -215,7 +215,8 @@ class Daemon:
             gain_db=surface.gain_db, gate=surface.gate_open,
             subscribers=self.osc.subscribers() if self.osc else [],
             audio_losses=self.audio_losses, audio_reconnects=self.audio_reconnects,
-            lost_at=self._lost_at, reason=self._lost or "")
+            lost_at=self._lost_at, reason=self._lost or "",
+            device=self.output.device_name, host_api=self.output.host_api)
         log.info("audio: %s is there again; resuming", self.output.device_name)
         recovery.resume(state)
 
@@ -317,6 +318,21 @@ class Daemon:
                 f"{stats['render_load_mean']:.2f}; underruns {stats.get('underruns', 0)}")
 
 
+def _look_again(state: recovery.ResumeState, cfg: DaemonConfig, notifier: Notifier, reason: str) -> int:
+    """A resumed daemon whose device is gone again: look for it each second and resume once it
+    is back; SIGTERM or SIGINT meanwhile exits 0."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.warning("audio: %s; looking for %s again every %.0f s", reason, state.device, RETRY_S)
+    notifier.send(STATUS=f"audio lost ({reason}); looking for {state.device}")
+    while not stop.wait(RETRY_S):
+        if recovery.device_available(cfg.device, state.device, state.host_api, cfg.channels, stop):
+            if not stop.is_set():
+                recovery.resume(state)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.resolve(args)
@@ -329,7 +345,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemon = Daemon(cfg, resumed, args, notifier)
         daemon.start()
-    except (ModelError, PatchError, AudioError, MidiError, OSError) as exc:
+    except AudioError as exc:
+        if resumed is None:
+            log.error("%s", exc)
+            notifier.send(STATUS=f"failed: {exc}")
+            return 1
+        # the device went away again between the look that found it and this start
+        return _look_again(resumed, cfg, notifier, str(exc))
+    except (ModelError, PatchError, MidiError, OSError) as exc:
         log.error("%s", exc)
         notifier.send(STATUS=f"failed: {exc}")
         return 1

@@ -44,6 +44,8 @@ class ResumeState:
     audio_reconnects: int = 0
     lost_at: float = 0.0  # time.time() when the device was lost
     reason: str = ""
+    device: str = ""  # the output device's name and host API, as PortAudio calls them
+    host_api: str = ""
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))

@@ -3,8 +3,12 @@ killed and started again (it comes back where it was), and SIGTERM with the serv
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -12,7 +16,8 @@ import pytest
 from support.jack import JackServer, record
 from support.midi import jack_midi_out
 from support.nnmodels import build_toy_model
-from support.synthd_proc import OscClient, SynthdProcess, rms_db
+from support.synthd_proc import REPO, OscClient, SynthdProcess, rms_db
+from synthd.recovery import RESUME_ENV, ResumeState
 
 
 @pytest.fixture
@@ -171,3 +176,45 @@ def test_sighup_reloads_the_patch_and_systemd_hears_ready_watchdog_and_stopping(
     notify.until("STOPPING", "1")
     assert code == 0
     assert "patch second loaded" in proc.log and "reload: patch refused" in proc.log, proc.log
+
+
+def test_a_resume_that_finds_its_device_gone_again_keeps_looking(toy):
+    """The device went away again between the look that found it and the new image's start."""
+    server = JackServer()  # not running yet
+    state = ResumeState(model=str(toy), patch=None, osc_port=0, values={"loudness": 0.9}, gain_db=-6.0,
+                        device="system", host_api="JACK Audio Connection Kit", audio_losses=1,
+                        lost_at=time.time())
+    env = {**server.env(), RESUME_ENV: state.dumps()}
+    proc = subprocess.Popen([sys.executable, "-m", "synthd", "run", "--model", str(toy), "--osc-port", "0"],
+                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def seen(text: str, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((line for line in list(lines) if text in line), None)
+            if found:
+                return found
+            time.sleep(0.1)
+        return None
+
+    try:
+        assert seen("looking for system again", 60), "".join(lines)
+        assert proc.poll() is None
+        server.start()
+        startup = seen("synthd: playing", 60)
+        assert startup, "".join(lines)
+        client = OscClient(("127.0.0.1", int(re.search(r"127\.0\.0\.1:(\d+)", startup).group(1))))
+        status = client.status()
+        client.close()
+        assert (status["audio"], status["audio_losses"], status["audio_reconnects"], status["gain_db"]) == (
+            "ok", 1, 1, -6.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        reader.join(timeout=5)
+        server.stop()
+    assert code == 0, "".join(lines)
