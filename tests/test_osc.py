@@ -13,7 +13,7 @@ import pytest
 
 from support.jack import Recorder, jack_server, record  # noqa: F401  (fixture)
 from support.nnmodels import build_toy_model
-from support.synthd_proc import REPO, OscClient, SynthdProcess, crossings_per_second, rms_db
+from support.synthd_proc import REPO, OscClient, SynthdProcess, dominant_hz, rms_db
 
 RATE = 48000
 
@@ -74,8 +74,8 @@ def test_control_sweep_raises_pitch(jack_server, synthd, client):
     steps = [(0.1 + 0.05 * i, (lambda v: lambda: client.send("/synthd/latent/0", v))(0.5 + 0.025 * i))
              for i in range(11)]  # 0.5 -> 0.75 wire = 220 -> 440 Hz on the toy
     x = record(jack_server, 1.2, [(0.0, lambda: client.send("/synthd/latent/0", 0.5))] + steps)
-    low = crossings_per_second(window(x, 0.02, 0.12), RATE) / 2
-    high = crossings_per_second(window(x, 0.9, 1.2), RATE) / 2
+    low = dominant_hz(window(x, 0.02, 0.12), RATE)
+    high = dominant_hz(window(x, 0.9, 1.2), RATE)
     assert low == pytest.approx(220, rel=0.08) and high == pytest.approx(440, rel=0.08)
     client.send("/synthd/latent/0", 0.5)
 
