@@ -126,7 +126,7 @@ class Daemon:
                 from synthd.web import WebServer  # aiohttp only for a daemon that serves HTTP
 
                 port = resumed.http_port if resumed and resumed.http_port else self.cfg.http_port
-                self.web = WebServer(self.surface, self.osc, self.status, host=self.cfg.http_host or self.cfg.osc_host,
+                self.web = WebServer(self.surface, self.osc, host=self.cfg.http_host or self.cfg.osc_host,
                                      port=port, token=self.cfg.http_token, zeroconf=self.cfg.zeroconf)
                 self.web.start()
         except BaseException:

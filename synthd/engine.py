@@ -382,18 +382,14 @@ class Engine:
             if model.resettable:
                 model.module.reset()
             else:
-                z = torch.tensor(model.defaults(), dtype=torch.float32).view(1, -1, 1)
-                with torch.inference_mode():
-                    model.module.decode(z.expand(1, -1, RECOVERY_FRAMES).contiguous())
+                _decode_defaults(model, RECOVERY_FRAMES)
         except Exception:
             pass
 
     def _warm_up(self, model: Model) -> None:
         frames = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
-        z = torch.tensor(model.defaults(), dtype=torch.float32).view(1, -1, 1).expand(1, -1, frames).contiguous()
-        with torch.inference_mode():
-            for _ in range(WARMUP_CALLS):
-                model.module.decode(z)
+        for _ in range(WARMUP_CALLS):
+            _decode_defaults(model, frames)
         # a file without reset() keeps the state of these calls, which is that of a stream at the
         # defaults: reloading it would throw away what the warm-up calls optimised
         if model.resettable:
@@ -442,3 +438,11 @@ class Engine:
             stats["latency_ms"] += out.get("latency_ms", 0.0)
             stats.update({k: v for k, v in out.items() if k != "latency_ms"})
         return stats
+
+
+def _decode_defaults(model: Model, frames: int) -> None:
+    """Decode `frames` latent frames at the model's defaults and drop the audio (warm-up, and
+    clearing the state of a file without `reset()`)."""
+    z = torch.tensor(model.defaults(), dtype=torch.float32).view(1, -1, 1).expand(1, -1, frames).contiguous()
+    with torch.inference_mode():
+        model.module.decode(z)

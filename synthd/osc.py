@@ -148,6 +148,12 @@ class _ClockedDispatcher(Dispatcher):
         return []
 
 
+def looks_like_osc(data: bytes) -> bool:
+    """An OSC packet is a whole number of 4-byte words and starts with an address or "#bundle":
+    anything else is refused before any parsing, so garbage costs little."""
+    return len(data) % 4 == 0 and (data[:1] == b"/" or data[:8] == b"#bundle\0")
+
+
 class _Server(BlockingOSCUDPServer):
     max_packet_size = MAX_DATAGRAM
 
@@ -162,11 +168,7 @@ class _Server(BlockingOSCUDPServer):
             pass
 
     def verify_request(self, request, client_address) -> bool:
-        # an OSC packet is a whole number of 4-byte words and starts with an address or
-        # "#bundle": anything else is refused before any parsing, so garbage costs little
-        data = request[0]
-        ok = (len(data) % 4 == 0 and (data[:1] == b"/" or data[:8] == b"#bundle\0")
-              and super().verify_request(request, client_address))
+        ok = looks_like_osc(request[0]) and super().verify_request(request, client_address)
         if not ok:
             self._counters.invalid += 1
         return ok
@@ -256,9 +258,12 @@ class OscServer:
     def resubscribe(self, targets: list[tuple[str, int]]) -> None:
         """Subscribe `targets` again (a daemon resumed after its audio device came back)."""
         for target in targets[:MAX_SUBSCRIBERS]:
-            fn = self._feedback(target)
-            self._subscribers[target] = fn
-            self.surface.subscribe(fn)
+            self._subscribe(target)
+
+    def _subscribe(self, client: tuple) -> None:
+        fn = self._feedback(client)
+        self._subscribers[client] = fn
+        self.surface.subscribe(fn)
 
     def attach(self, client: tuple, deliver: Callable[[Reply], None], origin: object) -> None:
         """Serve a client that is not a UDP sender: `deliver(reply)` sends it its replies, and
@@ -272,7 +277,7 @@ class OscServer:
     def route_packet(self, data: bytes, client: tuple) -> None:
         """Handle one OSC packet from an attached client, with the checks and counters of a
         UDP datagram."""
-        if not (len(data) % 4 == 0 and (data[:1] == b"/" or data[:8] == b"#bundle\0")):
+        if not looks_like_osc(data):
             self.counters.invalid += 1
             return
         self._dispatcher.call_handlers_for_packet(data, client)
@@ -446,9 +451,7 @@ class OscServer:
         if on:
             if len(self._subscribers) >= MAX_SUBSCRIBERS:
                 raise Refused(f"already {MAX_SUBSCRIBERS} subscribers")
-            fn = self._feedback(client)
-            self._subscribers[client] = fn
-            self.surface.subscribe(fn)
+            self._subscribe(client)
         return [("/done", msg.address, 1 if on else 0)]
 
     def _replyport(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:

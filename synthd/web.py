@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import WSMsgType, web
 from pythonosc.osc_message_builder import build_msg
@@ -111,11 +111,10 @@ class _Connection:
 class WebServer:
     """The HTTP/WebSocket server; `start()` returns once it listens (WebError if it cannot)."""
 
-    def __init__(self, surface: ControlSurface, osc: OscServer, status: Callable[[], dict[str, Any]], *,
+    def __init__(self, surface: ControlSurface, osc: OscServer, *,
                  host: str, port: int, token: str | None = None, zeroconf: bool | None = None):
         self.surface = surface
         self.osc = osc
-        self.status = status
         self.host = host
         self.port = port
         self.token = token or None
@@ -240,17 +239,14 @@ class WebServer:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
         path = "/" + request.match_info["path"].strip("/")
-        if path == "/" and "text/html" in request.headers.get("Accept", "") and not request.query_string:
-            return self._serve_page(request)
-        if path == "/" and "token" in request.query and "text/html" in request.headers.get("Accept", ""):
-            return self._serve_page(request)
-        tree = self._call(lambda: oscquery.namespace(self.surface))
         query = [k for k in request.query if k != "token"]
+        if path == "/" and not query and "text/html" in request.headers.get("Accept", ""):
+            return self._serve_page(request)
         if query == ["HOST_INFO"]:
             return web.json_response(oscquery.host_info(
                 f"synthd ({self.surface.engine.model.name})", self.osc.address[0], self.osc.address[1],
                 self.host, self.port))
-        found = oscquery.node(tree, path)
+        found = oscquery.node(oscquery.namespace(self.surface), path)
         if found is None:
             return web.json_response({"error": f"no node {path}"}, status=404)
         if not query:
@@ -268,10 +264,6 @@ class WebServer:
                                                  "(…/?token=…)\n")
         page = self._page.replace("__STATUS_FIELDS__", json.dumps([name for name, _ in STATUS_FIELDS]))
         return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
-
-    @staticmethod
-    def _call(job: Callable[[], Any]) -> Any:
-        return job()  # the surface's own lock keeps its reads consistent; the call is short
 
     # ---------------------------------------------------------------- WebSocket
 
