@@ -131,7 +131,11 @@ def test_swap_while_playing_never_stops_the_stream(portaudio_on_jack, toy_models
                                lambda _: engine.swap_model(other, crossfade_s=0.05))
     playing = data[SR // 10:int(1.1 * SR), 0]
     windows = np.abs(playing[: len(playing) // 256 * 256]).reshape(-1, 256).max(axis=1)
-    assert windows.min() > 0.01  # no silent block (two sines can partly cancel mid-fade)
+    # no silent stretch: the same sine at two phases can cancel in the middle of the 50 ms
+    # crossfade (a few blocks near silence when the phases happen to be opposite), but a
+    # stream that stopped would be silent from then on
+    quiet = np.flatnonzero(windows <= 0.01)
+    assert quiet.size == 0 or (quiet.size <= 10 and quiet[-1] - quiet[0] < 10), quiet
     assert output.ring_underruns <= xruns and engine.stats()["voices"] == 1
 
 
