@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from synthd.engine import Engine
+from synthd.engine import Engine, EnvelopeSettings
 from synthd.model import ControlInfo, Model
 from synthd.patch import ControlMap, Patch, PatchError, Preset, save_patch
+from synthd.voices import VoiceAllocator
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ EXP_SHAPE = 4.0
 GAIN_RANGE_DB = (-120.0, 24.0)
 # pickup: a knob whose value lands this close to the control's value has caught it
 PICKUP_WINDOW = 2.0 / 127.0
+DEFAULT_VOICES = 8
+SUSTAIN_CC = 64
+SLIDE_CC = 74  # MPE's third dimension: forward and back on the key
+GATE_KEY = "gate"  # the voice the gate's drone plays (several voices)
 
 Subscriber = Callable[[str, str, float], None]  # (kind: "control"|"gain"|"gate", name, value)
 
@@ -73,12 +78,35 @@ class Control:
 
     def model_value(self) -> float:
         """The model-unit value the engine is heading for."""
-        lo, hi = self.info.minimum, self.info.maximum
-        u = min(1.0, max(0.0, self.wire + self.offset))
-        value = lo + shape(self.mapping, u) * (hi - lo)
+        value = self.at_wire(self.wire + self.offset)
         if self.info.unit == "midi":
             value = (value if self.note is None else self.note) + self.bend
-        return min(hi, max(lo, value))
+        return min(self.info.maximum, max(self.info.minimum, value))
+
+    def at_wire(self, u: float) -> float:
+        """The model-unit value of wire value `u` (clamped to 0..1) through the mapping."""
+        lo, hi = self.info.minimum, self.info.maximum
+        return lo + shape(self.mapping, min(1.0, max(0.0, u))) * (hi - lo)
+
+
+def voice_count(patch: Patch, model: Model) -> int:
+    """The patch's `voices`, else 8 for a model with a pitch input (it plays chords in tune) and
+    1 for one without (a drone of latents, played as one instrument)."""
+    if patch.voices is not None:
+        return patch.voices
+    return DEFAULT_VOICES if any(c.unit == "midi" for c in model.controls) else 1
+
+
+def envelope_of(patch: Patch) -> EnvelopeSettings:
+    g = patch.gate
+    return EnvelopeSettings(attack=g.attack, decay=g.decay, sustain=g.sustain, release=g.release)
+
+
+def engine_for(model: Model, patch: Patch, *, channels: int, block_frames: int, threads: int) -> Engine:
+    """The engine that plays `model` under `patch`: its voices, envelope, gate and gain."""
+    return Engine(model, channels=channels, block_frames=block_frames, threads=threads,
+                  gate_open=patch.gate.open, gain_db=patch.gain_db, voices=voice_count(patch, model),
+                  envelope=envelope_of(patch))
 
 
 @dataclass
@@ -110,10 +138,20 @@ class ControlSurface:
         self._by_name: dict[str, Control] = {}
         self.gain_db = patch.gain_db
         self.warnings: list[str] = []
+        # several voices: who plays what, and what MPE member channels last said
+        self.voices = VoiceAllocator(engine.voices) if engine.voices > 1 else None
+        self._bend = 0.0  # semitones of the (master) pitch bend, on every voice
+        self._channel_bend: dict[int, float] = {}  # MPE member channel -> semitones
+        self._channel_pressure: dict[int, float] = {}  # MPE member channel -> wire value
+        self._channel_slide: dict[int, float] = {}
         self._bind(engine.model, patch, keep={})
-        self.gate_open = patch.gate.open
+        self.gate_open = False
         engine.set_gain_db(self.gain_db)
-        engine.set_gate(self.gate_open, attack_s=0.0, release_s=0.0)
+        if self.voices is None:
+            self.gate_open = patch.gate.open
+            engine.set_gate(self.gate_open, attack_s=0.0, release_s=0.0)
+        elif patch.gate.open:
+            self.set_gate(True)
 
     # ---------------------------------------------------------------- binding
 
@@ -167,7 +205,17 @@ class ControlSurface:
                 self.dirty = False
                 self.gain_db = patch.gain_db
                 self.engine.set_gain_db(self.gain_db)
+                if self.voices is not None:
+                    self.engine.set_envelope(envelope_of(patch))
+                    wanted = voice_count(patch, self.engine.model)
+                    if wanted != self.engine.voices:
+                        log.warning("patch %r asks for %d voices; %d play until synthd restarts",
+                                    patch.name, wanted, self.engine.voices)
             self._bind(model or self.engine.model, self.patch, keep)
+            if self.voices is not None:  # the notes under way, in the new model's indices
+                for v in range(self.engine.voices):
+                    if self.voices.sounding(v, self.engine.clock):
+                        self._post_voice(v, None)
 
     @property
     def controls(self) -> list[Control]:
@@ -247,11 +295,24 @@ class ControlSurface:
             return self.gain_db
 
     def set_gate(self, on: bool, *, velocity: float = 1.0, at: int | None = None, origin: object = None) -> None:
-        """Open or close the gate with the patch's attack and release."""
+        """Open or close the gate with the patch's attack and release.
+
+        With several voices, an open gate is a drone: one voice held at the shared controls (the
+        `pitch` knob, not a note), as one voice's open gate is; closing it releases every voice."""
         with self._lock:
             g = self.patch.gate
             self.gate_open = bool(on)
-            self.engine.set_gate(self.gate_open, velocity=velocity, attack_s=g.attack, release_s=g.release, at=at)
+            if self.voices is None:
+                self.engine.set_gate(self.gate_open, velocity=velocity, attack_s=g.attack, release_s=g.release,
+                                     at=at)
+            elif on:
+                self._start_voice(GATE_KEY, None, None, velocity, at)
+            else:
+                now = self._now(at)
+                for v in self.voices.held():
+                    self.voices.voices[v].sustained = False
+                    self.voices.release(self.voices.voices[v].key, now, self._release_samples())
+                    self.engine.note_off(v, at=at)
             self._notify("gate", "gate", 1.0 if on else 0.0, origin)
 
     # ---------------------------------------------------------------- MIDI
@@ -265,6 +326,16 @@ class ControlSurface:
             if self.learning is not None:
                 self._learn(channel, number)
                 return True
+            if self.voices is not None and not self._listened(channel, number):
+                if number == SUSTAIN_CC:
+                    now = self._now(at)
+                    for v in self.voices.pedal(value >= 64, now, self._release_samples()):
+                        self.engine.note_off(v, at=at)
+                    return True
+                if number == SLIDE_CC and self._member(channel) and self.find(self.patch.midi.slide_control):
+                    self._channel_slide[channel] = value / 127.0
+                    self._post_channel(channel, at)
+                    return True
             used = False
             for c in self._controls:
                 m = c.mapping
@@ -324,13 +395,22 @@ class ControlSurface:
         self.dirty = True
         log.info("MIDI learn: CC %d (channel %d) -> %s", number, channel, c.info.label)
 
-    def note_on(self, note: int, velocity: int, *, at: int | None = None) -> None:
-        """Note-on: the note control follows the note, the gate opens scaled by velocity."""
+    def note_on(self, note: int, velocity: int, *, channel: int | None = None, at: int | None = None) -> None:
+        """Note-on: the note control follows the note, the gate opens scaled by velocity. With
+        several voices, the note gets a voice of its own (see `synthd.voices`)."""
         if velocity <= 0:
-            self.note_off(note, at=at)
+            self.note_off(note, channel=channel, at=at)
             return
         with self._lock:
             if not self.patch.midi.notes:
+                return
+            if self.voices is not None:
+                drone = self.voices.find(GATE_KEY)
+                if drone is not None:  # a played note ends the drone, as it closes one voice's gate
+                    self.voices.release(GATE_KEY, self._now(at), self._release_samples())
+                    self.engine.note_off(drone, at=at)
+                    self.gate_open = False
+                self._start_voice(self._key(note, channel), note, channel, velocity / 127.0, at)
                 return
             if note in self._notes.held:
                 self._notes.held.remove(note)
@@ -342,9 +422,16 @@ class ControlSurface:
             vel = velocity / 127.0 if self.patch.gate.velocity else 1.0
             self.set_gate(True, velocity=vel, at=at)
 
-    def note_off(self, note: int, *, at: int | None = None) -> None:
-        """Note-off: back to the previous held note (legato), or close the gate."""
+    def note_off(self, note: int, *, channel: int | None = None, at: int | None = None) -> None:
+        """Note-off: back to the previous held note (legato), or close the gate. With several
+        voices, the note's voice is released (or held on by the sustain pedal)."""
         with self._lock:
+            if self.voices is not None:
+                if self.patch.midi.notes:
+                    v = self.voices.release(self._key(note, channel), self._now(at), self._release_samples())
+                    if v is not None:
+                        self.engine.note_off(v, at=at)
+                return
             if not self.patch.midi.notes or note not in self._notes.held:
                 return
             was_last = self._notes.held[-1] == note
@@ -375,12 +462,23 @@ class ControlSurface:
             self.set(c.info.label, (note - mid.note_low) / (mid.note_high - mid.note_low), glide_s=mid.glide,
                      at=at, count_clamp=False)
 
-    def pitch_bend(self, value: int, *, at: int | None = None) -> None:
+    def pitch_bend(self, value: int, *, channel: int | None = None, at: int | None = None) -> None:
         """Pitch bend (-8192..8191): a pitch input in MIDI units moves by up to ±bend_range
-        semitones; the patch's bend control (another one) by up to ±bend_depth wire units."""
+        semitones; the patch's bend control (another one) by up to ±bend_depth wire units. With
+        several voices it bends every note; on an MPE member channel, that channel's note alone,
+        by up to ±mpe_bend_range."""
         with self._lock:
             mid = self.patch.midi
             amount = max(-1.0, min(1.0, value / 8192.0))
+            if self.voices is not None:
+                if self._member(channel):
+                    self._channel_bend[channel] = amount * mid.mpe_bend_range
+                    self._post_channel(channel, at)
+                    return
+                self._bend = amount * mid.bend_range
+                for v in range(self.engine.voices):
+                    if self.voices.voices[v].extra.get("note") is not None:
+                        self._post_voice(v, at)
             pitch = self._pitch_input()
             if pitch is not None:
                 pitch.bend = amount * mid.bend_range
@@ -390,6 +488,107 @@ class ControlSurface:
                 return
             c.offset = amount * mid.bend_depth
             self.engine.set_latent(c.info.index, c.model_value(), glide_s=0.0, at=at)
+
+    def pressure(self, value: int, *, channel: int | None = None, note: int | None = None,
+                 at: int | None = None) -> bool:
+        """Aftertouch (0..127) to the patch's pressure_control: of one note (polyphonic aftertouch,
+        or channel pressure on an MPE member channel) when voices play notes, else shared.
+        Whether a control took it."""
+        with self._lock:
+            c = self.find(self.patch.midi.pressure_control) if self.patch.midi.pressure_control else None
+            if c is None:
+                return False
+            wire = min(1.0, max(0.0, value / 127.0))
+            if self.voices is None or (note is None and not self._member(channel)):
+                self.set(c.info.label, wire, glide_s=0.0, at=at)
+            elif note is not None:
+                v = self.voices.find(self._key(note, channel))
+                if v is None:
+                    return False
+                self.voices.voices[v].extra["pressure"] = wire
+                self._post_voice(v, at)
+            else:
+                self._channel_pressure[channel] = wire
+                self._post_channel(channel, at)
+            return True
+
+    # ---------------------------------------------------------------- voices
+
+    def _now(self, at: int | None) -> int:
+        return self.engine.clock if at is None else at
+
+    def _release_samples(self) -> int:
+        """How long after its key-up a voice still sounds: the release, plus the latent frame its
+        release waits for and a stolen note's fade."""
+        model = self.engine.model
+        return int(math.ceil((self.patch.gate.release + 0.005) * self.engine.sample_rate
+                             + model.hop * self.engine.sample_rate / model.sample_rate))
+
+    def _member(self, channel: int | None) -> bool:
+        zone = self.patch.midi.mpe_zone()
+        return zone is not None and channel is not None and channel in zone[1]
+
+    def _key(self, note: int, channel: int | None) -> tuple[int, int]:
+        """What a note is known by: with MPE, its member channel and number; else its number."""
+        return (channel if self._member(channel) else 0, note)
+
+    def _listened(self, channel: int, number: int) -> bool:
+        """Whether a patch control listens to CC `number` on `channel` (it then wins over the
+        sustain pedal and MPE slide)."""
+        for c in self._controls:
+            m = c.mapping
+            ch = self.patch.channel_of(m)
+            if m.cc is not None and number in m.ccs() and (ch is None or ch == channel):
+                return True
+        return False
+
+    def _start_voice(self, key: object, note: int | None, channel: int | None, velocity: float,
+                     at: int | None) -> None:
+        """Give note `key` a voice and start it: its own values (pitch, velocity, pressure, slide)
+        and its envelope, peaking at `velocity` (0..1) when the patch scales level by velocity."""
+        v, steal = self.voices.allocate(key, self._now(at))
+        extra = {"note": note, "channel": channel, "velocity": velocity}
+        if self._member(channel):
+            extra["pressure"] = self._channel_pressure.get(channel)
+            extra["slide"] = self._channel_slide.get(channel)
+        self.voices.voices[v].extra = extra
+        peak = velocity if self.patch.gate.velocity else 1.0
+        self.engine.note_on(v, peak, self._voice_values(v), glide_s=self.patch.midi.glide, steal=steal, at=at)
+
+    def _voice_values(self, v: int) -> dict[int, float]:
+        """Voice `v`'s own latent values (index -> model units): its note's pitch (exact for a
+        pitch input, with the bends), and its velocity, pressure and slide controls."""
+        mid = self.patch.midi
+        extra = self.voices.voices[v].extra
+        values: dict[int, float] = {}
+        note = extra.get("note")
+        if note is not None:
+            pitch = self._pitch_input()
+            c = self.find(mid.note_control) if mid.note_control else None
+            if pitch is not None:
+                bend = self._bend + self._channel_bend.get(extra.get("channel"), 0.0)
+                values[pitch.info.index] = min(pitch.info.maximum, max(pitch.info.minimum, note + bend))
+            elif c is not None:
+                values[c.info.index] = c.at_wire((note - mid.note_low) / (mid.note_high - mid.note_low))
+        for name, key in ((mid.velocity_control, "velocity"), (mid.pressure_control, "pressure"),
+                          (mid.slide_control, "slide")):
+            c = self.find(name) if name else None
+            if c is not None and extra.get(key) is not None:
+                values[c.info.index] = c.at_wire(extra[key])
+        return values
+
+    def _post_voice(self, v: int, at: int | None) -> None:
+        for index, value in self._voice_values(v).items():
+            self.engine.set_latent(index, value, glide_s=0.0, at=at, voice=v)
+
+    def _post_channel(self, channel: int, at: int | None) -> None:
+        """An MPE member channel changed: its sounding note follows (pressure and slide too)."""
+        now = self._now(at)
+        for v, voice in enumerate(self.voices.voices):
+            if voice.extra.get("channel") == channel and self.voices.sounding(v, now):
+                voice.extra["pressure"] = self._channel_pressure.get(channel)
+                voice.extra["slide"] = self._channel_slide.get(channel)
+                self._post_voice(v, at)
 
     # ---------------------------------------------------------------- presets
 
@@ -449,6 +648,28 @@ class ControlSurface:
         return path
 
     # ---------------------------------------------------------------- reading
+
+    def voice_snapshot(self) -> list[tuple[int, str, int, int, float]]:
+        """Per voice: (index, state "held" | "sustained" | "released" | "free", note (-1: none or
+        the gate's drone), MIDI channel (0: none), pitch in model units (-1: no pitch control)).
+        One voice plays as one instrument: its row is the gate and the pitch control."""
+        with self._lock:
+            pitch = self._pitch_input() or (self.find(self.patch.midi.note_control)
+                                            if self.patch.midi.note_control else None)
+            if self.voices is None:
+                note = self._notes.held[-1] if self._notes.held else -1
+                return [(0, "held" if self.gate_open else "free", note, 0,
+                         pitch.model_value() if pitch is not None else -1.0)]
+            now, rows = self.engine.clock, []
+            for v, voice in enumerate(self.voices.voices):
+                state = ("sustained" if voice.sustained else "held" if voice.held
+                         else "released" if self.voices.sounding(v, now) else "free")
+                value = -1.0
+                if pitch is not None:
+                    value = self._voice_values(v).get(pitch.info.index, pitch.model_value())
+                note = voice.extra.get("note")
+                rows.append((v, state, -1 if note is None else note, voice.extra.get("channel") or 0, value))
+            return rows
 
     def snapshot(self) -> list[tuple[str, int, float, float, float, float, str]]:
         """Per control: (label, index, wire value, model value, min, max, label source)."""

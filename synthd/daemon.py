@@ -35,8 +35,7 @@ from synthd import config as config_mod
 from synthd import recovery
 from synthd.audio import AudioError, LiveOutput
 from synthd.config import ConfigError, DaemonConfig, in_folder
-from synthd.controls import ControlSurface
-from synthd.engine import Engine
+from synthd.controls import ControlSurface, engine_for
 from synthd.midi import MidiError, MidiInput, MidiRouter
 from synthd.model import ModelError, load_model
 from synthd.osc import PREFIX, OscServer
@@ -82,8 +81,8 @@ class Daemon:
         model = load_model(resumed.model if resumed else cfg.model)
         patch_path = resumed.patch if resumed else cfg.patch
         patch = load_patch(patch_path) if patch_path else default_patch()
-        self.engine = Engine(model, channels=cfg.channels, block_frames=cfg.block_frames, threads=cfg.threads,
-                             gate_open=patch.gate.open, gain_db=patch.gain_db)
+        self.engine = engine_for(model, patch, channels=cfg.channels, block_frames=cfg.block_frames,
+                                 threads=cfg.threads)
         self.surface = ControlSurface(self.engine, patch)
         if resumed:
             self._restore_values(resumed)
@@ -256,6 +255,7 @@ class Daemon:
             "audio": "lost" if self._lost else "ok",
             "audio_losses": self.audio_losses,
             "audio_reconnects": self.audio_reconnects,
+            "voices_stolen": self.surface.voices.stolen if self.surface.voices is not None else 0,
         })
         if self.midi is not None:
             stats.update(self.midi.stats())

@@ -108,3 +108,79 @@ def equal_power(fade: np.ndarray) -> np.ndarray:
 def db_to_amplitude(db: float, floor_db: float = -120.0) -> float:
     """Amplitude for `db`; at or below `floor_db` the result is exactly 0."""
     return 0.0 if db <= floor_db else 10.0 ** (db / 20.0)
+
+
+class Envelope:
+    """One voice's level: attack, decay, sustain, release, each a linear segment, sample by sample.
+
+    `start(peak)` runs attack (to `peak`) then decay (to `peak * sustain`) from wherever the level
+    is, so a retriggered voice never jumps; `release()` and `fade(samples)` go to 0 (release over
+    the set time, fade over `samples`, for a stolen voice) and then stay idle. Times are in samples.
+    """
+
+    def __init__(self, attack: int, decay: int, sustain: float, release: int):
+        self.configure(attack, decay, sustain, release)
+        self._ramp = Ramp(0.0)
+        self._left = 0  # samples left in the timed segment under way (0: holding)
+        self._stage = "idle"
+        self._peak = 0.0
+
+    def configure(self, attack: int, decay: int, sustain: float, release: int) -> None:
+        """New segment times and sustain level; a segment under way finishes as it started."""
+        self.attack, self.decay, self.release_samples = max(0, attack), max(0, decay), max(0, release)
+        self.sustain = min(1.0, max(0.0, sustain))
+
+    @property
+    def sounding(self) -> bool:
+        """False once the level is 0 and nothing moves it: the voice may be skipped."""
+        return self._stage != "idle"
+
+    @property
+    def level(self) -> float:
+        return self._ramp.value
+
+    def start(self, peak: float) -> None:
+        self._peak = peak
+        self._segment("attack", peak, self.attack)
+
+    def release(self) -> None:
+        if self._stage != "idle":
+            self._segment("release", 0.0, self.release_samples)
+
+    def fade(self, samples: int) -> None:
+        if self._stage != "idle":
+            self._segment("release", 0.0, samples)
+
+    def _segment(self, stage: str, target: float, samples: int) -> None:
+        self._stage = stage
+        self._ramp.set(target, samples)
+        self._left = samples
+        if samples <= 0:
+            self._next()
+
+    def _next(self) -> None:
+        if self._stage == "attack":
+            self._segment("decay", self._peak * self.sustain, self.decay)
+        elif self._stage == "decay":
+            self._stage, self._left = "sustain", 0
+        elif self._stage == "release":
+            self._stage, self._left = "idle", 0
+            self._ramp.set(0.0, 0)
+
+    def process(self, frames: int) -> np.ndarray:
+        """The next `frames` levels, shape (frames,), float64."""
+        if self._left == 0:
+            return np.full(frames, self._ramp.value)
+        out = np.empty(frames)
+        pos = 0
+        while pos < frames:
+            if self._left == 0:
+                out[pos:] = self._ramp.value
+                break
+            k = min(self._left, frames - pos)
+            out[pos:pos + k] = self._ramp.process(k)
+            self._left -= k
+            pos += k
+            if self._left == 0:
+                self._next()
+        return out

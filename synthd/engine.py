@@ -4,8 +4,9 @@ One engine serves both live playing (a render thread calls `render` ahead of the
 callback) and offline rendering (a caller calls `render` directly), so both produce the
 same samples for the same events.
 
-Signal path per block: events -> per-latent ramps (one value per latent frame) -> decode
--> NaN/Inf guard -> channel map -> crossfade between voices (model swap) -> output stage:
+Signal path per block: events -> per-latent ramps (one value per latent frame and voice) ->
+one decode call for all voices (batch = voices) -> NaN/Inf guard -> each voice under its
+envelope -> channel map -> crossfade between model instances (model swap) -> output stage:
 gain and gate ramps -> DC blocker -> soft limiter.
 
 Live, the output stage runs in the audio callback, after the render-ahead ring (see
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 GAIN_RAMP_S = 0.01  # a gain change glides over 10 ms: fast, but never a step
 STATS_WINDOW = 4096  # render calls kept for the p99 figure (about 22 s at 256 frames)
 WARMUP_CALLS = 3  # TorchScript optimises a method on its first calls: keep that off stage
+MAX_VOICES = 64
+STEAL_S = 0.005  # a stolen voice fades out over this long before its new note: never a click
 
 
 @dataclass(order=True)
@@ -46,6 +49,30 @@ class _Event:
     seq: int
     kind: str = field(compare=False)
     args: tuple = field(compare=False, default=())
+
+
+class _Queue:
+    """Events in time order (then arrival order): a heap of (at, seq, event) tuples, which compare
+    in C; a flood of note events costs the render thread heap operations, not Python comparisons."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, _Event]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def __iter__(self):
+        return (item[2] for item in self._heap)
+
+    def push(self, ev: _Event) -> None:
+        heapq.heappush(self._heap, (ev.at, ev.seq, ev))
+
+    def first(self) -> int:
+        """The time of the earliest event (the queue must not be empty)."""
+        return self._heap[0][0]
+
+    def pop(self) -> _Event:
+        return heapq.heappop(self._heap)[2]
 
 
 def channel_map(source: int, target: int) -> np.ndarray:
@@ -79,7 +106,7 @@ class OutputStage:
         self.sample_rate = sample_rate
         self.position = 0  # samples processed so far
         self._inbox: deque[_Event] = deque()
-        self._events: list[_Event] = []
+        self._events = _Queue()
         self._gain = dsp.Ramp(gain)
         self._gate = dsp.Ramp(gate)
         self._dc = dsp.DCBlocker(channels, sample_rate)
@@ -94,19 +121,19 @@ class OutputStage:
             ev = self._inbox.popleft()
             if ev.at < 0:
                 ev.at = self.position
-            heapq.heappush(self._events, ev)
+            self._events.push(ev)
         frames = block.shape[0]
         end = self.position + frames
-        if (self._gain.moving or self._gate.moving or (self._events and self._events[0].at < end)):
+        if (self._gain.moving or self._gate.moving or (self._events and self._events.first() < end)):
             amp = np.empty(frames)
             pos = 0
             while pos < frames:
                 now = self.position + pos
-                while self._events and self._events[0].at <= now:
-                    self._apply(heapq.heappop(self._events))
+                while self._events and self._events.first() <= now:
+                    self._apply(self._events.pop())
                 n = frames - pos
                 if self._events:
-                    n = min(n, self._events[0].at - now)
+                    n = min(n, self._events.first() - now)
                 np.multiply(self._gain.process(n), self._gate.process(n), out=amp[pos:pos + n])
                 pos += n
             block = block * amp[:, None]
@@ -122,29 +149,67 @@ class OutputStage:
             self._gate.set(ev.args[0], ev.args[1])
 
 
-class _Voice:
-    """One model playing: its latent ramps, its decoded-but-unplayed samples, its fade."""
+@dataclass
+class EnvelopeSettings:
+    """A voice's envelope in seconds (sustain 0..1): the patch's `[gate]` table."""
 
-    def __init__(self, model: Model, generation: int, values: np.ndarray, engine_rate: int,
+    attack: float = 0.005
+    decay: float = 0.0
+    sustain: float = 1.0
+    release: float = 0.25
+
+
+class _Instance:
+    """One model playing all the voices of the engine in one batched decode: its latent ramps
+    (one row per voice), its decoded-but-unplayed samples, its crossfade (model swap)."""
+
+    def __init__(self, model: Model, generation: int, values: np.ndarray, voices: int, engine_rate: int,
                  engine_channels: int, frames_per_call: int, fade_from: float):
         self.model = model
         self.generation = generation
-        self.value = np.array(values, dtype=np.float64)  # latent values fed on the last frame
+        # latent values fed on the last frame, one row per voice; `own` marks the values a voice
+        # holds apart from the shared ones (its note's pitch, its velocity)
+        self.value = np.tile(np.asarray(values, dtype=np.float64), (voices, 1))
         self.target = self.value.copy()
         self._step = np.zeros_like(self.value)  # per-frame increment towards target
+        self.own = np.zeros(self.value.shape, dtype=bool)
+        self.shared = np.array(values, dtype=np.float64)  # where voices without their own head
         self.fade = dsp.Ramp(fade_from)
         self.frames_per_call = frames_per_call
         self.mix = channel_map(model.channels, engine_channels)
         self.frame_len = model.hop * engine_rate / model.sample_rate  # in engine samples
-        self._resampler = (soxr.ResampleStream(model.sample_rate, engine_rate, model.channels,
+        self._resampler = (soxr.ResampleStream(model.sample_rate, engine_rate, voices * model.channels,
                                                dtype="float32", quality="HQ")
                            if model.sample_rate != engine_rate else None)
-        self._pending = np.zeros((0, model.channels), dtype=np.float32)
-        self._z = np.zeros((1, model.latent_size, frames_per_call), dtype=np.float32)
+        self._pending = np.zeros((0, voices, model.channels), dtype=np.float32)
+        self._z = np.zeros((voices, model.latent_size, frames_per_call), dtype=np.float32)
 
-    def set_target(self, index: int, value: float, glide_frames: float) -> None:
-        self.target[index] = value
-        self._step[index] = (value - self.value[index]) / max(1.0, glide_frames)
+    def set_target(self, voice: int, index: int, value: float | None, glide_frames: float) -> None:
+        """Head for `value` on one voice (`voice` >= 0: it now holds the value apart) or on every
+        voice that does not hold `index` apart (-1). `value` None gives a voice back the shared one."""
+        frames = max(1.0, glide_frames)
+        if voice < 0:
+            rows = ~self.own[:, index]
+            self.shared[index] = value
+            self.target[rows, index] = value
+            self._step[rows, index] = (value - self.value[rows, index]) / frames
+            return
+        self.own[voice, index] = value is not None
+        if value is None:
+            value = self.shared[index]
+        self.target[voice, index] = value
+        self._step[voice, index] = (value - self.value[voice, index]) / frames
+
+    def start_note(self, voice: int, values: dict[int, float], glide_frames: float) -> None:
+        """A new note on `voice`: the last note's own values go back to the shared ones, and
+        `values` (index -> model units) become its own."""
+        own = self.own[voice]
+        if own.any():
+            self.target[voice, own] = self.shared[own]
+            self._step[voice, own] = (self.shared[own] - self.value[voice, own])
+            own[:] = False
+        for index, value in values.items():
+            self.set_target(voice, index, value, glide_frames)
 
     def _advance(self) -> None:
         """Move every latent one frame along its ramp; stop exactly on the target."""
@@ -157,10 +222,12 @@ class _Voice:
         self.value = nxt
 
     def pull(self, frames: int, start: int, engine: "Engine") -> np.ndarray:
-        """The next `frames` samples (frames, model channels), decoding as needed.
+        """The next `frames` samples of every voice (frames, voices, model channels), decoding as
+        needed.
 
-        `start` is the engine position of the first sample; it dates each new latent frame
-        so that scheduled latent events land on the frame that contains them.
+        `start` is the engine position of the first sample; it dates each new latent frame so
+        that scheduled latent events land on the frame that contains them. A call in which no
+        voice sounds is not decoded: it plays as silence and costs nothing.
         """
         while self._pending.shape[0] < frames:
             frame_start = start + self._pending.shape[0]
@@ -168,10 +235,17 @@ class _Voice:
                 if engine._active is self:
                     engine._apply_latent_events(self, frame_start + (j + 1) * self.frame_len)
                 self._advance()
-                self._z[0, :, j] = self.value
-            chunk = engine._decode(self.model, self._z)
+                self._z[:, :, j] = self.value
+            call_end = frame_start + self.frames_per_call * self.frame_len
+            if engine.silent_until(call_end):
+                engine.skipped_calls += 1
+                chunk = np.zeros((self.frames_per_call * self.model.hop, self._z.shape[0] * self.model.channels),
+                                 dtype=np.float32)
+            else:
+                chunk = engine._decode(self.model, self._z)
             if self._resampler is not None:
                 chunk = self._resampler.resample_chunk(chunk)
+            chunk = chunk.reshape(chunk.shape[0], self._z.shape[0], self.model.channels)
             self._pending = np.concatenate([self._pending, chunk]) if self._pending.size else chunk
         out, self._pending = self._pending[:frames], self._pending[frames:]
         return out
@@ -182,45 +256,59 @@ class Engine:
 
     Rate and channel count are fixed at construction (the first model's rate); a model
     swapped in at another rate is resampled to it, so the stream never stops or changes pitch.
+
+    With one voice the engine plays the model as one instrument whose gate acts in the output
+    stage (within one device period, live). With several, each voice is a note: its own latent
+    row in one batched decode per block (batch = voices), its own envelope applied before the
+    mix; a note's envelope opens at the end of the latent frame that carries its pitch, so the
+    note starts at its pitch, and a block in which no voice sounds is not decoded at all.
     """
 
     def __init__(self, model: Model, *, channels: int = 2, block_frames: int = 256,
-                 threads: int = 1, gate_open: bool = True, gain_db: float = 0.0):
+                 threads: int = 1, gate_open: bool = True, gain_db: float = 0.0, voices: int = 1,
+                 envelope: EnvelopeSettings | None = None):
         if channels < 1:
             raise ValueError(f"channels must be at least 1, not {channels}")
         if block_frames < 1:
             raise ValueError(f"block_frames must be at least 1, not {block_frames}")
+        if not 1 <= voices <= MAX_VOICES:
+            raise ValueError(f"voices must be 1..{MAX_VOICES}, not {voices}")
         self.threads = max(1, int(threads))
         torch.set_num_threads(self.threads)  # before this engine's first model call
         self.sample_rate = model.sample_rate
         self.channels = channels
         self.block_frames = block_frames
+        self.voices = voices
         self._inbox: deque[_Event] = deque()
         self._seq = itertools.count()
-        self._latent_events: list[_Event] = []
+        self._latent_events = _Queue()
+        self._note_events = _Queue()  # envelope events of the voices, sample-accurate
         self._rendered = 0
         self._generation = 0
         self._model = model
         self._requested = np.array(model.defaults(), dtype=np.float64)
         self._gain_db = float(gain_db)
         self._gate_on = gate_open
+        self.envelope = envelope or EnvelopeSettings()
+        self._envelopes = [dsp.Envelope(*self._envelope_samples()) for _ in range(voices)] if voices > 1 else []
         self.stage = OutputStage(self.sample_rate, channels, gain=dsp.db_to_amplitude(gain_db),
-                                 gate=1.0 if gate_open else 0.0)
+                                 gate=1.0 if gate_open or voices > 1 else 0.0)
         # True while a live output runs `stage` in its audio callback instead
         self.stage_deferred = False
-        self._voices: list[_Voice] = []
-        self._active: _Voice | None = None
+        self._instances: list[_Instance] = []
+        self._active: _Instance | None = None
         self.backlog: Callable[[], int] | None = None  # live output: samples rendered, not yet played
         self.output_stats: Callable[[], dict[str, Any]] | None = None
         self.nan_blocks = 0
         self.decode_errors = 0
+        self.skipped_calls = 0  # decode calls not made: no voice sounded
         self._render_time = 0.0
         self._load_peak = 0.0
         self._ms_max = 0.0
         self._ms_window = np.zeros(STATS_WINDOW)
         self._calls = 0
         self._warm_up(model)
-        self._start_voice(model, self._generation, self._requested.copy(), crossfade=0)
+        self._start_instance(model, self._generation, self._requested.copy(), crossfade=0)
 
     # ---------------------------------------------------------------- thread-safe setters
 
@@ -236,21 +324,29 @@ class Engine:
         return max(0, self._rendered - backlog)
 
     def latents(self) -> np.ndarray:
-        """The latest requested latent values in model units, shape (latent_size,)."""
+        """The latest requested shared latent values in model units, shape (latent_size,)."""
         return self._requested.copy()
 
-    def set_latent(self, index: int, value: float, *, glide_s: float = 0.0,
-                   at: int | None = None) -> None:
-        """Move latent `index` to `value` (model units) over one latent frame or `glide_s`."""
+    def set_latent(self, index: int, value: float, *, glide_s: float = 0.0, at: int | None = None,
+                   voice: int | None = None) -> None:
+        """Move latent `index` to `value` (model units) over one latent frame or `glide_s`: on every
+        voice that does not hold it apart (`voice` None), or on voice `voice` alone, which then
+        holds it apart until its next note."""
         model = self._model
         if not 0 <= index < model.latent_size:
             raise ValueError(f"latent index {index} is outside 0..{model.latent_size - 1} for model {model.name}")
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"latent {index}: value {value} is not finite")
-        glide_frames = max(0.0, float(glide_s)) * model.sample_rate / model.hop
-        self._requested[index] = value
-        self._post("latent", at, (self._generation, index, value, glide_frames))
+        if voice is None:
+            self._requested[index] = value
+        elif not 0 <= voice < self.voices:
+            raise ValueError(f"voice {voice} is outside 0..{self.voices - 1}")
+        self._post("latent", at, (self._generation, -1 if voice is None else voice, index, value,
+                                  self._glide_frames(glide_s)))
+
+    def _glide_frames(self, glide_s: float) -> float:
+        return max(0.0, float(glide_s)) * self._model.sample_rate / self._model.hop
 
     def set_gain_db(self, db: float, *, at: int | None = None) -> None:
         """Output gain in dB (−120 and below is silence), reached over 10 ms."""
@@ -262,12 +358,38 @@ class Engine:
 
     def set_gate(self, on: bool, *, velocity: float = 1.0, attack_s: float = 0.005,
                  release_s: float = 0.25, at: int | None = None) -> None:
-        """Open the gate to `velocity` (0..1) over `attack_s`, or close it over `release_s`."""
+        """One voice: open the gate to `velocity` (0..1) over `attack_s`, or close it over
+        `release_s`. (Several voices each have a note's envelope: see `note_on`.)"""
         velocity = min(1.0, max(0.0, float(velocity)))
         self._gate_on = bool(on)
         seconds = attack_s if on else release_s
         samples = int(round(max(0.0, float(seconds)) * self.sample_rate))
         self.stage.post(self._event("gate", at, (velocity if on else 0.0, samples)))
+
+    def set_envelope(self, envelope: EnvelopeSettings) -> None:
+        """New envelope times for every voice (a patch reload); notes under way keep their segment."""
+        self._post("envelope", None, (envelope,))
+
+    def note_on(self, voice: int, velocity: float, values: dict[int, float], *, glide_s: float = 0.0,
+                steal: bool = False, at: int | None = None) -> None:
+        """Start a note on `voice`: its own latent values `values` (index -> model units, e.g. its
+        pitch) reach the decoder on the frame that contains `at`, and its envelope opens to
+        `velocity` (0..1) at the end of that frame. With `steal`, the voice is still sounding
+        another note: it fades out over STEAL_S first, then plays the new one."""
+        if not 0 <= voice < self.voices or self.voices == 1:
+            raise ValueError(f"voice {voice} is outside 0..{self.voices - 1} (note_on needs several voices)")
+        velocity = min(1.0, max(0.0, float(velocity)))
+        clean = {int(i): float(v) for i, v in values.items()}
+        for i, v in clean.items():
+            if not (0 <= i < self._model.latent_size and math.isfinite(v)):
+                raise ValueError(f"voice {voice}: latent {i} = {v} is not a latent value of model {self._model.name}")
+        self._post("note", at, (self._generation, voice, velocity, clean, self._glide_frames(glide_s), steal))
+
+    def note_off(self, voice: int, *, at: int | None = None) -> None:
+        """Release `voice` (on the frame boundary after `at`, as its note started)."""
+        if not 0 <= voice < self.voices or self.voices == 1:
+            raise ValueError(f"voice {voice} is outside 0..{self.voices - 1} (note_off needs several voices)")
+        self._post("off", at, (self._generation, voice))
 
     def swap_model(self, model: Model, *, crossfade_s: float = 0.05) -> None:
         """Crossfade to `model` over `crossfade_s`; the stream never stops.
@@ -288,6 +410,10 @@ class Engine:
         samples = int(round(max(0.0, crossfade_s) * self.sample_rate))
         self._post("swap", None, (model, self._generation, values, samples))
 
+    def _envelope_samples(self) -> tuple[int, int, float, int]:
+        e, rate = self.envelope, self.sample_rate
+        return (int(round(e.attack * rate)), int(round(e.decay * rate)), e.sustain, int(round(e.release * rate)))
+
     def _event(self, kind: str, at: int | None, args: tuple) -> _Event:
         return _Event(-1 if at is None else int(at), next(self._seq), kind, args)
 
@@ -302,7 +428,7 @@ class Engine:
         t0 = time.perf_counter()
         out = np.zeros((frames, self.channels), dtype=np.float64)
         self._drain_inbox()
-        self._mix_voices(out, self._rendered)
+        self._mix(out, self._rendered)
         self._rendered += frames
         out = out.astype(np.float32) if self.stage_deferred else self.stage.process(out)
         self._account(time.perf_counter() - t0, frames)
@@ -314,55 +440,144 @@ class Engine:
             if ev.at < 0:
                 ev.at = self._rendered
             if ev.kind == "swap":
-                # applied in arrival order, so latent events posted after it find the new voice
+                # applied in arrival order, so latent events posted after it find the new instance
                 model, generation, values, samples = ev.args
-                for voice in self._voices:
-                    voice.fade.set(0.0, samples)
-                self._start_voice(model, generation, values, samples)
+                for instance in self._instances:
+                    instance.fade.set(0.0, samples)
+                self._start_instance(model, generation, values, samples)
+            elif ev.kind == "envelope":
+                self.envelope = ev.args[0]
+                for env in self._envelopes:
+                    env.configure(*self._envelope_samples())
+            elif ev.kind == "note" and ev.args[5]:
+                # a stolen voice fades out first; its new note follows on the frame after the fade
+                self._note_events.push(_Event(ev.at, ev.seq, "fade", (ev.args[1],)))
+                ev.at += int(STEAL_S * self.sample_rate)
+                self._latent_events.push(ev)
             else:
-                heapq.heappush(self._latent_events, ev)
+                self._latent_events.push(ev)
 
-    def _apply_latent_events(self, voice: _Voice, until: float) -> None:
-        """Apply latent events dated before `until` to the active voice (older ones are stale)."""
+    def _apply_latent_events(self, instance: _Instance, until: float) -> None:
+        """Apply latent and note events dated before `until` (the end of the frame being built) to
+        the active instance (older generations' events are stale).
+
+        A note's envelope opens at `until`, when the frame carrying its pitch has played. Of the
+        notes a voice gets within one frame only the last is heard (a flood of notes costs one
+        envelope event per voice and frame); a release that follows it in the same frame waits
+        one frame more, so even the shortest note sounds.
+        """
         events = self._latent_events
-        while events and events[0].at < until:
-            ev = heapq.heappop(events)
-            generation, index, value, glide_frames = ev.args
-            if generation == voice.generation:
-                voice.set_target(index, value, glide_frames)
+        last: dict[int, tuple[_Event | None, _Event | None]] = {}  # voice -> (its last note, a release after it)
+        while events and events.first() < until:
+            ev = events.pop()
+            if ev.kind == "latent":
+                if ev.args[0] == instance.generation:
+                    _, voice, index, value, glide_frames = ev.args
+                    instance.set_target(voice, index, value, glide_frames)
+                continue
+            voice = ev.args[1]
+            note, _ = last.get(voice, (None, None))
+            last[voice] = (ev, None) if ev.kind == "note" else (note, ev)
+        at = int(math.ceil(until))
+        for voice, (note, off) in last.items():
+            if note is not None:
+                # a note outlives a model swap (its envelope); its values do not, as their indices
+                # are the old model's: the control surface sends them again for the new one
+                if note.args[0] == instance.generation:
+                    _, _, _, values, glide_frames, _ = note.args
+                    instance.start_note(voice, values, glide_frames)
+                self._note_events.push(_Event(at, note.seq, "note", (voice, note.args[2])))
+            if off is not None:  # never lost, or a note would hang
+                later = int(math.ceil(instance.frame_len)) if note is not None else 0
+                self._note_events.push(_Event(at + later, off.seq, "off", (voice,)))
 
-    def _start_voice(self, model: Model, generation: int, values: np.ndarray, crossfade: int) -> None:
+    def silent_until(self, end: float) -> bool:
+        """Whether no voice sounds from now up to engine position `end` (several voices only)."""
+        if self.voices == 1 or any(env.sounding for env in self._envelopes):
+            return False
+        # a note opening at `end` needs the call that ends there: it carries the note's pitch
+        return not any(ev.kind == "note" and ev.at <= end for ev in self._note_events)
+
+    def _start_instance(self, model: Model, generation: int, values: np.ndarray, crossfade: int) -> None:
         frames_per_call = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
-        voice = _Voice(model, generation, values, self.sample_rate, self.channels, frames_per_call,
-                       fade_from=0.0 if crossfade > 0 else 1.0)
-        voice.fade.set(1.0, crossfade)
-        self._voices.append(voice)
-        self._active = voice
+        instance = _Instance(model, generation, values, self.voices, self.sample_rate, self.channels,
+                             frames_per_call, fade_from=0.0 if crossfade > 0 else 1.0)
+        instance.fade.set(1.0, crossfade)
+        if self._active is not None:  # the notes under way keep their own values in the new model
+            old, new = self._active.model, model
+            for c in old.controls:
+                try:
+                    j = new.control(c.label).index
+                except KeyError:
+                    continue
+                for v in np.flatnonzero(self._active.own[:, c.index]):
+                    instance.set_target(int(v), j, float(self._active.target[v, c.index]), 0.0)
+                    instance.value[v, j] = instance.target[v, j]
+        self._instances.append(instance)
+        self._active = instance
 
-    def _mix_voices(self, out: np.ndarray, start: int) -> None:
-        """Mix every voice into `out` (n, channels), `start` the engine position of its first sample."""
+    def _levels(self, n: int, start: int) -> np.ndarray | None:
+        """Each voice's envelope over the next `n` samples (voices, n), applying the note events
+        due in them at their sample; None with one voice (its gate acts in the output stage)."""
+        if self.voices == 1:
+            return None
+        levels = np.empty((self.voices, n))
+        events = self._note_events
+        pos = 0
+        while pos < n:
+            upto = n
+            if events and events.first() < start + n:
+                upto = max(pos, events.first() - start)
+            for v, env in enumerate(self._envelopes):
+                levels[v, pos:upto] = env.process(upto - pos)
+            pos = upto
+            while events and events.first() <= start + pos:
+                ev = events.pop()
+                env = self._envelopes[ev.args[0]]
+                if ev.kind == "note":
+                    env.start(ev.args[1])
+                elif ev.kind == "off":
+                    env.release()
+                else:
+                    env.fade(int(STEAL_S * self.sample_rate))
+        return levels
+
+    def _mix(self, out: np.ndarray, start: int) -> None:
+        """Mix every instance into `out` (n, channels), `start` the engine position of its first
+        sample: each voice under its envelope, each instance under its crossfade."""
         n = out.shape[0]
-        for voice in list(self._voices):
-            fading = voice.fade.moving or voice.fade.value != 1.0
-            gain = dsp.equal_power(voice.fade.process(n)) if fading else None
-            sig = voice.pull(n, start, self) @ voice.mix
-            out += sig if gain is None else sig * gain[:, None]
-            if voice is not self._active and not voice.fade.moving and voice.fade.value == 0.0:
-                self._voices.remove(voice)
+        sigs = [(instance, instance.pull(n, start, self)) for instance in list(self._instances)]
+        levels = self._levels(n, start)
+        for instance, sig in sigs:
+            fading = instance.fade.moving or instance.fade.value != 1.0
+            gain = dsp.equal_power(instance.fade.process(n)) if fading else None
+            mono = sig[:, 0, :] if levels is None else np.einsum("nvc,vn->nc", sig, levels)
+            mixed = mono @ instance.mix
+            out += mixed if gain is None else mixed * gain[:, None]
+            if instance is not self._active and not instance.fade.moving and instance.fade.value == 0.0:
+                self._instances.remove(instance)
+
+    def sounding(self) -> int:
+        """How many voices sound now (with one voice: 1 while its gate is open)."""
+        if self.voices == 1:
+            return int(self._gate_on)
+        return sum(env.sounding for env in self._envelopes)
 
     def _decode(self, model: Model, z: np.ndarray) -> np.ndarray:
-        """Decode latents (1, latent_size, frames) -> (frames * hop, channels) float32.
+        """Decode latents (voices, latent_size, frames) -> (frames * hop, voices * channels) float32,
+        each voice's channels side by side.
 
         A block with NaN/Inf (or a decode that raises) becomes silence, is counted, and the
         model's state is reset so that one bad block does not poison the ones after it.
         """
+        batch = z.shape[0]
         expected = z.shape[2] * model.hop
         try:
             with torch.inference_mode():
                 y = model.module.decode(torch.from_numpy(z))
-            ok = tuple(y.shape) == (1, model.channels, expected)
+            ok = tuple(y.shape) == (batch, model.channels, expected)
             if ok and bool(torch.isfinite(y).all()):
-                return y[0].numpy().T.astype(np.float32, copy=True)
+                return y.reshape(batch * model.channels, expected).numpy().T.astype(np.float32, copy=True)
             if ok:
                 self.nan_blocks += 1
             else:
@@ -372,7 +587,7 @@ class Engine:
             if self.decode_errors <= 3:
                 log.error("decode failed (%s); the block plays as silence", exc)
         self._recover(model)
-        return np.zeros((expected, model.channels), dtype=np.float32)
+        return np.zeros((expected, batch * model.channels), dtype=np.float32)
 
     def _recover(self, model: Model) -> None:
         """Clear a bad block out of the model's streaming state, on the render thread: the file's
@@ -382,14 +597,14 @@ class Engine:
             if model.resettable:
                 model.module.reset()
             else:
-                _decode_defaults(model, RECOVERY_FRAMES)
+                _decode_defaults(model, RECOVERY_FRAMES, self.voices)
         except Exception:
             pass
 
     def _warm_up(self, model: Model) -> None:
         frames = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
         for _ in range(WARMUP_CALLS):
-            _decode_defaults(model, frames)
+            _decode_defaults(model, frames, self.voices)
         # a file without reset() keeps the state of these calls, which is that of a stream at the
         # defaults: reloading it would throw away what the warm-up calls optimised
         if model.resettable:
@@ -429,7 +644,10 @@ class Engine:
             "render_ms_max": self._ms_max,
             "gain_db": self._gain_db,
             "gate": self._gate_on,
-            "voices": len(self._voices),
+            "voices": self.voices,
+            "voices_sounding": self.sounding(),
+            "skipped_calls": self.skipped_calls,
+            "models_sounding": len(self._instances),
             "underruns": 0,
             "latency_ms": 1000.0 * self._model.latency_samples / self._model.sample_rate,
         }
@@ -440,9 +658,10 @@ class Engine:
         return stats
 
 
-def _decode_defaults(model: Model, frames: int) -> None:
-    """Decode `frames` latent frames at the model's defaults and drop the audio (warm-up, and
-    clearing the state of a file without `reset()`)."""
-    z = torch.tensor(model.defaults(), dtype=torch.float32).view(1, -1, 1).expand(1, -1, frames).contiguous()
+def _decode_defaults(model: Model, frames: int, batch: int = 1) -> None:
+    """Decode `frames` latent frames at the model's defaults, `batch` voices at once, and drop the
+    audio (warm-up at the batch the engine plays, and clearing the state of a file without
+    `reset()`)."""
+    z = torch.tensor(model.defaults(), dtype=torch.float32).view(1, -1, 1).expand(batch, -1, frames).contiguous()
     with torch.inference_mode():
         model.module.decode(z)

@@ -8,9 +8,11 @@ output port whose name contains NAME (case-insensitive). A port found by name th
 away (a keyboard unplugged, a bridge restarted) is looked for each second and connected
 again when a port of that name is back; the status counts both.
 
-Message handling: CC -> patch controls (or MIDI learn); note on/off -> gate and the
-patch's note control; pitch bend -> the patch's bend control; program change -> preset
-recall. System exclusive and anything that does not parse is counted and ignored.
+Message handling: CC -> patch controls (or MIDI learn; with several voices, an unmapped
+CC 64 is the sustain pedal and CC 74 on an MPE member channel the note's slide); note on/off
+-> gate (or a voice) and the patch's note control; pitch bend -> the patch's bend control
+(per note on an MPE member channel); channel and polyphonic aftertouch -> the patch's
+pressure control; program change -> preset recall. System exclusive and anything that does not parse is counted and ignored.
 """
 
 from __future__ import annotations
@@ -87,11 +89,15 @@ class MidiRouter:
             self.counters.ignored += 1
             return
         if kind == "note_on":
-            surface.note_on(msg.note, msg.velocity, at=at)
+            surface.note_on(msg.note, msg.velocity, channel=channel, at=at)
         elif kind == "note_off":
-            surface.note_off(msg.note, at=at)
+            surface.note_off(msg.note, channel=channel, at=at)
         elif kind == "pitchwheel":
-            surface.pitch_bend(msg.pitch, at=at)
+            surface.pitch_bend(msg.pitch, channel=channel, at=at)
+        elif kind in ("aftertouch", "polytouch"):
+            note = msg.note if kind == "polytouch" else None
+            if not surface.pressure(msg.value, channel=channel, note=note, at=at):
+                self.counters.ignored += 1
         elif kind == "program_change" and surface.patch.midi.program_change:
             try:
                 surface.recall_preset(msg.program, at=at)

@@ -12,6 +12,9 @@ Addresses (numbers may be int or float everywhere; Pd sends floats, Max ints):
     /synthd/controls           -> one /synthd/controls.reply per control:
                                   name s, index i, value f (0..1), model value f,
                                   min f, max f (model units), label source s
+    /synthd/voices             -> one /synthd/voices.reply per voice: index i, state s
+                                  (held, sustained, released, free), note i (-1: none),
+                                  MIDI channel i (0: none), pitch f (model units, -1: none)
     /synthd/model/load s       a model NAME from the model folder (never a path)
     /synthd/patch/load s       a patch NAME from the patch folder (never a path)
     /synthd/patch/save         write learned mappings and presets to the patch file
@@ -76,6 +79,7 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("audio", str), ("audio_losses", int), ("audio_reconnects", int),
     ("midi", str), ("midi_losses", int), ("midi_reconnects", int),
     ("late_underruns", int), ("xrun_underruns", int), ("web_clients", int), ("web_refused", int),
+    ("voices", int), ("voices_sounding", int), ("voices_stolen", int),
 )
 
 Reply = tuple  # (address, *args)
@@ -202,6 +206,7 @@ class OscServer:
             f"{PREFIX}/note": self._note,
             f"{PREFIX}/status": self._status,
             f"{PREFIX}/controls": self._controls,
+            f"{PREFIX}/voices": self._voices,
             f"{PREFIX}/model/load": self._model_load,
             f"{PREFIX}/patch/load": self._patch_load,
             f"{PREFIX}/patch/save": self._patch_save,
@@ -388,6 +393,10 @@ class OscServer:
     def _controls(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
         return [("/synthd/controls.reply", label, index, float(wire), float(value), float(lo), float(hi), source)
                 for label, index, wire, value, lo, hi, source in self.surface.snapshot()]
+
+    def _voices(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+        return [("/synthd/voices.reply", index, state, note, channel, float(pitch))
+                for index, state, note, channel, pitch in self.surface.voice_snapshot()]
 
     def _in_background(self, address: str, client: tuple, job: Callable[[], str]) -> list[Reply]:
         """Run a slow job (a model load) off the server thread; reply when it ends."""

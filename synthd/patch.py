@@ -11,12 +11,17 @@ Schema, version 1 (every key optional unless marked):
     name = "nanoKONTROL2"
     description = "..."
 
+    voices = 8                       # 1..64 notes at once; default 8 for a model with a pitch
+                                     # input, 1 otherwise. 1 is mono and legato (glide works)
+
     [output]
     gain_db = 0.0                    # -120..+24
 
     [gate]
     open = true                      # with no notes played, the model drones (true) or waits
     attack = 0.005                   # seconds, note-on / gate-open ramp
+    decay = 0.0                      # seconds from the peak to the sustain level (voices > 1)
+    sustain = 1.0                    # level held while a key is down, 0..1 of the peak (voices > 1)
     release = 0.25                   # seconds, note-off / gate-close ramp
     velocity = true                  # note velocity scales the level
 
@@ -33,6 +38,10 @@ Schema, version 1 (every key optional unless marked):
     bend_range = 2.0                 # semitones of full bend, for a pitch input in MIDI units
     glide = 0.0                      # seconds a note takes to reach its pitch (portamento)
     velocity_control = ""            # control that note velocity sets (wire = velocity / 127)
+    pressure_control = ""            # control that aftertouch sets (wire = pressure / 127)
+    slide_control = ""               # control that CC 74 on an MPE member channel sets
+    mpe = "off"                      # "lower" (master 1, notes on 2..16) or "upper" (16; 1..15)
+    mpe_bend_range = 48.0            # semitones of full per-note bend on MPE member channels
 
     [presets]
     glide = 0.5                      # seconds a preset recall takes to reach its values
@@ -64,6 +73,12 @@ A model whose note control is a pitch input in MIDI units (metadata `"unit": "mi
 played in tune: a note sets it to the note number exactly, whatever note_low, note_high and
 the control's mapping say, and pitch bend (with or without bend_control) adds up to
 ±bend_range semitones.
+
+With several voices each note has its own pitch, velocity_control, pressure_control and
+slide_control values (per voice) and its own envelope; every other control is shared by all
+voices. Sustain (CC 64) holds released notes. With `mpe`, each member channel is one note:
+its pitch bend (±mpe_bend_range), channel pressure and CC 74 move that note alone, and the
+master channel's act on all.
 """
 
 from __future__ import annotations
@@ -130,10 +145,16 @@ class Preset:
     gain_db: float | None = None
 
 
+MPE_ZONES = ("off", "lower", "upper")
+MAX_VOICES = 64
+
+
 @dataclass
 class GateSettings:
     open: bool = True
     attack: float = 0.005
+    decay: float = 0.0
+    sustain: float = 1.0
     release: float = 0.25
     velocity: bool = True
 
@@ -152,6 +173,18 @@ class MidiSettings:
     bend_range: float = 2.0
     glide: float = 0.0
     velocity_control: str = ""
+    pressure_control: str = ""
+    slide_control: str = ""
+    mpe: str = "off"
+    mpe_bend_range: float = 48.0
+
+    def mpe_zone(self) -> tuple[int, range] | None:
+        """(master channel, member channels), 1-based, for an MPE zone; None without one."""
+        if self.mpe == "lower":
+            return 1, range(2, 17)
+        if self.mpe == "upper":
+            return 16, range(1, 16)
+        return None
 
 
 @dataclass
@@ -161,6 +194,7 @@ class Patch:
     version: int = SCHEMA_VERSION
     name: str = ""
     description: str = ""
+    voices: int | None = None  # None: 8 for a model with a pitch input, 1 otherwise
     gain_db: float = 0.0
     gate: GateSettings = field(default_factory=GateSettings)
     midi: MidiSettings = field(default_factory=MidiSettings)
@@ -338,6 +372,7 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
     patch = Patch(path=path, header=_header(text))
     patch.name = top.get("name", str, path.stem)
     patch.description = top.get("description", str, "")
+    patch.voices = top.integer("voices", None, 1, MAX_VOICES)
 
     out = TomlTable(src, top.table_of("output"), "output")
     patch.gain_db = out.number("gain_db", 0.0, -120.0, 24.0)
@@ -345,6 +380,7 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
 
     g = TomlTable(src, top.table_of("gate"), "gate")
     patch.gate = GateSettings(open=g.get("open", bool, True), attack=g.number("attack", 0.005, 0.0, 30.0),
+                              decay=g.number("decay", 0.0, 0.0, 30.0), sustain=g.number("sustain", 1.0, 0.0, 1.0),
                               release=g.number("release", 0.25, 0.0, 30.0), velocity=g.get("velocity", bool, True))
     g.finish()
 
@@ -356,10 +392,16 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
         note_high=m.integer("note_high", 96, 0, 127), bend_control=m.get("bend_control", str, ""),
         bend_depth=m.number("bend_depth", 1.0 / 12.0, 0.0, 1.0),
         bend_range=m.number("bend_range", 2.0, 0.0, 96.0), glide=m.number("glide", 0.0, 0.0, 30.0),
-        velocity_control=m.get("velocity_control", str, ""))
+        velocity_control=m.get("velocity_control", str, ""), pressure_control=m.get("pressure_control", str, ""),
+        slide_control=m.get("slide_control", str, ""), mpe=m.get("mpe", str, "off"),
+        mpe_bend_range=m.number("mpe_bend_range", 48.0, 0.0, 96.0))
+    if patch.midi.mpe not in MPE_ZONES:
+        raise m.fail("mpe", f"{patch.midi.mpe!r} is not one of {', '.join(MPE_ZONES)}")
+    if patch.midi.mpe != "off" and patch.midi.channel is not None:
+        raise m.fail("channel", "an MPE zone sets its own channels: leave `channel` at \"omni\" with `mpe`")
     if patch.midi.note_high <= patch.midi.note_low:
         raise m.fail("note_high", f"{patch.midi.note_high} must be above note_low {patch.midi.note_low}")
-    for key in ("note_control", "bend_control", "velocity_control"):
+    for key in ("note_control", "bend_control", "velocity_control", "pressure_control", "slide_control"):
         value = getattr(patch.midi, key)
         if value and not NAME_PATTERN.match(value):
             raise m.fail(key, f"{value!r} is not a control label (lowercase [a-z0-9_])")
@@ -499,6 +541,8 @@ def dump_patch(patch: Patch) -> str:
     out += [f"version = {SCHEMA_VERSION}", f"name = {_toml_value(patch.name)}"]
     if patch.description:
         out.append(f"description = {_toml_value(patch.description)}")
+    if patch.voices is not None:
+        out.append(f"voices = {patch.voices}")
     out += ["", "[output]", f"gain_db = {_toml_value(float(patch.gain_db))}", "", "[gate]"]
     for f in fields(GateSettings):
         out.append(f"{f.name} = {_toml_value(getattr(patch.gate, f.name))}")

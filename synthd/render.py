@@ -53,8 +53,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from synthd.controls import ControlSurface
-from synthd.engine import Engine
+from synthd.controls import ControlSurface, engine_for
 from synthd.midi import MidiRouter
 from synthd.model import ModelError, load_model
 from synthd.patch import PatchError, TomlError, TomlSource, TomlTable, default_patch, load_patch
@@ -197,8 +196,7 @@ def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path 
     torch.set_num_threads(threads)  # before the load's probe: the first call fixes the pools
     model = load_model(model_path)
     patch = load_patch(patch_path) if patch_path else default_patch()
-    engine = Engine(model, channels=channels, block_frames=block_frames, threads=threads,
-                    gate_open=patch.gate.open, gain_db=patch.gain_db)
+    engine = engine_for(model, patch, channels=channels, block_frames=block_frames, threads=threads)
     surface = ControlSurface(engine, patch)
     router = MidiRouter(surface)
     cues: list[Cue] = []

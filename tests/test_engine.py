@@ -171,7 +171,7 @@ def test_swap_crossfades_without_a_gap(models):
     engine.swap_model(load_model(models["toy"]), crossfade_s=0.05)
     assert engine.model.name == "toy"
     out = engine.render(SR // 5)[:, 0]
-    assert engine.stats()["voices"] == 1
+    assert engine.stats()["models_sounding"] == 1
     # the probe fades out while the toy fades in: no silent stretch anywhere
     envelope = np.array([np.abs(out[i:i + 128]).max() for i in range(0, 2400, 128)])
     assert envelope.min() > 0.1

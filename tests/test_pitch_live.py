@@ -68,20 +68,25 @@ def test_a_played_a4_is_440_hz_and_bends_by_the_patch_range(jack_server, synthd,
     assert rms_db(x[int(2.0 * RATE):]) < -80  # released
 
 
-def test_notes_report_the_pitch_control_in_midi_units(synthd, midi_out):  # noqa: F811
+def test_notes_report_their_voice_and_pitch_in_midi_units(synthd, midi_out):  # noqa: F811
     osc = OscClient(synthd.osc_address)
     try:
         midi_out.send_message([0xE0, 0x00, 0x40])  # bend back to the centre
         midi_out.send_message([0x90, 50, 100])
-        row = None
+        rows: list = []
         for _ in range(40):  # MIDI crosses two JACK periods; a busy machine may take longer
-            osc.send("/synthd/controls")
-            row = {r[1][0]: r[1] for r in osc.replies(count=4)}.get("pitch")
-            if row is not None and row[3] == pytest.approx(50.0):
+            osc.send("/synthd/voices")
+            rows = [r[1] for r in osc.replies(count=8)]
+            if any(r[1] == "held" for r in rows):
                 break
         midi_out.send_message([0x80, 50, 0])
-        # (label, index, wire 0..1, model value, min, max, source): the model value is the note
-        assert row is not None and row[3] == pytest.approx(50.0) and row[2] == pytest.approx(50 / 127), row
-        assert row[4:6] == [0.0, 127.0]
+        # a pitched model plays 8 voices by default; (index, state, note, channel, pitch): the
+        # voice's pitch in model units is the note itself, whatever the patch's curve and range
+        assert len(rows) == 8, rows
+        held = [r for r in rows if r[1] == "held"]
+        assert len(held) == 1 and held[0][2] == 50 and held[0][4] == pytest.approx(50.0), rows
+        osc.send("/synthd/controls")
+        row = {r[1][0]: r[1] for r in osc.replies(count=4)}["pitch"]
+        assert row[4:6] == [0.0, 127.0]  # the shared pitch control, in MIDI units
     finally:
         osc.close()

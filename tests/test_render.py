@@ -132,7 +132,7 @@ def test_the_demo_performance_plays_its_melody_in_tune_then_sweeps_the_timbre(tm
 
     from support.pitched_model import build_pitched_model
     from training import demo
-    from training.pitch import PitchTracker
+    from support.spectrum import assert_plays
 
     model = build_pitched_model(tmp_path / "pitched.ts")
     with warnings.catch_warnings():
@@ -149,10 +149,8 @@ def test_the_demo_performance_plays_its_melody_in_tune_then_sweeps_the_timbre(tm
     y, rate = sf.read(tmp_path / "demo.wav", dtype="float32")
     assert rate == RATE and len(y) >= int(seconds * RATE) - RATE
     root = round(controls[0]["default"])
-    tracker = PitchTracker()
     for i, step in enumerate(demo.MELODY):
-        # the middle of each note, clear of the glide in and the release
-        a, b = int((i + 0.3) * demo.NOTE_SECONDS * RATE), int((i + 0.8) * demo.NOTE_SECONDS * RATE)
-        pitch, voicing = tracker(torch.from_numpy(np.ascontiguousarray(y[a:b, 0]))[None, None])[0]
-        assert float(voicing.median()) > 0.9, i
-        assert abs(float(pitch.median()) - (root + step)) < 0.05, (i, float(pitch.median()), root + step)
+        # the middle of each note, clear of its onset; the previous note's release may still ring
+        # (a pitched model plays voices), so each note is read as the spectrum's peak near it
+        a, b = int((i + 0.3) * demo.NOTE_SECONDS * RATE), int((i + 0.95) * demo.NOTE_SECONDS * RATE)
+        assert_plays(np.ascontiguousarray(y[a:b, 0]), RATE, [root + step], cents=5.0, level=0.5)

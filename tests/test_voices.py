@@ -1,0 +1,206 @@
+"""Voices offline: allocation, envelopes, chords, stealing, sustain and MPE through the engine and
+control surface that `synthd run` and `synthd render` share, on a model with a pitch input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from support.pitched_model import build_pitched_model
+from support.spectrum import assert_plays, assert_silent_at
+from synthd.controls import ControlSurface, engine_for, voice_count
+from synthd.dsp import Envelope
+from synthd.midi import MidiRouter
+from synthd.model import load_model
+from synthd.patch import PatchError, default_patch, parse_patch
+from synthd.voices import VoiceAllocator
+
+RATE = 48000
+KEYS = """version = 1
+[gate]
+open = false
+attack = 0.005
+release = 0.05
+velocity = false
+"""
+
+
+@pytest.fixture(scope="module")
+def pitched(tmp_path_factory):
+    return build_pitched_model(tmp_path_factory.mktemp("voices") / "pitched.ts")
+
+
+def rig(path, patch_text: str = KEYS):
+    patch = parse_patch(patch_text)
+    engine = engine_for(load_model(path), patch, channels=1, block_frames=256, threads=1)
+    surface = ControlSurface(engine, patch)
+    return engine, surface, MidiRouter(surface)
+
+
+def play(engine, seconds: float) -> np.ndarray:
+    return np.concatenate([engine.render(256) for _ in range(int(seconds * RATE) // 256)])[:, 0]
+
+
+def seconds(t: float) -> int:
+    return int(t * RATE)
+
+
+# ---------------------------------------------------------------- allocation and envelope
+
+
+def test_allocation_round_robin_then_oldest_released_then_oldest_held():
+    a = VoiceAllocator(3)
+    assert [a.allocate(n, 0) for n in (60, 61, 62)] == [(0, False), (1, False), (2, False)]
+    assert a.release(61, 100, 1000) == 1 and a.release(60, 200, 1000) == 0
+    # both still sound (until 1100 and 1200): the one released first is stolen
+    assert a.allocate(63, 300) == (1, True) and a.stolen == 1
+    assert a.allocate(64, 400) == (0, True)
+    assert a.allocate(65, 500) == (2, True)  # every voice held: the oldest held note gives way
+    assert a.stolen == 3
+    assert a.allocate(65, 600) == (2, True) and a.stolen == 3  # a repeated key retriggers its voice
+    for key in (63, 64, 65):
+        a.release(key, 1000, 10)
+    # all free again: round robin goes on after the last voice given, not back to voice 0
+    assert a.allocate(70, 2000) == (0, False) and a.allocate(71, 2000) == (1, False)
+
+
+def test_sustain_pedal_holds_released_keys_until_it_goes_up():
+    a = VoiceAllocator(4)
+    a.allocate(60, 0)
+    a.pedal(True, 10, 100)
+    assert a.release(60, 20, 100) is None and a.held() == [0]
+    assert a.pedal(False, 30, 100) == [0] and a.held() == []
+    assert a.sounding(0, 129) and not a.sounding(0, 130)
+
+
+def test_envelope_attack_decay_sustain_release_and_a_fade_that_never_jumps():
+    env = Envelope(attack=10, decay=10, sustain=0.5, release=20)
+    assert not env.sounding
+    env.start(1.0)
+    x = env.process(40)
+    assert x[9] == pytest.approx(1.0) and x[19] == pytest.approx(0.5) and x[-1] == pytest.approx(0.5)
+    env.release()
+    y = env.process(30)
+    assert y[19] == 0.0 and not env.sounding
+    assert np.abs(np.diff(np.concatenate([x, y]))).max() <= 0.1 + 1e-9  # linear segments, no step
+    env.start(0.8)
+    env.process(5)
+    env.fade(4)
+    z = env.process(6)
+    assert z[3] == 0.0 and np.abs(np.diff(z)).max() < 0.11 and not env.sounding
+
+
+# ---------------------------------------------------------------- patch
+
+
+def test_voices_default_to_eight_with_a_pitch_input_and_one_without(pitched, tmp_path):
+    from support.nnmodels import build_toy_model
+
+    toy = load_model(build_toy_model(tmp_path / "toy.ts"))
+    assert voice_count(default_patch(), load_model(pitched)) == 8
+    assert voice_count(default_patch(), toy) == 1
+    assert voice_count(parse_patch("version = 1\nvoices = 3\n"), toy) == 3
+    with pytest.raises(PatchError, match=r"<patch>:2: voices: 0 is outside 1..64"):
+        parse_patch("version = 1\nvoices = 0\n")
+    with pytest.raises(PatchError, match=r"mpe: 'both' is not one of off, lower, upper"):
+        parse_patch('version = 1\n[midi]\nmpe = "both"\n')
+    with pytest.raises(PatchError, match=r"sustain: 1.5 is outside 0.0..1.0"):
+        parse_patch("version = 1\n[gate]\nsustain = 1.5\n")
+
+
+# ---------------------------------------------------------------- through the engine
+
+
+def test_a_chord_plays_every_note_in_tune_and_only_while_held(pitched):
+    engine, surface, _ = rig(pitched)
+    chord = [57, 61, 64]  # A3, C#4, E4
+    for n in chord:
+        surface.note_on(n, 100, at=seconds(0.1))
+    for n in chord:
+        surface.note_off(n, at=seconds(1.2))
+    x = play(engine, 1.6)
+    assert np.abs(x[:seconds(0.09)]).max() == 0.0  # nothing before the notes: not even decoded
+    assert_plays(x[seconds(0.2):seconds(1.1)], RATE, chord)
+    # released: the DC blocker's own tail is all that is left
+    assert engine.stats()["voices_sounding"] == 0 and np.abs(x[seconds(1.3):]).max() < 1e-4
+    # each note starts at its pitch: its envelope opens after the frame that carries the pitch
+    onset = np.flatnonzero(np.abs(x) > 0)[0]
+    assert seconds(0.1) <= onset <= seconds(0.1) + 256 + 1
+    assert engine.stats()["skipped_calls"] > 0
+
+
+def test_a_ninth_note_steals_the_oldest_without_a_click_and_is_heard(pitched):
+    engine, surface, _ = rig(pitched, KEYS + "[output]\ngain_db = -24.0\n")  # eight notes, below the limiter
+    notes = [48, 50, 52, 53, 55, 57, 59, 60]
+    for i, n in enumerate(notes):
+        surface.note_on(n, 100, at=seconds(0.05 + 0.01 * i))
+    surface.note_on(74, 100, at=seconds(0.5))  # nine held notes on eight voices
+    x = play(engine, 1.2)
+    assert surface.voices.stolen == 1
+    assert engine.stats()["voices_sounding"] == 8
+    assert_plays(x[seconds(0.7):seconds(1.2)], RATE, [74, 50, 60], level=0.05)
+    assert_silent_at(x[seconds(0.7):seconds(1.2)], RATE, [48])  # the oldest note gave way
+    # the steal fades the old note out over 5 ms: no sample-to-sample step beyond the music's own
+    steady = np.abs(np.diff(x[seconds(0.3):seconds(0.45)])).max()
+    around = np.abs(np.diff(x[seconds(0.49):seconds(0.53)])).max()
+    assert around < 1.5 * steady, (around, steady)
+
+
+def test_the_sustain_pedal_holds_notes_after_their_keys_go_up(pitched):
+    engine, surface, router = rig(pitched)
+    router.handle_bytes([0xB0, 64, 127], at=seconds(0.05))
+    router.handle_bytes([0x90, 60, 100], at=seconds(0.1))
+    router.handle_bytes([0x80, 60, 0], at=seconds(0.3))
+    router.handle_bytes([0xB0, 64, 0], at=seconds(1.0))
+    x = play(engine, 1.3)
+    assert_plays(x[seconds(0.4):seconds(0.95)], RATE, [60])  # key up, pedal down: still sounding
+    assert np.abs(x[seconds(1.12):]).max() < 1e-4  # pedal up: released (50 ms release)
+
+
+MPE = KEYS + """[midi]
+mpe = "lower"
+mpe_bend_range = 48.0
+"""
+
+
+def test_mpe_per_note_bend_moves_one_note_only(pitched):
+    engine, surface, router = rig(pitched, MPE)
+    router.handle_bytes([0x91, 60, 100], at=seconds(0.05))  # member channel 2
+    router.handle_bytes([0x92, 67, 100], at=seconds(0.05))  # member channel 3
+    up_two = 8192 + round(2 / 48 * 8192)  # +2 semitones of 48
+    router.handle_bytes([0xE1, up_two & 0x7F, up_two >> 7], at=seconds(0.6))
+    x = play(engine, 1.2)
+    assert_plays(x[seconds(0.1):seconds(0.55)], RATE, [60, 67])
+    assert_plays(x[seconds(0.7):seconds(1.2)], RATE, [62, 67])
+    assert_silent_at(x[seconds(0.7):seconds(1.2)], RATE, [60])
+    rows = {r[0]: r for r in surface.voice_snapshot()}
+    assert sorted((r[2], r[3], round(r[4], 2)) for r in rows.values() if r[1] == "held") == [(60, 2, 62.0), (67, 3, 67.0)]
+
+
+def test_master_channel_bend_moves_every_note_and_the_patch_refuses_a_channel_with_mpe(pitched):
+    engine, surface, router = rig(pitched, MPE)
+    router.handle_bytes([0x91, 60, 100], at=seconds(0.05))
+    router.handle_bytes([0x92, 64, 100], at=seconds(0.05))
+    router.handle_bytes([0xE0, 0x7F, 0x7F], at=seconds(0.5))  # master channel 1: ±2 semitones
+    x = play(engine, 1.0)
+    assert_plays(x[seconds(0.6):seconds(1.0)], RATE, [62, 66], cents=8.0)
+    with pytest.raises(PatchError, match="MPE zone sets its own channels"):
+        parse_patch(MPE.replace('mpe = "lower"', 'mpe = "lower"\nchannel = 3'))
+
+
+def test_a_flood_of_note_ons_steals_and_leaves_no_note_hanging(pitched):
+    engine, surface, router = rig(pitched)
+    rng = np.random.default_rng(1)
+    # 10 000 note-ons a second for half a second, each with its note-off 20 ms later
+    for i in range(5000):
+        t = seconds(0.05) + i * RATE // 10000
+        note = int(rng.integers(36, 96))
+        router.handle_bytes([0x90, note, 100], at=t)
+        router.handle_bytes([0x80, note, 0], at=t + seconds(0.02))
+    x = play(engine, 1.0)
+    stats = engine.stats()
+    assert np.isfinite(x).all() and np.abs(x).max() <= 1.0
+    assert surface.voices.stolen > 1000 and stats["nan_blocks"] == 0
+    # every note got its release: after the last one's, nothing sounds (bench/voices.py and
+    # bench/soak.py time the render under such floods)
+    assert stats["voices_sounding"] == 0 and np.abs(x[seconds(0.7):]).max() < 1e-3
