@@ -204,3 +204,39 @@ def test_a_flood_of_note_ons_steals_and_leaves_no_note_hanging(pitched):
     # every note got its release: after the last one's, nothing sounds (bench/voices.py and
     # bench/soak.py time the render under such floods)
     assert stats["voices_sounding"] == 0 and np.abs(x[seconds(0.7):]).max() < 1e-3
+
+
+def test_render_plays_an_mpe_chord_file_in_tune_and_the_same_twice(pitched, tmp_path):
+    import subprocess
+    import sys
+
+    import mido
+    import soundfile as sf
+
+    midi = mido.MidiFile(ticks_per_beat=480)  # 120 bpm: 480 ticks = 0.5 s
+    track = mido.MidiTrack()
+    midi.tracks.append(track)
+    chord = [(1, 57), (2, 61), (3, 64)]  # member channels 2, 3, 4 (mido counts from 0)
+    for ch, note in chord:
+        track.append(mido.Message("note_on", channel=ch, note=note, velocity=100, time=0))
+    up = round(5 / 48 * 8192)  # the note on channel 3 (61) bends up 5 semitones, to 66
+    track.append(mido.Message("pitchwheel", channel=2, pitch=up, time=960))  # at 1.0 s
+    for i, (ch, note) in enumerate(chord):
+        track.append(mido.Message("note_off", channel=ch, note=note, velocity=0, time=960 if i == 0 else 0))
+    midi.save(tmp_path / "chord.mid")
+    (tmp_path / "mpe.toml").write_text(MPE)
+    outs = []
+    for name in ("a.wav", "b.wav"):
+        result = subprocess.run([sys.executable, "-m", "synthd", "render", "--model", str(pitched), "--midi",
+                                 str(tmp_path / "chord.mid"), "--patch", str(tmp_path / "mpe.toml"), "--out",
+                                 str(tmp_path / name), "--quiet", "--channels", "1"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+    y, rate = sf.read(tmp_path / "a.wav", dtype="float32")
+    assert rate == RATE
+    assert_plays(y[seconds(0.1):seconds(0.95)], RATE, [57, 61, 64])
+    # after the bend: 57 and 64 as before, 61 now on 66
+    assert_plays(y[seconds(1.1):seconds(1.95)], RATE, [57, 64, 66])
+    assert_silent_at(y[seconds(1.1):seconds(1.95)], RATE, [61])
