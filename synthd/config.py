@@ -15,23 +15,45 @@ A config file uses the option names with underscores, all at the top level:
     midi_in = "nanoKONTROL2"             # or "virtual"; empty for none
     log_level = "info"                   # debug, info, warning, error
     crossfade = 0.05                     # seconds, model and patch swaps
+
+Several models at once (layers): `--model A.ts --patch PA.toml --model B.ts --patch PB.toml`
+(one patch per model, in order, or none), or instead of `model` and `patch`:
+
+    [[layer]]
+    name = "pad"                         # its OSC namespace /synthd/layer/pad/... (default: the
+    model = "/srv/synthd/models/pad.ts"  # model file's name)
+    patch = "/srv/synthd/patches/left.toml"   # its channel, key range (split), gain, voices
+
+    [[layer]]
+    model = "/srv/synthd/models/lead.ts"
+    patch = "/srv/synthd/patches/right.toml"
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from synthd.patch import TomlError, TomlSource, TomlTable
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LAYER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 class ConfigError(TomlError):
     """A config file or option that cannot be used."""
+
+
+@dataclass
+class LayerSpec:
+    """One layer to play: a model under a patch, known on OSC by `name`."""
+
+    name: str
+    model: str
+    patch: str | None = None
 
 
 @dataclass
@@ -53,11 +75,21 @@ class DaemonConfig:
     http_host: str | None = None  # None: the OSC host
     http_token: str | None = None
     zeroconf: bool | None = None  # None: advertise unless the host is loopback
+    layers: list[LayerSpec] = field(default_factory=list)  # two or more: several models at once
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """The layers to play: `layers`, or the one of `model` and `patch`."""
+        if self.layers:
+            return self.layers
+        return [LayerSpec(name=layer_name(self.model or "model", set()), model=self.model or "", patch=self.patch)]
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
         if not self.model:
             raise ConfigError("no model: give --model FILE.ts (or `model` in the --config file)")
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two layers are called {next(n for n in names if names.count(n) > 1)!r}")
         if not 1 <= self.channels <= 64:
             raise ConfigError(f"channels {self.channels} is outside 1..64")
         if not 16 <= self.block_frames <= 8192:
@@ -97,9 +129,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option, with None defaults so that only what is typed overrides the file."""
     parser.add_argument("--config", metavar="FILE.toml", help="read options from this TOML file first")
-    parser.add_argument("--model", metavar="FILE.ts", help="model file to play")
+    parser.add_argument("--model", metavar="FILE.ts", action="append",
+                        help="model file to play (again for each layer: several models at once)")
     parser.add_argument("--model-dir", metavar="DIR", help="folder for /synthd/model/load NAME (default: the model's)")
-    parser.add_argument("--patch", metavar="FILE.toml", help="patch file (default: the built-in CC 21-28 patch)")
+    parser.add_argument("--patch", metavar="FILE.toml", action="append",
+                        help="patch file (default: the built-in CC 21-28 patch); with several --model, one "
+                             "per model in the same order")
     parser.add_argument("--patch-dir", metavar="DIR", help="folder for /synthd/patch/load NAME (default: the patch's)")
     parser.add_argument("--device", help="audio output device: index or part of its name (`synthd devices`)")
     parser.add_argument("--channels", type=int, help="output channels (default 2)")
@@ -125,25 +160,80 @@ def load_config(path: str | Path) -> dict[str, object]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc})") from None
-    src = TomlSource(path, text, arrays=(), error=ConfigError)
+    src = TomlSource(path, text, arrays=("layer",), error=ConfigError)
     table = TomlTable(src, src.parse(text))
     values = {key: table.get(key, kinds) for key, kinds in _TYPES.items() if key in table.data}
+    raw_layers = table.get("layer", list, [])
     table.finish()
+    if raw_layers:
+        if "model" in values or "patch" in values:
+            raise table.fail("model" if "model" in values else "patch",
+                             "give either `model` (and `patch`) or [[layer]] tables, not both")
+        values["layers"] = _read_layers(src, raw_layers)
     if isinstance(values.get("device"), int):
         values["device"] = str(values["device"])
     return values
+
+
+def layer_name(model: str, taken: set[str]) -> str:
+    """A layer's default name: its model file's, made an OSC path segment, unique among `taken`."""
+    base = re.sub(r"[^a-z0-9_-]+", "_", Path(model).stem.lower()).strip("_") or "layer"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _read_layers(src: TomlSource, raw_layers: list) -> list[LayerSpec]:
+    layers: list[LayerSpec] = []
+    for i, raw in enumerate(raw_layers):
+        t = TomlTable(src, raw if isinstance(raw, dict) else {}, "layer", i)
+        if not isinstance(raw, dict):
+            raise t.fail(None, "must be a table")
+        model = t.get("model", str)
+        if not model:
+            raise t.fail("model", "every [[layer]] needs a `model` file")
+        name = t.get("name", str) or layer_name(model, {layer.name for layer in layers})
+        if not LAYER_NAME.match(name):
+            raise t.fail("name", f"{name!r} is not a layer name (lowercase [a-z0-9_-], for OSC addresses)")
+        layers.append(LayerSpec(name=name, model=model, patch=t.get("patch", str)))
+        t.finish()
+    return layers
+
+
+def _layers_from_command_line(models: list[str], patches: list[str]) -> list[LayerSpec]:
+    if patches and len(patches) != len(models):
+        raise ConfigError(f"{len(models)} --model and {len(patches)} --patch: give one --patch per --model "
+                          "(in the same order), or none")
+    layers: list[LayerSpec] = []
+    for i, model in enumerate(models):
+        layers.append(LayerSpec(layer_name(model, {layer.name for layer in layers}), model,
+                                patches[i] if patches else None))
+    return layers
 
 
 def resolve(args: argparse.Namespace) -> DaemonConfig:
     """Defaults, then `--config`, then the command line; checked."""
     config = DaemonConfig()
     values = load_config(args.config) if getattr(args, "config", None) else {}
+    models, patches = getattr(args, "model", None) or [], getattr(args, "patch", None) or []
+    if len(models) > 1:
+        values["layers"] = _layers_from_command_line(models, patches)
+    elif models or patches:
+        if len(patches) > 1:
+            raise ConfigError(f"{len(patches)} --patch for one model: give one --patch per --model")
+        values.pop("layers", None)
+        values.update({"model": models[0]} if models else {})
+        values.update({"patch": patches[0]} if patches else {})
     for f in fields(DaemonConfig):
         cli = getattr(args, f.name, None)
-        if cli is not None:
+        if cli is not None and f.name not in ("model", "patch"):
             values[f.name] = cli
     for key, value in values.items():
         setattr(config, key, value)
+    if config.layers:  # the first layer stands for the daemon where one model is meant
+        config.model, config.patch = config.layers[0].model, config.layers[0].patch
     if config.midi_in == "":
         config.midi_in = None
     config.check()

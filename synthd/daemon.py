@@ -34,12 +34,13 @@ import torch
 from synthd import config as config_mod
 from synthd import recovery
 from synthd.audio import AudioError, LiveOutput
-from synthd.config import ConfigError, DaemonConfig, in_folder
+from synthd.config import ConfigError, DaemonConfig, LayerSpec, in_folder
 from synthd.controls import ControlSurface, engine_for
 from synthd.midi import MidiError, MidiInput, MidiRouter
 from synthd.model import ModelError, load_model
 from synthd.osc import PREFIX, OscServer
 from synthd.patch import Patch, PatchError, default_patch, load_patch
+from synthd.rack import Layer, Rack
 from synthd.service import Notifier
 
 log = logging.getLogger("synthd")
@@ -78,17 +79,15 @@ class Daemon:
         self.resumed = resumed
         self.notifier = notifier or Notifier({})
         torch.set_num_threads(cfg.threads)  # before the load's probe: the first call fixes the pools
-        model = load_model(resumed.model if resumed else cfg.model)
-        patch_path = resumed.patch if resumed else cfg.patch
-        patch = load_patch(patch_path) if patch_path else default_patch()
-        self.engine = engine_for(model, patch, channels=cfg.channels, block_frames=cfg.block_frames,
-                                 threads=cfg.threads)
-        self.surface = ControlSurface(self.engine, patch)
+        self.layers = self._build_layers(cfg, resumed)
+        self.engine, self.surface = self.layers[0].engine, self.layers[0].surface
         if resumed:
             self._restore_values(resumed)
-        self.output = LiveOutput(self.engine, device=cfg.device, channels=cfg.channels,
+        # one layer plays on its engine alone: its gain and gate act in the audio callback
+        self.rack = Rack(self.layers) if len(self.layers) > 1 else None
+        self.output = LiveOutput(self.rack or self.engine, device=cfg.device, channels=cfg.channels,
                                  block_frames=cfg.block_frames)
-        self.router = MidiRouter(self.surface)
+        self.router = MidiRouter(*(layer.surface for layer in self.layers))
         self.midi: MidiInput | None = None
         self.osc: OscServer | None = None
         self.web = None  # synthd.web.WebServer with --http-port
@@ -103,6 +102,32 @@ class Daemon:
         self._rendered_at_ping = -1
         self._next_summary = 0.0
 
+    def _build_layers(self, cfg: DaemonConfig, resumed: recovery.ResumeState | None) -> list[Layer]:
+        """Load every layer's model and patch. A layer that is refused is named in the log and
+        left out while the others play; ModelError or PatchError when none can play."""
+        specs = cfg.layer_specs()
+        if resumed:  # the first layer resumes with what it played
+            specs = [LayerSpec(specs[0].name, resumed.model, resumed.patch), *specs[1:]]
+        layers: list[Layer] = []
+        for spec in specs:
+            try:
+                model = load_model(spec.model)
+                patch = load_patch(spec.patch) if spec.patch else default_patch()
+            except (ModelError, PatchError) as exc:
+                if len(specs) == 1:
+                    raise
+                log.error("layer %s refused: %s", spec.name, exc)
+                continue
+            engine = engine_for(model, patch, channels=cfg.channels, block_frames=cfg.block_frames,
+                                threads=cfg.threads)
+            layers.append(Layer(spec.name, engine, ControlSurface(engine, patch)))
+        if not layers:
+            raise ModelError("no layer can play (each was refused: see above)")
+        return layers
+
+    def _layer(self, surface: ControlSurface | None) -> Layer:
+        return next((layer for layer in self.layers if layer.surface is surface), self.layers[0])
+
     def _restore_values(self, state: recovery.ResumeState) -> None:
         for label, wire in state.values.items():
             if self.surface.find(label) is not None:
@@ -116,7 +141,8 @@ class Daemon:
         resumed = self.resumed
         try:
             port = resumed.osc_port if resumed else self.cfg.osc_port
-            self.osc = OscServer(self.surface, self, host=self.cfg.osc_host, port=port)
+            self.osc = OscServer(self.surface, self, host=self.cfg.osc_host, port=port,
+                                 layers={layer.name: layer.surface for layer in self.layers})
             if self.cfg.midi_in:
                 self.midi = MidiInput(self.router, self.cfg.midi_in, wait_for_port=resumed is not None)
             self.output.start(fade_in_s=FADE_IN_S if resumed else 0.0)
@@ -140,10 +166,12 @@ class Daemon:
                         self.audio_reconnects)
 
     def startup_line(self) -> str:
-        model = self.engine.model
-        return (f"synthd: playing {model.name} ({model.path}, {model.latent_size} controls) on "
+        what = ", ".join(f"{layer.engine.model.name} ({layer.engine.model.path}, {layer.engine.model.latent_size} "
+                         f"controls, {layer.engine.voices} voice{'s' if layer.engine.voices > 1 else ''}"
+                         + (f", layer {layer.name}" if self.rack else "") + ")" for layer in self.layers)
+        return (f"synthd: playing {what} on "
                 f"{self.output.device_name} at {self.output.sample_rate} Hz, block {self.cfg.block_frames}, "
-                f"latency {self.engine.stats()['latency_ms']:.1f} ms; OSC {self.osc.endpoint}; "
+                f"latency {self.output.engine.stats()['latency_ms']:.1f} ms; OSC {self.osc.endpoint}; "
                 f"MIDI {self.midi.endpoint if self.midi else 'off'}; patch {self.surface.patch.name}"
                 + (f"; web {self.web.url}" if self.web else ""))
 
@@ -168,7 +196,7 @@ class Daemon:
         the daemon handles itself), and a fresh status line now and then."""
         now = time.monotonic()
         if self.notifier.ping_due():
-            rendered = self.engine.stats()["render_calls"]
+            rendered = self.output.engine.stats()["render_calls"]
             if rendered != self._rendered_at_ping or self._lost:
                 self._rendered_at_ping = rendered
                 self.notifier.ping()
@@ -242,20 +270,30 @@ class Daemon:
 
     # ---------------------------------------------------------------- OSC host
 
-    def status(self) -> dict[str, Any]:
-        stats = self.engine.stats()
+    def status(self, surface: ControlSurface | None = None) -> dict[str, Any]:
+        """The daemon's figures (all layers), or with `surface` one layer's with the daemon's
+        counters and the output's."""
+        layers = self.layers if surface is None else [self._layer(surface)]
+        if surface is None:
+            stats = self.output.engine.stats()
+        else:
+            stats = layers[0].engine.stats()
+            if self.rack is not None:  # the layer's engine has no output of its own: the rack's
+                stats.update({k: v for k, v in self.output.stats().items() if k != "latency_ms"})
         osc = self.osc.counters if self.osc else None
+        first = layers[0].surface
         stats.update({
             "invalid": (osc.invalid if osc else 0) + self.router.counters.invalid,
             "unknown": osc.unknown if osc else 0,
-            "clamped": self.surface.counters.clamped,
-            "gate": int(self.surface.gate_open),
-            "gain_db": self.surface.gain_db,
+            "clamped": sum(layer.surface.counters.clamped for layer in layers),
+            "gate": int(first.gate_open),
+            "gain_db": first.gain_db,
             "sysex": self.router.counters.sysex,
             "audio": "lost" if self._lost else "ok",
             "audio_losses": self.audio_losses,
             "audio_reconnects": self.audio_reconnects,
-            "voices_stolen": self.surface.voices.stolen if self.surface.voices is not None else 0,
+            "voices_stolen": sum(layer.summary()["voices_stolen"] for layer in layers),
+            "layers": len(layers),
         })
         if self.midi is not None:
             stats.update(self.midi.stats())
@@ -263,25 +301,30 @@ class Daemon:
             stats.update(self.web.stats())
         return stats
 
-    def load_model(self, name: str) -> str:
-        return self._use_model(in_folder(self.cfg.models_folder, name, ".ts"))
+    def layer_summaries(self) -> list[dict[str, Any]]:
+        return [layer.summary() for layer in self.layers]
 
-    def load_patch(self, name: str) -> str:
-        return self._use_patch(in_folder(self.cfg.patches_folder, name, ".toml"))
+    def load_model(self, name: str, surface: ControlSurface | None = None) -> str:
+        return self._use_model(in_folder(self.cfg.models_folder, name, ".ts"), self._layer(surface))
 
-    def _use_model(self, path: Path | str) -> str:
+    def load_patch(self, name: str, surface: ControlSurface | None = None) -> str:
+        return self._use_patch(in_folder(self.cfg.patches_folder, name, ".toml"), self._layer(surface))
+
+    def _use_model(self, path: Path | str, layer: Layer) -> str:
         model = load_model(path)  # ModelError leaves the old model playing
         with self._swap:
-            self.engine.swap_model(model, crossfade_s=self.cfg.crossfade)
-            self.surface.rebind(model=model)
-        log.info("model %s loaded from %s (crossfade %.0f ms)", model.name, path, 1000 * self.cfg.crossfade)
+            layer.engine.swap_model(model, crossfade_s=self.cfg.crossfade)
+            layer.surface.rebind(model=model)
+        log.info("model %s loaded from %s%s (crossfade %.0f ms)", model.name, path,
+                 f" into layer {layer.name}" if self.rack else "", 1000 * self.cfg.crossfade)
         return model.name
 
-    def _use_patch(self, path: Path | str | None) -> str:
+    def _use_patch(self, path: Path | str | None, layer: Layer) -> str:
         patch: Patch = load_patch(path) if path else default_patch()  # PatchError leaves the old patch
         with self._swap:
-            self.surface.rebind(patch=patch)
-        log.info("patch %s loaded from %s", patch.name, path or "the built-in default")
+            layer.surface.rebind(patch=patch)
+        log.info("patch %s loaded from %s%s", patch.name, path or "the built-in default",
+                 f" into layer {layer.name}" if self.rack else "")
         return patch.name
 
     # ---------------------------------------------------------------- SIGHUP
@@ -301,19 +344,25 @@ class Daemon:
             cfg = None
         if cfg is not None:
             self.cfg.model, self.cfg.patch = cfg.model, cfg.patch
-            for what, job in (("model", lambda: self._use_model(cfg.model)),
-                              ("patch", lambda: self._use_patch(cfg.patch))):
-                try:
-                    job()
-                except (ModelError, PatchError) as exc:
-                    log.error("reload: %s refused, the old one stays: %s", what, exc)
+            for spec in cfg.layer_specs():
+                layer = next((lay for lay in self.layers if lay.name == spec.name), None)
+                if layer is None:
+                    log.error("reload: layer %s is new; layers are added at start only", spec.name)
+                    continue
+                for what, job in (("model", lambda: self._use_model(spec.model, layer)),
+                                  ("patch", lambda: self._use_patch(spec.patch, layer))):
+                    try:
+                        job()
+                    except (ModelError, PatchError) as exc:
+                        where = f" of layer {spec.name}" if self.rack else ""
+                        log.error("reload: %s%s refused, the old one stays: %s", what, where, exc)
         self.notifier.send(READY=1, STATUS=self.summary())
 
     def summary(self) -> str:
         """One line for the service manager's status."""
         if self._lost:
             return f"audio lost ({self._lost}); serving OSC, looking for {self.output.device_name}"
-        stats = self.engine.stats()
+        stats = self.output.engine.stats()
         return (f"playing {stats['model']} on {self.output.device_name}; render load "
                 f"{stats['render_load_mean']:.2f}; underruns {stats.get('underruns', 0)}")
 

@@ -50,11 +50,18 @@ class MidiCounters:
 
 
 class MidiRouter:
-    """Applies MIDI messages to a control surface; `at` dates them on the audio clock."""
+    """Applies MIDI messages to the control surfaces of the layers; `at` dates them on the audio
+    clock. Each surface takes what its patch listens to: its channel, and for notes its key range
+    (a split), so layers on one channel with the same range play together (a layer)."""
 
-    def __init__(self, surface: ControlSurface):
-        self.surface = surface
+    def __init__(self, surface: ControlSurface, *more: ControlSurface):
+        self.surfaces = [surface, *more]
         self.counters = MidiCounters()
+
+    @property
+    def surface(self) -> ControlSurface:
+        """The first layer's surface."""
+        return self.surfaces[0]
 
     def handle_bytes(self, data: list[int] | bytes, *, at: int | None = None) -> None:
         """One raw MIDI message as a port delivers it."""
@@ -71,23 +78,28 @@ class MidiRouter:
     def handle(self, msg: mido.Message, *, at: int | None = None) -> None:
         """One parsed message (channels are 0-based in mido, 1-based in patches)."""
         self.counters.messages += 1
-        surface = self.surface
-        kind = msg.type
-        if kind == "sysex":
+        if msg.type == "sysex":
             self.counters.sysex += 1
             return
         if not hasattr(msg, "channel"):
             self.counters.ignored += 1
             return
-        channel = msg.channel + 1
-        if kind == "control_change":
-            if not surface.midi_cc(channel, msg.control, msg.value, at=at):
-                self.counters.ignored += 1
-            return
-        wanted = surface.patch.midi.channel
-        if wanted is not None and channel != wanted:
+        used = False
+        for surface in self.surfaces:
+            used = self._apply(surface, msg, msg.channel + 1, at) or used
+        if not used:
             self.counters.ignored += 1
-            return
+
+    def _apply(self, surface: ControlSurface, msg: mido.Message, channel: int, at: int | None) -> bool:
+        """Apply `msg` to one surface; whether it took it."""
+        kind = msg.type
+        if kind == "control_change":
+            return surface.midi_cc(channel, msg.control, msg.value, at=at)
+        midi = surface.patch.midi
+        if midi.channel is not None and channel != midi.channel:
+            return False
+        if kind in ("note_on", "note_off", "polytouch") and not midi.key_low <= msg.note <= midi.key_high:
+            return False
         if kind == "note_on":
             surface.note_on(msg.note, msg.velocity, channel=channel, at=at)
         elif kind == "note_off":
@@ -95,17 +107,16 @@ class MidiRouter:
         elif kind == "pitchwheel":
             surface.pitch_bend(msg.pitch, channel=channel, at=at)
         elif kind in ("aftertouch", "polytouch"):
-            note = msg.note if kind == "polytouch" else None
-            if not surface.pressure(msg.value, channel=channel, note=note, at=at):
-                self.counters.ignored += 1
-        elif kind == "program_change" and surface.patch.midi.program_change:
+            return surface.pressure(msg.value, channel=channel, note=msg.note if kind == "polytouch" else None, at=at)
+        elif kind == "program_change" and midi.program_change:
             try:
                 surface.recall_preset(msg.program, at=at)
             except KeyError:
                 log.info("program change %d: the patch has no preset with that program", msg.program)
-                self.counters.ignored += 1
+                return False
         else:
-            self.counters.ignored += 1
+            return False
+        return True
 
 
 def _free_client_name(api: int) -> str:

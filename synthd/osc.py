@@ -15,6 +15,10 @@ Addresses (numbers may be int or float everywhere; Pd sends floats, Max ints):
     /synthd/voices             -> one /synthd/voices.reply per voice: index i, state s
                                   (held, sustained, released, free), note i (-1: none),
                                   MIDI channel i (0: none), pitch f (model units, -1: none)
+    /synthd/layers             -> one /synthd/layers.reply per layer (fields: LAYER_FIELDS)
+    /synthd/layer/<name>/...   any address above, on layer <name> (`synthd run` with several
+                               models); the addresses without it act on the first layer, and
+                               /synthd/layer/<name>/status reports that layer alone
     /synthd/model/load s       a model NAME from the model folder (never a path)
     /synthd/patch/load s       a patch NAME from the patch folder (never a path)
     /synthd/patch/save         write learned mappings and presets to the patch file
@@ -63,6 +67,7 @@ from synthd.controls import ControlSurface
 log = logging.getLogger(__name__)
 
 PREFIX = "/synthd"
+LAYER_PREFIX = PREFIX + "/layer/"
 MAX_SUBSCRIBERS = 32
 MAX_DATAGRAM = 65535  # read whole datagrams, so a huge one is judged whole, not truncated
 RECEIVE_BUFFER = 4 << 20
@@ -79,7 +84,13 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("audio", str), ("audio_losses", int), ("audio_reconnects", int),
     ("midi", str), ("midi_losses", int), ("midi_reconnects", int),
     ("late_underruns", int), ("xrun_underruns", int), ("web_clients", int), ("web_refused", int),
-    ("voices", int), ("voices_sounding", int), ("voices_stolen", int),
+    ("voices", int), ("voices_sounding", int), ("voices_stolen", int), ("layers", int),
+)
+# (field of synthd.rack.Layer.summary(), OSC type) in the order /synthd/layers.reply sends them
+LAYER_FIELDS: tuple[tuple[str, type], ...] = (
+    ("name", str), ("model", str), ("patch", str), ("voices", int), ("voices_sounding", int),
+    ("voices_stolen", int), ("channel", int), ("key_low", int), ("key_high", int), ("gain_db", float),
+    ("nan_blocks", int), ("decode_errors", int),
 )
 
 Reply = tuple  # (address, *args)
@@ -88,11 +99,13 @@ Reply = tuple  # (address, *args)
 class Host(Protocol):
     """What the OSC server needs from the daemon beyond the control surface."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self, surface: ControlSurface | None = None) -> dict[str, Any]: ...  # of a layer, or all
 
-    def load_model(self, name: str) -> str: ...  # raises on refusal; returns what was loaded
+    def load_model(self, name: str, surface: ControlSurface | None = None) -> str: ...  # raises on refusal
 
-    def load_patch(self, name: str) -> str: ...
+    def load_patch(self, name: str, surface: ControlSurface | None = None) -> str: ...
+
+    def layer_summaries(self) -> list[dict[str, Any]]: ...  # see synthd.rack.Layer.summary
 
     def quit(self) -> None: ...
 
@@ -185,8 +198,10 @@ class _Server(BlockingOSCUDPServer):
 class OscServer:
     """Serves the OSC addresses above on UDP `host:port` in a thread of its own."""
 
-    def __init__(self, surface: ControlSurface, host_app: Host, *, host: str = "127.0.0.1", port: int = 9000):
-        self.surface = surface
+    def __init__(self, surface: ControlSurface, host_app: Host, *, host: str = "127.0.0.1", port: int = 9000,
+                 layers: dict[str, ControlSurface] | None = None):
+        self.surface = surface  # the first layer's: today's addresses act on it
+        self.layers = layers or {}
         self.app = host_app
         self.counters = OscCounters()
         self._subscribers: dict[tuple, Callable[[str, str, float], None]] = {}
@@ -200,13 +215,14 @@ class OscServer:
         self._server = _Server((host, port), self._dispatcher, self.counters)
         self.address: tuple[str, int] = self._server.server_address[:2]
         self._thread: threading.Thread | None = None
-        self._exact: dict[str, Callable[[OscMessage, tuple, int | None], list[Reply]]] = {
+        self._exact: dict[str, Callable[[OscMessage, tuple, int | None, ControlSurface], list[Reply]]] = {
             f"{PREFIX}/gain": self._gain,
             f"{PREFIX}/gate": self._gate,
             f"{PREFIX}/note": self._note,
             f"{PREFIX}/status": self._status,
             f"{PREFIX}/controls": self._controls,
             f"{PREFIX}/voices": self._voices,
+            f"{PREFIX}/layers": self._layers,
             f"{PREFIX}/model/load": self._model_load,
             f"{PREFIX}/patch/load": self._patch_load,
             f"{PREFIX}/patch/save": self._patch_save,
@@ -322,28 +338,43 @@ class OscServer:
         self._fails[client] = (start, sent + 1)
         return sent < FAIL_REPLIES_PER_S
 
+    def _layer_of(self, address: str) -> tuple[ControlSurface, str] | None:
+        """The surface an address acts on and the address within it: `/synthd/layer/<name>/x` is
+        `/synthd/x` on layer <name>; every other address acts on the first layer."""
+        if not address.startswith(LAYER_PREFIX):
+            return self.surface, address
+        name, _, rest = address[len(LAYER_PREFIX):].partition("/")
+        surface = self.layers.get(name)
+        return None if surface is None or not rest else (surface, f"{PREFIX}/{rest}")
+
     def _answer(self, msg: OscMessage, when: float, client: tuple) -> list[Reply]:
         self.counters.received += 1
         address = msg.address
         try:
-            handler = self._exact.get(address)
+            found = self._layer_of(address)
+            if found is None:
+                self.counters.unknown += 1
+                names = ", ".join(self.layers) or "none"
+                return [("/fail", address, f"no such layer (layers: {names})")]
+            surface, local = found
+            handler = self._exact.get(local)
             if handler is not None:
-                return handler(msg, client, self._at(when))
+                return handler(msg, client, self._at(when), surface)
             name = None
-            if address.startswith(f"{PREFIX}/control/"):
-                name = address[len(PREFIX) + 9:]
-            elif address.startswith(f"{PREFIX}/latent/"):
-                name = address[len(PREFIX) + 8:]
+            if local.startswith(f"{PREFIX}/control/"):
+                name = local[len(PREFIX) + 9:]
+            elif local.startswith(f"{PREFIX}/latent/"):
+                name = local[len(PREFIX) + 8:]
                 if not name.isdigit():
                     raise Refused(f"{name!r} is not a latent index")
-            elif self.surface.find(address) is not None:
-                name = address  # a patch alias given as a whole address
-            if name is None or self.surface.find(name) is None:
+            elif surface.find(local) is not None:
+                name = local  # a patch alias given as a whole address
+            if name is None or surface.find(name) is None:
                 self.counters.unknown += 1
                 return [("/fail", address, "unknown address" if name is None else f"no control {name!r}")]
             if len(msg.params) != 1:
                 raise Refused("expects exactly one number, 0..1")
-            self.surface.set(name, _number(msg), at=self._at(when), origin=self._origin(client))
+            surface.set(name, _number(msg), at=self._at(when), origin=self._origin(client))
             return []
         except Refused as exc:
             self.counters.invalid += 1
@@ -357,46 +388,51 @@ class OscServer:
 
     # ---------------------------------------------------------------- handlers
 
-    def _gain(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _gain(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         if len(msg.params) != 1:
             raise Refused("expects exactly one number, in dB")
-        self.surface.set_gain_db(_number(msg), at=at, origin=self._origin(client))
+        surface.set_gain_db(_number(msg), at=at, origin=self._origin(client))
         return []
 
-    def _gate(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _gate(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         if len(msg.params) not in (1, 2):
             raise Refused("expects 0 or 1, and optionally a velocity 0..1")
         on = _number(msg) >= 0.5
         velocity = _number(msg, 1) if len(msg.params) > 1 else 1.0
         if not 0.0 <= velocity <= 1.0:
-            self.surface.counters.clamped += 1
+            surface.counters.clamped += 1
             velocity = min(1.0, max(0.0, velocity))
-        self.surface.set_gate(on, velocity=velocity, at=at, origin=self._origin(client))
+        surface.set_gate(on, velocity=velocity, at=at, origin=self._origin(client))
         return []
 
-    def _note(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _note(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         if len(msg.params) != 2:
             raise Refused("expects a note number 0..127 and a velocity 0..127 (0 releases)")
         note, velocity = _number(msg), _number(msg, 1)
         if not (note.is_integer() and 0 <= note <= 127 and 0 <= velocity <= 127):
             raise Refused("expects a note number 0..127 and a velocity 0..127 (0 releases)")
         if velocity > 0:
-            self.surface.note_on(int(note), max(1, int(round(velocity))), at=at)
+            surface.note_on(int(note), max(1, int(round(velocity))), at=at)
         else:
-            self.surface.note_off(int(note), at=at)
+            surface.note_off(int(note), at=at)
         return []
 
-    def _status(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
-        status = self.app.status()
+    def _status(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
+        # /synthd/status is the whole daemon's; /synthd/layer/<name>/status that layer's
+        status = self.app.status(surface if msg.address.startswith(LAYER_PREFIX) else None)
         return [("/synthd/status.reply", *(kind(status.get(key, kind())) for key, kind in STATUS_FIELDS))]
 
-    def _controls(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
-        return [("/synthd/controls.reply", label, index, float(wire), float(value), float(lo), float(hi), source)
-                for label, index, wire, value, lo, hi, source in self.surface.snapshot()]
+    def _layers(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
+        return [("/synthd/layers.reply", *(kind(row[key]) for key, kind in LAYER_FIELDS))
+                for row in self.app.layer_summaries()]
 
-    def _voices(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _controls(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
+        return [("/synthd/controls.reply", label, index, float(wire), float(value), float(lo), float(hi), source)
+                for label, index, wire, value, lo, hi, source in surface.snapshot()]
+
+    def _voices(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         return [("/synthd/voices.reply", index, state, note, channel, float(pitch))
-                for index, state, note, channel, pitch in self.surface.voice_snapshot()]
+                for index, state, note, channel, pitch in surface.voice_snapshot()]
 
     def _in_background(self, address: str, client: tuple, job: Callable[[], str]) -> list[Reply]:
         """Run a slow job (a model load) off the server thread; reply when it ends."""
@@ -418,52 +454,52 @@ class OscServer:
         threading.Thread(target=run, name="synthd-load", daemon=True).start()
         return []
 
-    def _model_load(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _model_load(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         name = _text(msg)
-        return self._in_background(msg.address, client, lambda: self.app.load_model(name))
+        return self._in_background(msg.address, client, lambda: self.app.load_model(name, surface))
 
-    def _patch_load(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _patch_load(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         name = _text(msg)
-        return self._in_background(msg.address, client, lambda: self.app.load_patch(name))
+        return self._in_background(msg.address, client, lambda: self.app.load_patch(name, surface))
 
-    def _patch_save(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _patch_save(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         try:
-            return [("/done", msg.address, self.surface.save_patch())]
+            return [("/done", msg.address, surface.save_patch())]
         except Exception as exc:  # PatchError or OSError: the file is as it was
             return [("/fail", msg.address, str(exc))]
 
-    def _learn(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
-        return [("/done", msg.address, self.surface.arm_learn(_text(msg)))]
+    def _learn(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
+        return [("/done", msg.address, surface.arm_learn(_text(msg)))]
 
-    def _preset_save(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _preset_save(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         try:
-            preset = self.surface.save_preset(_text(msg))
+            preset = surface.save_preset(_text(msg))
         except OSError as exc:
             return [("/fail", msg.address, f"preset kept in memory, but the patch file cannot be written: {exc}")]
         return [("/done", msg.address, preset.name)]
 
-    def _preset_recall(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _preset_recall(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         args = msg.params
         if len(args) == 1 and isinstance(args[0], (int, float)) and not isinstance(args[0], bool):
             key: str | int = int(args[0])
         else:
             key = _text(msg)
-        return [("/done", msg.address, self.surface.recall_preset(key, at=at).name)]
+        return [("/done", msg.address, surface.recall_preset(key, at=at).name)]
 
-    def _notify(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _notify(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         if client in self._external:
             raise Refused("a WebSocket client asks for values with LISTEN")
         on = _number(msg) >= 0.5
         old = self._subscribers.pop(client, None)
         if old is not None:
-            self.surface.unsubscribe(old)
+            surface.unsubscribe(old)
         if on:
             if len(self._subscribers) >= MAX_SUBSCRIBERS:
                 raise Refused(f"already {MAX_SUBSCRIBERS} subscribers")
             self._subscribe(client)
         return [("/done", msg.address, 1 if on else 0)]
 
-    def _replyport(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _replyport(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         if client in self._external:
             raise Refused("a WebSocket client gets its replies on its connection")
         port = _number(msg)
@@ -486,7 +522,7 @@ class OscServer:
                 self.send(client, f"{PREFIX}/gate", int(value))
         return fn
 
-    def _quit(self, msg: OscMessage, client: tuple, at: int | None) -> list[Reply]:
+    def _quit(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         self.app.quit()
         return [("/done", msg.address)]
 

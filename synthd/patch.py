@@ -33,6 +33,8 @@ Schema, version 1 (every key optional unless marked):
     note_control = "pitch"           # the control a note sets ("" for none); default "pitch"
     note_low = 36                    # this note sets note_control to wire value 0 ...
     note_high = 96                   # ... and this one to 1 (linear in between)
+    key_low = 0                      # notes below key_low or above key_high are not played:
+    key_high = 127                   # a layer's share of a split keyboard
     bend_control = ""                # control that pitch bend moves ("" for none)
     bend_depth = 0.0833              # wire units added at full bend up (subtracted at full down)
     bend_range = 2.0                 # semitones of full bend, for a pitch input in MIDI units
@@ -172,6 +174,8 @@ class MidiSettings:
     bend_depth: float = 1.0 / 12.0
     bend_range: float = 2.0
     glide: float = 0.0
+    key_low: int = 0
+    key_high: int = 127
     velocity_control: str = ""
     pressure_control: str = ""
     slide_control: str = ""
@@ -392,6 +396,7 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
         note_high=m.integer("note_high", 96, 0, 127), bend_control=m.get("bend_control", str, ""),
         bend_depth=m.number("bend_depth", 1.0 / 12.0, 0.0, 1.0),
         bend_range=m.number("bend_range", 2.0, 0.0, 96.0), glide=m.number("glide", 0.0, 0.0, 30.0),
+        key_low=m.integer("key_low", 0, 0, 127), key_high=m.integer("key_high", 127, 0, 127),
         velocity_control=m.get("velocity_control", str, ""), pressure_control=m.get("pressure_control", str, ""),
         slide_control=m.get("slide_control", str, ""), mpe=m.get("mpe", str, "off"),
         mpe_bend_range=m.number("mpe_bend_range", 48.0, 0.0, 96.0))
@@ -399,6 +404,8 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
         raise m.fail("mpe", f"{patch.midi.mpe!r} is not one of {', '.join(MPE_ZONES)}")
     if patch.midi.mpe != "off" and patch.midi.channel is not None:
         raise m.fail("channel", "an MPE zone sets its own channels: leave `channel` at \"omni\" with `mpe`")
+    if patch.midi.key_high < patch.midi.key_low:
+        raise m.fail("key_high", f"{patch.midi.key_high} is below key_low {patch.midi.key_low}")
     if patch.midi.note_high <= patch.midi.note_low:
         raise m.fail("note_high", f"{patch.midi.note_high} must be above note_low {patch.midi.note_low}")
     for key in ("note_control", "bend_control", "velocity_control", "pressure_control", "slide_control"):
