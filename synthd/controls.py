@@ -267,6 +267,15 @@ class ControlSurface:
     def _apply(self, c: Control, *, glide_s: float | None, at: int | None, origin: object) -> None:
         glide = c.mapping.smoothing if glide_s is None else glide_s
         self.engine.set_latent(c.info.index, c.model_value(), glide_s=glide, at=at)
+        mid = self.patch.midi
+        if self.voices is not None and c.info.label in (mid.pressure_control, mid.slide_control):
+            # the notes that press or slide this control ride on its knob: they follow it
+            now = self._now(at)
+            for v, voice in enumerate(self.voices.voices):
+                extra = voice.extra
+                if self.voices.sounding(v, now) and (extra.get("pressure") is not None
+                                                     or extra.get("slide") is not None):
+                    self._post_voice(v, at)
         self._notify("control", c.info.label, c.wire, origin)
 
     def set(self, key: str | int, value: float, *, glide_s: float | None = None, at: int | None = None,
@@ -570,11 +579,17 @@ class ControlSurface:
                 values[pitch.info.index] = min(pitch.info.maximum, max(pitch.info.minimum, note + bend))
             elif c is not None:
                 values[c.info.index] = c.at_wire((note - mid.note_low) / (mid.note_high - mid.note_low))
-        for name, key in ((mid.velocity_control, "velocity"), (mid.pressure_control, "pressure"),
-                          (mid.slide_control, "slide")):
+        wires: dict[int, tuple[Control, float]] = {}  # index -> (control, wire value for this note)
+        c = self.find(mid.velocity_control) if mid.velocity_control else None
+        if c is not None:  # as with one voice, velocity sets its control outright
+            wires[c.info.index] = (c, extra["velocity"])
+        # pressure and slide are offsets on top of their control's knob (or velocity), for this note
+        for name, key in ((mid.pressure_control, "pressure"), (mid.slide_control, "slide")):
             c = self.find(name) if name else None
             if c is not None and extra.get(key) is not None:
-                values[c.info.index] = c.at_wire(extra[key])
+                wires[c.info.index] = (c, wires.get(c.info.index, (c, c.wire))[1] + extra[key])
+        for index, (c, wire) in wires.items():
+            values[index] = c.at_wire(wire)
         return values
 
     def _post_voice(self, v: int, at: int | None) -> None:

@@ -240,3 +240,25 @@ def test_render_plays_an_mpe_chord_file_in_tune_and_the_same_twice(pitched, tmp_
     # after the bend: 57 and 64 as before, 61 now on 66
     assert_plays(y[seconds(1.1):seconds(1.95)], RATE, [57, 64, 66])
     assert_silent_at(y[seconds(1.1):seconds(1.95)], RATE, [61])
+
+
+def test_mpe_pressure_and_slide_ride_on_their_knob_for_one_note(pitched):
+    engine, surface, router = rig(pitched, MPE + 'pressure_control = "timbre_1"\nslide_control = "timbre_2"\n')
+    t1, t2 = surface.find("timbre_1"), surface.find("timbre_2")
+    surface.set("timbre_1", 0.3, at=0)
+    router.handle_bytes([0x91, 60, 100], at=100)  # member channel 2
+    router.handle_bytes([0x92, 64, 100], at=100)  # member channel 3
+    router.handle_bytes([0xD1, 64], at=2000)  # channel pressure on channel 2 only
+    router.handle_bytes([0xB2, 74, 127], at=2000)  # slide on channel 3 only
+    surface.set("timbre_1", 0.1, at=8000)  # the knob moves: the pressed note rides on it
+    rows = {}
+    for until in (6000, 12000):
+        play(engine, (until - engine.clock) / RATE)
+        held = {r[2]: r[0] for r in surface.voice_snapshot() if r[1] == "held"}
+        target = engine._active.target
+        rows[until] = {note: (target[v, t1.info.index], target[v, t2.info.index]) for note, v in held.items()}
+    assert rows[6000][60][0] == pytest.approx(t1.at_wire(0.3 + 64 / 127))
+    assert rows[6000][64][0] == pytest.approx(t1.at_wire(0.3))
+    assert rows[6000][64][1] == pytest.approx(t2.at_wire(1.0)) and rows[6000][60][1] == pytest.approx(t2.model_value())
+    assert rows[12000][60][0] == pytest.approx(t1.at_wire(0.1 + 64 / 127))
+    assert rows[12000][64][0] == pytest.approx(t1.at_wire(0.1))
