@@ -6,6 +6,10 @@ synthd's virtual JACK MIDI input. Prints underruns, render time (mean, p99, max,
 the block's time budget), NaN blocks, invalid messages, JACK server xruns, and synthd's
 resident memory at the start (after a warm-up) and at the end.
 
+With `--chords R` (a model with a pitch input: 8 voices), an 8-note chord is held all along and
+changes R times a second (all eight notes released, eight others pressed), so every voice is
+always sounding and every new note steals one still in its release.
+
 With `--web-clients N`, synthd also serves HTTP and N WebSocket clients LISTEN to every
 control and the gain the whole time (OSCQuery pushes, at most 60 per second and path).
 
@@ -70,6 +74,24 @@ def midi_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[int
     paced(rate, stop, sent, send)
 
 
+def chord_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[int]) -> None:
+    """An 8-note chord, a new one every 1/rate s (the old one released first); `sent` counts notes."""
+    held: list[int] = []
+
+    def send(i: int, t: float) -> None:
+        for note in held:
+            rig.midi.send_message([0x80, note, 0])
+        root = 36 + (i * 5) % 24
+        held[:] = [root + step for step in (0, 4, 7, 11, 14, 17, 21, 24)]
+        for note in held:
+            rig.midi.send_message([0x90, note, 90])
+        sent[0] = (i + 1) * 8
+
+    paced(rate, stop, [0], send)
+    for note in held:
+        rig.midi.send_message([0x80, note, 0])
+
+
 def web_clients(url: str, paths: list[str], count: int, stop: threading.Event, received: list[int]) -> None:
     """`count` WebSocket clients LISTENing to `paths` until `stop`; `received[0]` counts pushes."""
     import aiohttp
@@ -108,6 +130,8 @@ def main() -> int:
     parser.add_argument("--osc-rate", type=float, default=1000.0, help="OSC messages per second (default 1000)")
     parser.add_argument("--cc-rate", type=float, default=100.0, help="MIDI CCs per second (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="synthd's torch threads (default 1)")
+    parser.add_argument("--chords", type=float, default=0.0, help="chord changes per second, 8 notes held "
+                        "(default 0: no notes)")
     parser.add_argument("--web-clients", type=int, default=0, help="WebSocket clients listening to every "
                         "control (default 0: no HTTP)")
     args = parser.parse_args()
@@ -127,9 +151,12 @@ def main() -> int:
         before = rig.status()
         xruns_before = rig.xruns
         stop = threading.Event()
-        osc_sent, cc_sent, pushed = [0], [0], [0]
+        osc_sent, cc_sent, pushed, notes_sent = [0], [0], [0], [0]
         workers = [threading.Thread(target=osc_stream, name="osc", args=(rig, names, args.osc_rate, stop, osc_sent), daemon=True),
                    threading.Thread(target=midi_stream, name="midi", args=(rig, args.cc_rate, stop, cc_sent), daemon=True)]
+        if args.chords:
+            workers.append(threading.Thread(target=chord_stream, name="chords", daemon=True,
+                                            args=(rig, args.chords, stop, notes_sent)))
         if args.web_clients:
             url = re.search(r"web (http://\S+)", rig.synthd.startup).group(1)
             paths = [f"/synthd/control/{n}" for n in names] + ["/synthd/gain"]
@@ -181,6 +208,9 @@ def main() -> int:
     print(f"  NaN blocks          {after['nan_blocks'] - before['nan_blocks']}")
     print(f"  messages            OSC {osc_sent[0]} ({osc_sent[0] / elapsed:.0f}/s), MIDI CC {cc_sent[0]}, "
           f"invalid {after['invalid'] - before['invalid']}, clamped {after['clamped'] - before['clamped']}")
+    if args.chords:
+        print(f"  notes               {notes_sent[0]} note-ons ({args.chords:g} chords of 8 a second), voices "
+              f"{after['voices']}, stolen {after['voices_stolen'] - before['voices_stolen']}")
     if args.web_clients:
         print(f"  WebSocket clients   {args.web_clients}, listening to {len(names) + 1} paths each: "
               f"{pushed[0]} pushes ({pushed[0] / elapsed / args.web_clients:.0f}/s per client)")

@@ -90,13 +90,18 @@ class LiveOutput:
         self._resampler = (soxr.ResampleStream(engine.sample_rate, self.sample_rate, channels,
                                                dtype="float32", quality="HQ")
                            if self.sample_rate != engine.sample_rate else None)
-        # how far the render thread stays ahead: enough blocks to ride out one slow render,
-        # and at least one whole decode call (a model's frame can be longer than a block)
+        # how far the render thread stays ahead: `ahead_blocks` device blocks, to ride out slow
+        # renders, and at least one whole decode call beyond the blocks after the first (a model's
+        # frame can be longer than a block). Each block ahead is a block of latency for what goes
+        # through the model (controls, and notes of several voices).
+        if ahead_blocks < 1:
+            raise AudioError(f"ahead_blocks {ahead_blocks} must be at least 1")
         model = engine.model
         decode_frames = math.ceil(engine.block_frames / model.hop) * model.hop
         self._ratio = self.sample_rate / engine.sample_rate
         self.target_fill = int(math.ceil(max(ahead_blocks * block_frames,
-                                             (decode_frames + engine.block_frames) * self._ratio)))
+                                             (decode_frames + (ahead_blocks - 1) * engine.block_frames)
+                                             * self._ratio)))
         self._ring = RingBuffer(self.target_fill + 4 * max(block_frames, engine.block_frames) + 64, channels)
         self._fade = dsp.Ramp(1.0)
         self._fading_out = False

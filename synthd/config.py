@@ -9,6 +9,7 @@ A config file uses the option names with underscores, all at the top level:
     device = "system"                    # audio device: name substring or index
     channels = 2
     block_frames = 256
+    ahead_blocks = 2                     # blocks rendered ahead of the device (1: less latency, less margin)
     threads = 1
     osc_host = "0.0.0.0"
     osc_port = 9000
@@ -65,6 +66,7 @@ class DaemonConfig:
     device: str | None = None
     channels: int = 2
     block_frames: int = 256
+    ahead_blocks: int = 2
     threads: int = 1
     osc_host: str = "127.0.0.1"
     osc_port: int = 9000
@@ -94,6 +96,8 @@ class DaemonConfig:
             raise ConfigError(f"channels {self.channels} is outside 1..64")
         if not 16 <= self.block_frames <= 8192:
             raise ConfigError(f"block_frames {self.block_frames} is outside 16..8192")
+        if not 1 <= self.ahead_blocks <= 16:
+            raise ConfigError(f"ahead_blocks {self.ahead_blocks} is outside 1..16")
         if not 1 <= self.threads <= 64:
             raise ConfigError(f"threads {self.threads} is outside 1..64")
         if not 0 <= self.osc_port <= 65535:
@@ -120,7 +124,7 @@ class DaemonConfig:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_dir": (str,), "patch": (str,), "patch_dir": (str,), "device": (str, int),
-    "channels": (int,), "block_frames": (int,), "threads": (int,), "osc_host": (str,), "osc_port": (int,),
+    "channels": (int,), "block_frames": (int,), "ahead_blocks": (int,), "threads": (int,), "osc_host": (str,), "osc_port": (int,),
     "midi_in": (str,), "log_level": (str,), "crossfade": (float,),
     "http_port": (int,), "http_host": (str,), "http_token": (str,), "zeroconf": (bool,),
 }
@@ -139,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="audio output device: index or part of its name (`synthd devices`)")
     parser.add_argument("--channels", type=int, help="output channels (default 2)")
     parser.add_argument("--block-frames", type=int, help="frames per render block (default 256)")
+    parser.add_argument("--ahead-blocks", type=int, help="blocks the render thread keeps ahead of the device "
+                        "(default 2; 1 takes a block off the latency of notes and controls, and leaves "
+                        "less margin for a slow render)")
     parser.add_argument("--threads", type=int, help="torch threads of the render thread (default 1)")
     parser.add_argument("--osc-host", help="OSC host to listen on (default 127.0.0.1)")
     parser.add_argument("--osc-port", type=int, help="OSC UDP port (default 9000; 0 picks a free one)")

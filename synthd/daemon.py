@@ -86,7 +86,7 @@ class Daemon:
         # one layer plays on its engine alone: its gain and gate act in the audio callback
         self.rack = Rack(self.layers) if len(self.layers) > 1 else None
         self.output = LiveOutput(self.rack or self.engine, device=cfg.device, channels=cfg.channels,
-                                 block_frames=cfg.block_frames)
+                                 block_frames=cfg.block_frames, ahead_blocks=cfg.ahead_blocks)
         self.router = MidiRouter(*(layer.surface for layer in self.layers))
         self.midi: MidiInput | None = None
         self.osc: OscServer | None = None
