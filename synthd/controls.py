@@ -37,6 +37,7 @@ DEFAULT_VOICES = 8
 SUSTAIN_CC = 64
 SLIDE_CC = 74  # MPE's third dimension: forward and back on the key
 GATE_KEY = "gate"  # the voice the gate's drone plays (several voices)
+ALL_SOUND_OFF_CC, ALL_NOTES_OFF_CC = 120, 123  # channel mode messages: the panic buttons
 
 Subscriber = Callable[[str, str, float], None]  # (kind: "control"|"gain"|"gate", name, value)
 
@@ -335,6 +336,9 @@ class ControlSurface:
             if self.learning is not None:
                 self._learn(channel, number)
                 return True
+            if number in (ALL_SOUND_OFF_CC, ALL_NOTES_OFF_CC) and not self._listened(channel, number):
+                self.all_notes_off(at=at, now=number == ALL_SOUND_OFF_CC)
+                return True
             if self.voices is not None and not self._listened(channel, number):
                 if number == SUSTAIN_CC:
                     now = self._now(at)
@@ -497,6 +501,23 @@ class ControlSurface:
                 return
             c.offset = amount * mid.bend_depth
             self.engine.set_latent(c.info.index, c.model_value(), glide_s=0.0, at=at)
+
+    def all_notes_off(self, *, at: int | None = None, now: bool = False) -> None:
+        """Release every note, pedal or not (MIDI's All Notes Off); with `now`, fade them out at
+        once instead of over their release (All Sound Off)."""
+        with self._lock:
+            if self.voices is None:
+                self._notes.held.clear()
+                if self.patch.midi.notes:
+                    self.set_gate(False, at=at)
+                return
+            clock = self._now(at)
+            self.voices.pedal(False, clock, self._release_samples())
+            for v in range(self.engine.voices):
+                if self.voices.sounding(v, clock):
+                    self.voices.release(self.voices.voices[v].key, clock, 0 if now else self._release_samples())
+                    self.engine.note_off(v, at=at, fade=now)
+            self.gate_open = False
 
     def pressure(self, value: int, *, channel: int | None = None, note: int | None = None,
                  at: int | None = None) -> bool:

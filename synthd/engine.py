@@ -283,6 +283,7 @@ class Engine:
         self._seq = itertools.count()
         self._latent_events = _Queue()
         self._note_events = _Queue()  # envelope events of the voices, sample-accurate
+        self._note_at = [0] * voices  # when each voice's latest note starts
         self._rendered = 0
         self._generation = 0
         self._model = model
@@ -385,11 +386,12 @@ class Engine:
                 raise ValueError(f"voice {voice}: latent {i} = {v} is not a latent value of model {self._model.name}")
         self._post("note", at, (self._generation, voice, velocity, clean, self._glide_frames(glide_s), steal))
 
-    def note_off(self, voice: int, *, at: int | None = None) -> None:
-        """Release `voice` (on the frame boundary after `at`, as its note started)."""
+    def note_off(self, voice: int, *, at: int | None = None, fade: bool = False) -> None:
+        """Release `voice` (on the frame boundary after `at`, as its note started); with `fade`,
+        fade it out over STEAL_S at `at` instead (all sound off)."""
         if not 0 <= voice < self.voices or self.voices == 1:
             raise ValueError(f"voice {voice} is outside 0..{self.voices - 1} (note_off needs several voices)")
-        self._post("off", at, (self._generation, voice))
+        self._post("cut" if fade else "off", at, (self._generation, voice))
 
     def swap_model(self, model: Model, *, crossfade_s: float = 0.05) -> None:
         """Crossfade to `model` over `crossfade_s`; the stream never stops.
@@ -449,12 +451,19 @@ class Engine:
                 self.envelope = ev.args[0]
                 for env in self._envelopes:
                     env.configure(*self._envelope_samples())
-            elif ev.kind == "note" and ev.args[5]:
-                # a stolen voice fades out first; its new note follows on the frame after the fade
+            elif ev.kind == "cut":
                 self._note_events.push(_Event(ev.at, ev.seq, "fade", (ev.args[1],)))
-                ev.at += int(STEAL_S * self.sample_rate)
+            elif ev.kind == "note":
+                voice = ev.args[1]
+                if ev.args[5]:
+                    # a stolen voice fades out first; its new note follows on the frame after the fade
+                    self._note_events.push(_Event(ev.at, ev.seq, "fade", (voice,)))
+                    ev.at += int(STEAL_S * self.sample_rate)
+                self._note_at[voice] = ev.at
                 self._latent_events.push(ev)
             else:
+                if ev.kind == "off":  # never before the note it ends (which a steal may delay)
+                    ev.at = max(ev.at, self._note_at[ev.args[1]])
                 self._latent_events.push(ev)
 
     def _apply_latent_events(self, instance: _Instance, until: float) -> None:

@@ -157,6 +157,21 @@ def test_the_sustain_pedal_holds_notes_after_their_keys_go_up(pitched):
     assert np.abs(x[seconds(1.12):]).max() < 1e-4  # pedal up: released (50 ms release)
 
 
+def test_all_notes_off_releases_even_sustained_notes_and_all_sound_off_cuts_at_once(pitched):
+    engine, surface, router = rig(pitched, KEYS.replace("release = 0.05", "release = 2.0"))
+    router.handle_bytes([0xB0, 64, 127], at=seconds(0.05))
+    router.handle_bytes([0x90, 60, 100], at=seconds(0.1))
+    router.handle_bytes([0x90, 64, 100], at=seconds(0.1))
+    router.handle_bytes([0x80, 60, 0], at=seconds(0.2))  # held on by the pedal
+    router.handle_bytes([0xB0, 123, 0], at=seconds(0.5))  # all notes off: both released (2 s release)
+    router.handle_bytes([0xB0, 120, 0], at=seconds(0.8))  # all sound off: cut within 5 ms
+    x = play(engine, 1.0)
+    assert [r[1] for r in surface.voice_snapshot()].count("held") == 0
+    assert np.abs(x[seconds(0.6):seconds(0.75)]).max() > 0.05  # releasing, not cut
+    # cut: what is left is the DC blocker settling
+    assert np.abs(x[seconds(0.82):]).max() < 5e-3 and engine.stats()["voices_sounding"] == 0
+
+
 MPE = KEYS + """[midi]
 mpe = "lower"
 mpe_bend_range = 48.0
@@ -262,3 +277,19 @@ def test_mpe_pressure_and_slide_ride_on_their_knob_for_one_note(pitched):
     assert rows[6000][64][1] == pytest.approx(t2.at_wire(1.0)) and rows[6000][60][1] == pytest.approx(t2.model_value())
     assert rows[12000][60][0] == pytest.approx(t1.at_wire(0.1 + 64 / 127))
     assert rows[12000][64][0] == pytest.approx(t1.at_wire(0.1))
+
+
+def test_a_note_released_before_its_steal_fade_ends_still_ends(pitched):
+    # the ninth note waits 5 ms for the voice it steals to fade; its key-up comes sooner
+    engine, surface, _ = rig(pitched)
+    chord = [48, 50, 52, 53, 55, 57, 59, 60]
+    for n in chord:  # events in time order, as a port delivers them
+        surface.note_on(n, 100, at=seconds(0.05))
+    surface.note_on(80, 100, at=seconds(0.2))
+    surface.note_off(80, at=seconds(0.2) + 1)
+    play(engine, 0.3)
+    assert [r[1] for r in surface.voice_snapshot()].count("held") == 7
+    for n in chord:
+        surface.note_off(n, at=seconds(0.35))
+    play(engine, 0.3)
+    assert engine.stats()["voices_sounding"] == 0

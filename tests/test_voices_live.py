@@ -3,6 +3,8 @@ MIDI port into `synthd run` and read at its JACK output, on a model with a pitch
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -105,4 +107,34 @@ def test_mpe_per_note_bend_moves_one_note_only(jack_server, synthd, midi_out, os
     ])
     plays(span(x, 0.25, 0.95), [60, 67], window_s=0.14)
     plays(span(x, 1.1, 2.05), [62, 67])
-    assert_silent_at(span(x, 1.1, 2.05), RATE, [60])
+    assert_silent_at(span(x, 1.1, 2.05), RATE, [60], window_s=0.19)
+
+
+def test_a_flood_of_note_ons_is_counted_as_steals_and_all_notes_off_clears_it(synthd, midi_out, osc):  # noqa: F811
+    before = osc.status()
+    # 10 000 note-ons a second for half a second, each released 20 ms later; JACK's MIDI buffers
+    # drop what does not fit a period (note-offs too), the rest reaches the voices
+    t0 = time.monotonic()
+    pending: list[tuple[float, int]] = []
+    for i in range(5000):
+        while time.monotonic() < t0 + i / 10000:
+            pass
+        note = 36 + (i * 7) % 60
+        midi_out.send_message([0x90, note, 100])
+        pending.append((time.monotonic() + 0.02, note))
+        while pending and pending[0][0] <= time.monotonic():
+            midi_out.send_message([0x80, pending.pop(0)[1], 0])
+    for _, note in pending:
+        midi_out.send_message([0x80, note, 0])
+    time.sleep(0.3)
+    after = osc.status()
+    assert synthd.alive and after["voices_stolen"] - before["voices_stolen"] > 100, (before, after)
+    assert after["nan_blocks"] == before["nan_blocks"]
+    # a note-off JACK dropped leaves its note held, in any synth: All Notes Off is the panic button
+    midi_out.send_message([0xB0, 123, 0])
+    deadline = time.monotonic() + 5.0  # the MIDI reader may still be working through the flood
+    while osc.status()["voices_sounding"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert osc.status()["voices_sounding"] == 0
+    osc.send("/synthd/voices")
+    assert [r[1][1] for r in osc.replies(count=8)] == ["free"] * 8
