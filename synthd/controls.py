@@ -38,6 +38,10 @@ SUSTAIN_CC = 64
 SLIDE_CC = 74  # MPE's third dimension: forward and back on the key
 GATE_KEY = "gate"  # the voice the gate's drone plays (several voices)
 ALL_SOUND_OFF_CC, ALL_NOTES_OFF_CC = 120, 123  # channel mode messages: the panic buttons
+# registered parameters (RPN): CC 101/100 select one, CC 6 sets it. MPE controllers send
+# "pitch bend sensitivity" (0, 0) and the MPE configuration message (0, 6) when they connect
+RPN_MSB_CC, RPN_LSB_CC, DATA_ENTRY_CC = 101, 100, 6
+RPN_BEND_RANGE, RPN_MPE_CONFIG, RPN_NONE = (0, 0), (0, 6), (127, 127)
 
 Subscriber = Callable[[str, str, float], None]  # (kind: "control"|"gain"|"gate", name, value)
 
@@ -145,6 +149,9 @@ class ControlSurface:
         self._channel_bend: dict[int, float] = {}  # MPE member channel -> semitones
         self._channel_pressure: dict[int, float] = {}  # MPE member channel -> wire value
         self._channel_slide: dict[int, float] = {}
+        self._rpn: dict[int, list[int]] = {}  # channel -> the RPN selected (MSB, LSB)
+        self._zone = patch.midi.mpe_zone()  # (master, member channels), as the patch or an MCM says
+        self._bend_ranges = (patch.midi.bend_range, patch.midi.mpe_bend_range)  # master, members (RPN 0)
         self._bind(engine.model, patch, keep={})
         self.gate_open = False
         engine.set_gain_db(self.gain_db)
@@ -206,6 +213,8 @@ class ControlSurface:
                 self.dirty = False
                 self.gain_db = patch.gain_db
                 self.engine.set_gain_db(self.gain_db)
+                self._zone = patch.midi.mpe_zone()
+                self._bend_ranges = (patch.midi.bend_range, patch.midi.mpe_bend_range)
                 if self.voices is not None:
                     self.engine.set_envelope(envelope_of(patch))
                     wanted = voice_count(patch, self.engine.model)
@@ -338,6 +347,9 @@ class ControlSurface:
                 return True
             if number in (ALL_SOUND_OFF_CC, ALL_NOTES_OFF_CC) and not self._listened(channel, number):
                 self.all_notes_off(at=at, now=number == ALL_SOUND_OFF_CC)
+                return True
+            if number in (RPN_MSB_CC, RPN_LSB_CC, DATA_ENTRY_CC) and not self._listened(channel, number):
+                self._registered(channel, number, value)
                 return True
             if self.voices is not None and not self._listened(channel, number):
                 if number == SUSTAIN_CC:
@@ -485,16 +497,16 @@ class ControlSurface:
             amount = max(-1.0, min(1.0, value / 8192.0))
             if self.voices is not None:
                 if self._member(channel):
-                    self._channel_bend[channel] = amount * mid.mpe_bend_range
+                    self._channel_bend[channel] = amount * self._bend_ranges[1]
                     self._post_channel(channel, at)
                     return
-                self._bend = amount * mid.bend_range
+                self._bend = amount * self._bend_ranges[0]
                 for v in range(self.engine.voices):
                     if self.voices.voices[v].extra.get("note") is not None:
                         self._post_voice(v, at)
             pitch = self._pitch_input()
             if pitch is not None:
-                pitch.bend = amount * mid.bend_range
+                pitch.bend = amount * self._bend_ranges[0]
                 self.engine.set_latent(pitch.info.index, pitch.model_value(), glide_s=0.0, at=at)
             c = self.find(mid.bend_control) if mid.bend_control else None
             if c is None or c is pitch:
@@ -555,8 +567,36 @@ class ControlSurface:
                              + model.hop * self.engine.sample_rate / model.sample_rate))
 
     def _member(self, channel: int | None) -> bool:
-        zone = self.patch.midi.mpe_zone()
+        zone = self._zone
         return zone is not None and channel is not None and channel in zone[1]
+
+    def _registered(self, channel: int, number: int, value: int) -> None:
+        """RPN selection and data entry. Pitch bend sensitivity (RPN 0) sets the bend range of the
+        channel's kind (a member channel's: every member's, as MPE asks; else the master's); the
+        MPE configuration message (RPN 6) on channel 1 or 16 sets a lower or upper zone of
+        `value` member channels (0: no zone), as an MPE controller asks when it connects."""
+        rpn = self._rpn.setdefault(channel, list(RPN_NONE))
+        if number == RPN_MSB_CC:
+            rpn[0] = value
+            return
+        if number == RPN_LSB_CC:
+            rpn[1] = value
+            return
+        if tuple(rpn) == RPN_BEND_RANGE:
+            ranges = list(self._bend_ranges)
+            ranges[1 if self._member(channel) else 0] = float(value)
+            self._bend_ranges = (ranges[0], ranges[1])
+        elif tuple(rpn) == RPN_MPE_CONFIG and channel in (1, 16):
+            members = min(15, value)
+            if members == 0:
+                self._zone = None
+            else:
+                self._zone = (1, range(2, 2 + members)) if channel == 1 else (16, range(16 - members, 16))
+                # the specification's default bend range of a new zone's members
+                self._bend_ranges = (self._bend_ranges[0], 48.0)
+            log.info("MPE configuration: %s", "no zone" if self._zone is None else
+                     f"{'lower' if channel == 1 else 'upper'} zone, member channels "
+                     f"{self._zone[1].start}..{self._zone[1].stop - 1}")
 
     def _key(self, note: int, channel: int | None) -> tuple[int, int]:
         """What a note is known by: with MPE, its member channel and number; else its number."""

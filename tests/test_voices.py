@@ -293,3 +293,17 @@ def test_a_note_released_before_its_steal_fade_ends_still_ends(pitched):
         surface.note_off(n, at=seconds(0.35))
     play(engine, 0.3)
     assert engine.stats()["voices_sounding"] == 0
+
+
+def test_an_mpe_controller_configures_its_zone_and_bend_range_over_rpn(pitched):
+    engine, surface, router = rig(pitched)  # the patch has no MPE zone: the controller asks for one
+    for data in ([0xB0, 101, 0], [0xB0, 100, 6], [0xB0, 6, 3],  # MCM: lower zone, channels 2..4
+                 [0xB1, 101, 0], [0xB1, 100, 0], [0xB1, 6, 12]):  # members' bend range: 12 semitones
+        router.handle_bytes(data, at=0)
+    router.handle_bytes([0x91, 60, 100], at=seconds(0.05))  # channel 2
+    router.handle_bytes([0x94, 67, 100], at=seconds(0.05))  # channel 5: not a member, not bent
+    router.handle_bytes([0xE1, 0x00, 0x60], at=seconds(0.1))  # channel 2: +half of 12 = +6 semitones
+    router.handle_bytes([0xE0, 0x7F, 0x7F], at=seconds(0.1))  # master channel 1: ±2 on every note
+    play(engine, 0.3)
+    held = sorted((r[2], r[3], round(r[4], 2)) for r in surface.voice_snapshot() if r[1] == "held")
+    assert held == [(60, 2, 68.0), (67, 5, 69.0)], held
