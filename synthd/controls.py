@@ -231,6 +231,11 @@ class ControlSurface:
     def controls(self) -> list[Control]:
         return list(self._controls)
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The surface's lock, for a caller that must change the engine and the surface at once."""
+        return self._lock
+
     def find(self, key: str | int) -> Control | None:
         """The control called `key` (label, index or alias), None when there is none."""
         return self._by_name.get(str(key))
@@ -345,13 +350,14 @@ class ControlSurface:
             if self.learning is not None:
                 self._learn(channel, number)
                 return True
-            if number in (ALL_SOUND_OFF_CC, ALL_NOTES_OFF_CC) and not self._listened(channel, number):
+            hears = self._hears(channel)
+            if hears and number in (ALL_SOUND_OFF_CC, ALL_NOTES_OFF_CC) and not self._listened(channel, number):
                 self.all_notes_off(at=at, now=number == ALL_SOUND_OFF_CC)
                 return True
-            if number in (RPN_MSB_CC, RPN_LSB_CC, DATA_ENTRY_CC) and not self._listened(channel, number):
+            if hears and number in (RPN_MSB_CC, RPN_LSB_CC, DATA_ENTRY_CC) and not self._listened(channel, number):
                 self._registered(channel, number, value)
                 return True
-            if self.voices is not None and not self._listened(channel, number):
+            if hears and self.voices is not None and not self._listened(channel, number):
                 if number == SUSTAIN_CC:
                     now = self._now(at)
                     for v in self.voices.pedal(value >= 64, now, self._release_samples()):
@@ -447,24 +453,26 @@ class ControlSurface:
             vel = velocity / 127.0 if self.patch.gate.velocity else 1.0
             self.set_gate(True, velocity=vel, at=at)
 
-    def note_off(self, note: int, *, channel: int | None = None, at: int | None = None) -> None:
+    def note_off(self, note: int, *, channel: int | None = None, at: int | None = None) -> bool:
         """Note-off: back to the previous held note (legato), or close the gate. With several
-        voices, the note's voice is released (or held on by the sustain pedal)."""
+        voices, the note's voice is released (or held on by the sustain pedal). Whether this
+        surface held the note."""
         with self._lock:
-            if self.voices is not None:
-                if self.patch.midi.notes:
-                    v = self.voices.release(self._key(note, channel), self._now(at), self._release_samples())
-                    if v is not None:
-                        self.engine.note_off(v, at=at)
-                return
+            if self.voices is not None:  # whatever the patch says now: a held key always lets go
+                held = self.voices.find(self._key(note, channel)) is not None
+                v = self.voices.release(self._key(note, channel), self._now(at), self._release_samples())
+                if v is not None:
+                    self.engine.note_off(v, at=at)
+                return held
             if not self.patch.midi.notes or note not in self._notes.held:
-                return
+                return False
             was_last = self._notes.held[-1] == note
             self._notes.held.remove(note)
             if not self._notes.held:
                 self.set_gate(False, at=at)
             elif was_last:
                 self._note_pitch(self._notes.held[-1], at)
+            return True
 
     def _pitch_input(self) -> Control | None:
         """The note control when it is a pitch input in MIDI units (played in tune)."""
@@ -527,7 +535,9 @@ class ControlSurface:
             self.voices.pedal(False, clock, self._release_samples())
             for v in range(self.engine.voices):
                 if self.voices.sounding(v, clock):
-                    self.voices.release(self.voices.voices[v].key, clock, 0 if now else self._release_samples())
+                    cut = int(math.ceil(0.005 * self.engine.sample_rate)) + self._release_samples() \
+                        - int(math.ceil(self.patch.gate.release * self.engine.sample_rate))
+                    self.voices.release(self.voices.voices[v].key, clock, cut if now else self._release_samples())
                     self.engine.note_off(v, at=at, fade=now)
             self.gate_open = False
 
@@ -560,11 +570,20 @@ class ControlSurface:
         return self.engine.clock if at is None else at
 
     def _release_samples(self) -> int:
-        """How long after its key-up a voice still sounds: the release, plus the latent frame its
-        release waits for and a stolen note's fade."""
+        """How long after its key-up a voice still sounds: the release, plus the latent frames its
+        release may wait for (its own, and one more when its note started in the same frame) and a
+        stolen note's fade."""
         model = self.engine.model
         return int(math.ceil((self.patch.gate.release + 0.005) * self.engine.sample_rate
-                             + model.hop * self.engine.sample_rate / model.sample_rate))
+                             + 2 * model.hop * self.engine.sample_rate / model.sample_rate))
+
+    def _hears(self, channel: int) -> bool:
+        """Whether channel messages on `channel` (pedal, panic, RPN) are this patch's: its channel,
+        any with omni, or any of its MPE zone."""
+        wanted = self.patch.midi.channel
+        zone = self._zone
+        return (wanted is None or channel == wanted
+                or zone is not None and (channel == zone[0] or channel in zone[1]))
 
     def _member(self, channel: int | None) -> bool:
         zone = self._zone
@@ -599,8 +618,9 @@ class ControlSurface:
                      f"{self._zone[1].start}..{self._zone[1].stop - 1}")
 
     def _key(self, note: int, channel: int | None) -> tuple[int, int]:
-        """What a note is known by: with MPE, its member channel and number; else its number."""
-        return (channel if self._member(channel) else 0, note)
+        """What a note is known by: its channel and number, whatever the zone says now (a zone set
+        up or taken down while keys are held must not strand their note-offs)."""
+        return (channel or 0, note)
 
     def _listened(self, channel: int, number: int) -> bool:
         """Whether a patch control listens to CC `number` on `channel` (it then wins over the

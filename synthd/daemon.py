@@ -81,7 +81,7 @@ class Daemon:
         torch.set_num_threads(cfg.threads)  # before the load's probe: the first call fixes the pools
         self.layers = self._build_layers(cfg, resumed)
         self.engine, self.surface = self.layers[0].engine, self.layers[0].surface
-        if resumed:
+        if resumed and len(self.layers) == 1:
             self._restore_values(resumed)
         # one layer plays on its engine alone: its gain and gate act in the audio callback
         self.rack = Rack(self.layers) if len(self.layers) > 1 else None
@@ -106,8 +106,8 @@ class Daemon:
         """Load every layer's model and patch. A layer that is refused is named in the log and
         left out while the others play; ModelError or PatchError when none can play."""
         specs = cfg.layer_specs()
-        if resumed:  # the first layer resumes with what it played
-            specs = [LayerSpec(specs[0].name, resumed.model, resumed.patch), *specs[1:]]
+        if resumed and len(specs) == 1:  # one model resumes with what it played; layers start afresh
+            specs = [LayerSpec(specs[0].name, resumed.model, resumed.patch)]
         layers: list[Layer] = []
         for spec in specs:
             try:
@@ -312,7 +312,9 @@ class Daemon:
 
     def _use_model(self, path: Path | str, layer: Layer) -> str:
         model = load_model(path)  # ModelError leaves the old model playing
-        with self._swap:
+        # the surface's lock too: a note that came between the swap and the rebind would take the
+        # old model's indices under the new model's generation
+        with self._swap, layer.surface.lock:
             layer.engine.swap_model(model, crossfade_s=self.cfg.crossfade)
             layer.surface.rebind(model=model)
         log.info("model %s loaded from %s%s (crossfade %.0f ms)", model.name, path,
@@ -344,8 +346,14 @@ class Daemon:
             cfg = None
         if cfg is not None:
             self.cfg.model, self.cfg.patch = cfg.model, cfg.patch
-            for spec in cfg.layer_specs():
-                layer = next((lay for lay in self.layers if lay.name == spec.name), None)
+            specs = cfg.layer_specs()
+            by_name = {lay.name: lay for lay in self.layers}
+            # layers are found by name; a config whose names all changed (a single model file
+            # renamed, or unnamed layers) maps onto the layers in order when their count agrees
+            if len(specs) == len(self.layers) and not any(spec.name in by_name for spec in specs):
+                by_name = {spec.name: lay for spec, lay in zip(specs, self.layers)}
+            for spec in specs:
+                layer = by_name.get(spec.name)
                 if layer is None:
                     log.error("reload: layer %s is new; layers are added at start only", spec.name)
                     continue

@@ -173,6 +173,7 @@ class _Instance:
         self.target = self.value.copy()
         self._step = np.zeros_like(self.value)  # per-frame increment towards target
         self.own = np.zeros(self.value.shape, dtype=bool)
+        self.silenced = np.zeros(voices, dtype=bool)  # voices whose new notes another model plays
         self.shared = np.array(values, dtype=np.float64)  # where voices without their own head
         self.fade = dsp.Ramp(fade_from)
         self.frames_per_call = frames_per_call
@@ -183,6 +184,11 @@ class _Instance:
                            if model.sample_rate != engine_rate else None)
         self._pending = np.zeros((0, voices, model.channels), dtype=np.float32)
         self._z = np.zeros((voices, model.latent_size, frames_per_call), dtype=np.float32)
+
+    @property
+    def pending(self) -> int:
+        """Samples decoded and not yet mixed."""
+        return self._pending.shape[0]
 
     def set_target(self, voice: int, index: int, value: float | None, glide_frames: float) -> None:
         """Head for `value` on one voice (`voice` >= 0: it now holds the value apart) or on every
@@ -451,20 +457,27 @@ class Engine:
                 self.envelope = ev.args[0]
                 for env in self._envelopes:
                     env.configure(*self._envelope_samples())
-            elif ev.kind == "cut":
-                self._note_events.push(_Event(ev.at, ev.seq, "fade", (ev.args[1],)))
             elif ev.kind == "note":
                 voice = ev.args[1]
                 if ev.args[5]:
-                    # a stolen voice fades out first; its new note follows on the frame after the fade
+                    # a stolen voice fades out first; its new note takes the first latent frame
+                    # that starts once the fade is over, so the old note never changes pitch
                     self._note_events.push(_Event(ev.at, ev.seq, "fade", (voice,)))
-                    ev.at += int(STEAL_S * self.sample_rate)
+                    ev.at = self._frame_start_from(ev.at + int(STEAL_S * self.sample_rate))
                 self._note_at[voice] = ev.at
                 self._latent_events.push(ev)
             else:
-                if ev.kind == "off":  # never before the note it ends (which a steal may delay)
+                if ev.kind in ("off", "cut"):  # never before the note it ends (a steal delays notes)
                     ev.at = max(ev.at, self._note_at[ev.args[1]])
                 self._latent_events.push(ev)
+
+    def _frame_start_from(self, at: int) -> int:
+        """The start (engine samples) of the active instance's first latent frame that starts at
+        or after `at`."""
+        instance = self._active
+        first = self._rendered + instance.pending  # the next frame it will decode starts here
+        frames = max(0.0, math.ceil((at - first) / instance.frame_len - 1e-9))
+        return int(math.ceil(first + frames * instance.frame_len))
 
     def _apply_latent_events(self, instance: _Instance, until: float) -> None:
         """Apply latent and note events dated before `until` (the end of the frame being built) to
@@ -486,7 +499,7 @@ class Engine:
                 continue
             voice = ev.args[1]
             note, _ = last.get(voice, (None, None))
-            last[voice] = (ev, None) if ev.kind == "note" else (note, ev)
+            last[voice] = (ev, None) if ev.kind == "note" else (note, ev)  # "off" or "cut"
         at = int(math.ceil(until))
         for voice, (note, off) in last.items():
             if note is not None:
@@ -498,7 +511,8 @@ class Engine:
                 self._note_events.push(_Event(at, note.seq, "note", (voice, note.args[2])))
             if off is not None:  # never lost, or a note would hang
                 later = int(math.ceil(instance.frame_len)) if note is not None else 0
-                self._note_events.push(_Event(at + later, off.seq, "off", (voice,)))
+                kind = "fade" if off.kind == "cut" else "off"
+                self._note_events.push(_Event(at + later, off.seq, kind, (voice,)))
 
     def silent_until(self, end: float) -> bool:
         """Whether no voice sounds from now up to engine position `end` (several voices only)."""
@@ -527,28 +541,34 @@ class Engine:
 
     def _levels(self, n: int, start: int) -> np.ndarray | None:
         """Each voice's envelope over the next `n` samples (voices, n), applying the note events
-        due in them at their sample; None with one voice (its gate acts in the output stage)."""
+        due in them at their sample; None with one voice (its gate acts in the output stage).
+        Each envelope is cut only at its own events: a flood of notes on one voice costs that
+        voice, not every voice."""
         if self.voices == 1:
             return None
         levels = np.empty((self.voices, n))
         events = self._note_events
-        pos = 0
-        while pos < n:
-            upto = n
-            if events and events.first() < start + n:
-                upto = max(pos, events.first() - start)
-            for v, env in enumerate(self._envelopes):
-                levels[v, pos:upto] = env.process(upto - pos)
-            pos = upto
-            while events and events.first() <= start + pos:
-                ev = events.pop()
-                env = self._envelopes[ev.args[0]]
+        due: dict[int, list[_Event]] = {}
+        while events and events.first() < start + n:
+            ev = events.pop()
+            due.setdefault(ev.args[0], []).append(ev)
+        for v, env in enumerate(self._envelopes):
+            pos = 0
+            for ev in due.get(v, ()):
+                at = min(n, max(pos, ev.at - start))
+                if at > pos:
+                    levels[v, pos:at] = env.process(at - pos)
+                    pos = at
                 if ev.kind == "note":
                     env.start(ev.args[1])
+                    for instance in self._instances:  # a model fading out (a swap) never plays it
+                        if instance is not self._active:
+                            instance.silenced[v] = True
                 elif ev.kind == "off":
                     env.release()
                 else:
                     env.fade(int(STEAL_S * self.sample_rate))
+            levels[v, pos:] = env.process(n - pos)
         return levels
 
     def _mix(self, out: np.ndarray, start: int) -> None:
@@ -560,7 +580,11 @@ class Engine:
         for instance, sig in sigs:
             fading = instance.fade.moving or instance.fade.value != 1.0
             gain = dsp.equal_power(instance.fade.process(n)) if fading else None
-            mono = sig[:, 0, :] if levels is None else np.einsum("nvc,vn->nc", sig, levels)
+            if levels is None:
+                mono = sig[:, 0, :]
+            else:
+                mono = np.einsum("nvc,vn->nc", sig, levels * ~instance.silenced[:, None] if instance.silenced.any()
+                                 else levels)
             mixed = mono @ instance.mix
             out += mixed if gain is None else mixed * gain[:, None]
             if instance is not self._active and not instance.fade.moving and instance.fade.value == 0.0:

@@ -95,6 +95,10 @@ class MidiRouter:
         kind = msg.type
         if kind == "control_change":
             return surface.midi_cc(channel, msg.control, msg.value, at=at)
+        if kind == "note_off" or kind == "note_on" and msg.velocity == 0:
+            # to every layer, whatever its channel and key range say now (a patch reloaded while
+            # the key was down): only the layer holding the key has anything to release
+            return surface.note_off(msg.note, channel=channel, at=at)
         midi = surface.patch.midi
         if midi.channel is not None and channel != midi.channel:
             return False

@@ -489,6 +489,8 @@ class OscServer:
     def _notify(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:
         if client in self._external:
             raise Refused("a WebSocket client asks for values with LISTEN")
+        if surface is not self.surface:
+            raise Refused("notifications cover the first layer: send /synthd/notify")
         on = _number(msg) >= 0.5
         old = self._subscribers.pop(client, None)
         if old is not None:

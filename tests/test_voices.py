@@ -307,3 +307,38 @@ def test_an_mpe_controller_configures_its_zone_and_bend_range_over_rpn(pitched):
     play(engine, 0.3)
     held = sorted((r[2], r[3], round(r[4], 2)) for r in surface.voice_snapshot() if r[1] == "held")
     assert held == [(60, 2, 68.0), (67, 5, 69.0)], held
+
+
+def test_all_sound_off_before_a_note_has_started_still_silences_it(pitched):
+    engine, surface, router = rig(pitched)
+    router.handle_bytes([0x90, 60, 100], at=4800)  # its envelope opens at the end of its frame ...
+    router.handle_bytes([0xB0, 120, 0], at=4810)  # ... after the cut comes
+    play(engine, 0.3)
+    assert engine.stats()["voices_sounding"] == 0
+
+
+def test_a_zone_set_up_while_keys_are_held_strands_no_note_off(pitched):
+    engine, surface, router = rig(pitched)
+    router.handle_bytes([0x91, 60, 100], at=100)  # channel 2, no zone yet
+    for data in ([0xB0, 101, 0], [0xB0, 100, 6], [0xB0, 6, 15]):  # now channel 2 is an MPE member
+        router.handle_bytes(data, at=200)
+    router.handle_bytes([0x81, 60, 0], at=seconds(0.1))
+    play(engine, 0.4)
+    assert engine.stats()["voices_sounding"] == 0
+
+
+def test_the_pedal_and_the_panic_buttons_of_one_layers_channel_leave_the_other_alone(pitched):
+    left = parse_patch(KEYS + "[midi]\nchannel = 1\n")
+    right = parse_patch(KEYS + "[midi]\nchannel = 2\n")
+    engines = [engine_for(load_model(pitched), p, channels=1, block_frames=256, threads=1) for p in (left, right)]
+    surfaces = [ControlSurface(e, p) for e, p in zip(engines, (left, right))]
+    router = MidiRouter(*surfaces)
+    router.handle_bytes([0xB0, 64, 127], at=100)  # the pedal, on channel 1
+    router.handle_bytes([0x90, 60, 100], at=200)
+    router.handle_bytes([0x91, 64, 100], at=200)
+    router.handle_bytes([0x80, 60, 0], at=300)
+    router.handle_bytes([0x81, 64, 0], at=300)
+    states = [[r[1] for r in s.voice_snapshot() if r[1] != "free"] for s in surfaces]
+    assert states == [["sustained"], ["released"]]
+    router.handle_bytes([0xB1, 123, 0], at=400)  # all notes off on channel 2: the left pedal stays
+    assert [r[1] for r in surfaces[0].voice_snapshot() if r[1] != "free"] == ["sustained"]
