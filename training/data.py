@@ -53,17 +53,19 @@ class CropSampler:
         start = int(rng.integers(0, len(audio) - self.crop + 1)) if len(audio) > self.crop else 0
         return _segment(audio, start - self.context, length)
 
-    def batch(self, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    def batch(self, rng: np.random.Generator, p: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
         """(target, encoder input), each `(batch, 1, context + crop_samples)` float32; a function of
-        `rng` alone."""
+        `rng` and `p` alone. `p` `(files,)`: the files' draw probabilities in place of the
+        duration weights (a run that replays old files beside new ones sets them)."""
+        p = self.p if p is None else p
         length = self.context + self.crop
         source_len = self.augmenter.source_length(length)
         targets, inputs = [], []
-        for i in rng.choice(len(self.audio), size=self.batch_size, p=self.p):
+        for i in rng.choice(len(self.audio), size=self.batch_size, p=p):
             source = self._crop(i, source_len, rng)
             mix = self.augmenter.cfg.mix
             if mix.enabled and rng.random() < mix.probability:
-                other = self._crop(int(rng.choice(len(self.audio), p=self.p)), source_len, rng)
+                other = self._crop(int(rng.choice(len(self.audio), p=p)), source_len, rng)
                 source = source + other * np.float32(10 ** (rng.uniform(mix.min_db, mix.max_db) / 20))
             if self.augmenter.active:
                 target, noisy = self.augmenter(source, length, rng)

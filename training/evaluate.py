@@ -171,7 +171,7 @@ def load_subject(path: str, work_dir: Path) -> Subject:
         ckpt, vae = load_run(p)
         target = work_dir / "model.ts"
         # exported exactly as a user would, so the report judges the file that ships
-        if cli_main(["export", str(p), str(target)]) != 0:
+        if cli_main(["export", str(p), str(target), "--scratch"]) != 0:
             raise RuntimeError(f"{p}: export failed (see the messages above)")
         module = _jit_load(target)
         threshold = float(ckpt.get("config", {}).get("kl", {}).get("collapse_threshold", 0.01))
@@ -342,23 +342,35 @@ class Evaluation:
         self.recon: dict[str, np.ndarray] = {}
         per_split: dict[str, dict[str, Any]] = {}
         self.delay = self.s.measure_delay([self.audio[f.id] for f in _pick(self.train, 8)])
-        for split, files in (("validation", self.validation), ("train", self.train)):
-            rows, noise_rows = [], []
-            for f in files:
-                x = self.audio[f.id]
-                y = self.s.reconstruct(x, self.delay)
-                self.recon[f.id] = y
-                rows.append(metrics(y, x))
-                noise_rows.append(metrics(shaped_noise(x, self.rng), x)["mrstft"])
-                self.progress.update(1, stage=f"reconstruct {split}")
+        per_file: dict[str, tuple[dict[str, Any], float]] = {}  # id -> (metrics, shaped noise's distance)
+
+        def summarise(files: list) -> dict[str, Any]:
+            rows = [per_file[f.id][0] for f in files]
             summary = {m: _mean([r[m] for r in rows]) for m in RECONSTRUCTION_METRICS}
-            summary["noise_mrstft"] = _mean(noise_rows)
+            summary["noise_mrstft"] = _mean([per_file[f.id][1] for f in files])
             summary["mrstft_to_noise"] = (summary["mrstft"] / summary["noise_mrstft"]
                                           if summary["mrstft"] is not None and summary["noise_mrstft"] else None)
             summary["files"] = len(files)
             # how much of each file the pitch tracker heard as pitched (prepare's reading)
             summary["voiced_share"] = {f.source: f.voiced_share for f in files}
-            per_split[split] = summary
+            return summary
+
+        for split, files in (("validation", self.validation), ("train", self.train)):
+            for f in files:
+                x = self.audio[f.id]
+                y = self.s.reconstruct(x, self.delay)
+                self.recon[f.id] = y
+                per_file[f.id] = (metrics(y, x), metrics(shaped_noise(x, self.rng), x)["mrstft"])
+                self.progress.update(1, stage=f"reconstruct {split}")
+            per_split[split] = summarise(files)
+        # a model grown from another (`train --from`): its held-out files the old model had and
+        # those added since, apart, as training reported them
+        added = {f["content_hash"] for f in (self.s.metadata.get("lineage") or {}).get("added", [])}
+        groups = {}
+        if self.s.metadata.get("lineage"):
+            for group, files in (("old", [f for f in self.validation if f.content_hash not in added]),
+                                 ("new", [f for f in self.validation if f.content_hash in added])):
+                groups[group] = summarise(files) if files else None
         gap = {m: (per_split["validation"][m] - per_split["train"][m]
                    if per_split["validation"][m] is not None and per_split["train"][m] is not None else None)
                for m in RECONSTRUCTION_METRICS}
@@ -383,11 +395,15 @@ class Evaluation:
             ax.set_title(m)
         fig.suptitle(verdict, fontsize=9)
         png = _save(fig, self.out / "reconstruction.png")
+        values = {"validation": per_split["validation"], "train": per_split["train"], "gap": gap,
+                  "measured_delay_samples": self.delay, "declared_latency_samples": self.s.latency}
+        if groups:
+            values["validation_old"], values["validation_new"] = groups["old"], groups["new"]
+            verdict += "; held-out " + ", ".join(
+                f"{name} files {g['mrstft']:.4g}" if g is not None and g["mrstft"] is not None else f"no {name} file"
+                for name, g in groups.items())
         self.figures["reconstruction"] = {"title": "Reconstruction (lower is better)", "png": png,
-                                          "values": {"validation": per_split["validation"], "train": per_split["train"],
-                                                     "gap": gap, "measured_delay_samples": self.delay,
-                                                     "declared_latency_samples": self.s.latency},
-                                          "verdict": verdict}
+                                          "values": values, "verdict": verdict}
         self.verdicts["reconstruction"] = verdict
 
     def curves(self) -> None:
@@ -398,6 +414,8 @@ class Evaluation:
             self.verdicts["overfitting"] = self.figures["curves"]["verdict"]
             return
         steps, train, vsteps, val, warnings_seen = [], [], [], [], 0
+        # a grown run's held-out distances by group: (step, distance) lists
+        groups: dict[str, list[tuple[int, float]]] = {"old": [], "new": []}
         with open(log, newline="") as fh:
             for row in csv.DictReader(fh):
                 try:
@@ -410,13 +428,23 @@ class Evaluation:
                 if row.get("val_recon"):
                     vsteps.append(step)
                     val.append(float(row["val_recon"]))
+                for name, points in groups.items():
+                    if row.get(f"val_{name}_distance"):
+                        points.append((step, float(row[f"val_{name}_distance"])))
                 warnings_seen += bool(row.get("warning"))
         verdict, values = overfitting_verdict(steps, train, vsteps, val)
         values["warnings_logged"] = warnings_seen
+        for name, points in groups.items():
+            if points:
+                first, last = points[0][1], points[-1][1]
+                values[f"{name}_files_distance"] = {"start": first, "end": last, "change": last / first - 1.0}
         plt = _plt()
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.plot(steps, train, label="training", lw=1)
         ax.plot(vsteps, val, "o-", label="validation", ms=3)
+        for name, points in groups.items():
+            if points:
+                ax.plot(*zip(*points), "s--", label=f"held-out {name} files (distance)", ms=3)
         ax.set_xlabel("step")
         ax.set_ylabel("reconstruction loss")
         ax.set_yscale("log")

@@ -172,6 +172,10 @@ def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any
         "pitch": vae.tracker.parameters_dict() if vae.tracker is not None else None,
         "run": run,
     }
+    if ckpt.get("lineage"):
+        # a run grown `--from` another: where it came from, the files added, the old labels' fate
+        from training.incremental import lineage_metadata
+        meta["lineage"] = lineage_metadata(ckpt["lineage"], meta["controls"])
     return json.dumps(meta, allow_nan=False)
 
 
@@ -230,6 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint to export (default: best by validation)")
     parser.add_argument("--data", metavar="DATASET_DIR", help="prepared set the controls are measured on (default: the run's own)")
     parser.add_argument("--name", help="model name in the metadata (default: the output file's stem)")
+    parser.add_argument("--scratch", action="store_true",
+                        help="a working copy: not remembered as the run's export (RUN_DIR/exported.json), which a run "
+                             "grown from this one compares its controls with")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -257,6 +264,13 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, PreparedSetError, ValueError, RuntimeError) as exc:
         print(f"synthd-train export: {exc}", file=sys.stderr)
         return 2
+    from training.incremental import describe_control_changes, record_export
+    meta = json.loads(metadata)
+    if not args.scratch:
+        record_export(Path(args.run_dir), out, meta)
+    if meta.get("lineage"):
+        for line in describe_control_changes(meta["lineage"]):
+            print(line, file=sys.stderr)
     print(f"streaming check: chunks of {', '.join(map(str, CHECK_CHUNKS))} frames equal one whole decode "
           f"(worst difference {worst:.2g} of peak)", file=sys.stderr)
     rate = vae.cfg.sample_rate

@@ -328,7 +328,9 @@ def assign_splits(entries: list[dict[str, Any]], previous: dict[str, Any] | None
     """Set each entry's `split`; returns warnings. Files forced by `--validation` go to
     validation; files the previous set held keep their split (found by path, then by content,
     so an edited or moved file stays where it was); new files fill validation up to the
-    fraction (at least one file, at most all but one) in a seeded order, the rest train."""
+    fraction (at least one file, at most all but one) in a seeded order, the rest train. Files
+    added to an earlier set also fill validation up to the fraction of themselves (at least one
+    of three or more), so a model grown on them can be measured on some it has not heard."""
     warnings: list[str] = []
     by_path: dict[str, str] = {}
     by_hash: dict[str, str] = {}
@@ -336,9 +338,11 @@ def assign_splits(entries: list[dict[str, Any]], previous: dict[str, Any] | None
         by_path[e["source"]] = e["split"]
         by_hash[e["content_hash"]] = e["split"]
     new: list[dict[str, Any]] = []
+    forced_new = 0
     for e in entries:
         forced = any(_matches(e["source"], p) for p in opts.validation_patterns)
         old = by_path.get(e["source"]) or by_hash.get(e["content_hash"])
+        forced_new += forced and old is None
         if forced:
             e["split"], e["split_reason"] = "validation", "forced"
             if old == "train":
@@ -357,6 +361,13 @@ def assign_splits(entries: list[dict[str, Any]], previous: dict[str, Any] | None
     # seeded order; a file too short to measure anything on validates only if nothing else can
     new.sort(key=lambda e: (e["duration_s"] < VERY_SHORT_S, _order_key(opts.seed, e["content_hash"])))
     need = max(0, target - have)
+    if previous is not None and new and opts.validation_fraction > 0:
+        # files added to a set are held out in their own proportion too (one of three or more at
+        # least), even where the old files already fill the fraction: `train --from` measures
+        # what a model learns of them on these
+        added = len(new) + forced_new
+        own = max(1 if added >= 3 else 0, round(opts.validation_fraction * added)) - forced_new
+        need = max(need, min(own, len(new) - 1))
     for i, e in enumerate(new):
         e["split"], e["split_reason"] = ("validation" if i < need else "train"), "new"
     if have + min(need, len(new)) == 0:

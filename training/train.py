@@ -38,9 +38,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from training.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from training.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from training.config import ConfigError, TrainConfig, config_to_dict, load_config, overlay, save_config
 from training.data import CropSampler, ValidationSet
 from training.augment import Augmenter
+from training.incremental import (FORGETTING_TOLERANCE, IncrementalError, Origin, ReplaySchedule, anchor_step,
+                                  check_model, file_records)
 from training.losses import (MultiResolutionSpectralLoss, collapsed_dims, free_bits_kl, kl_beta,
                              kl_per_dim)
 
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--minutes", type=float, help=f"wall-clock budget (default {DEFAULT_MINUTES:g})")
     budget.add_argument("--steps", type=int, help="number of optimiser steps")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+    parser.add_argument("--from", dest="from_run", metavar="OLD_RUN",
+                        help="start from OLD_RUN's best weights and config on a set grown since: reports the files "
+                             "added, removed and unchanged, replays the old files beside the new, validates both apart")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--regularize", metavar="A,B,...", type=_attribute_list, default=None,
@@ -210,6 +215,11 @@ class StopRequest:
 class Trainer:
     """One training run (one process of it under DDP)."""
 
+    # what a grown run (`--from`) keeps of its origin, None for a run of its own; and the progress
+    # line, once training has started (class defaults: the bookkeeping works before either exists)
+    lineage: dict[str, Any] | None = None
+    progress_bar: Any = None
+
     def __init__(self, args: argparse.Namespace) -> None:
         from training.dataset import PreparedSet
         from training.model import VAE
@@ -224,8 +234,21 @@ class Trainer:
 
         self.dataset = PreparedSet.open(args.dataset_dir)
         resume = self._resume_state(args)
+        # the run this one grows (`--from`): its checkpoint, and the set's change since
+        self.origin: Origin | None = None
+        self.lineage: dict[str, Any] | None = resume.get("lineage") if resume is not None else None
+        if resume is None and args.from_run is not None:
+            self.origin = Origin.open(Path(args.from_run), self.dataset, args.dataset_dir)
+            self.lineage = self.origin.lineage
         if resume is None:
-            self.cfg = self._with_regularize(load_config(args.config), args.regularize)
+            if self.origin is not None:
+                # the old run's config, with what --config names in place of its values
+                cfg = overlay(self.origin.config, args.config)
+                check_model(config_to_dict(self.origin.config)["model"], config_to_dict(cfg)["model"],
+                            self.origin.run_dir)
+            else:
+                cfg = load_config(args.config)
+            self.cfg = self._with_regularize(cfg, args.regularize)
             self.seed = 0 if args.seed is None else args.seed
         else:
             self.cfg = self._resume_config(args, resume)
@@ -244,12 +267,24 @@ class Trainer:
 
         torch.manual_seed(self.seed)  # the initial weights depend on the seed alone
         model = VAE(cfg.model).to(self.device)
+        if self.origin is not None:
+            self.origin.load_weights(model, "model")
         if cfg.model.harmonics > 0:
+            # the grown set's typical pitch, not the old set's: what the analysis holds at export
             model.default_condition.copy_(typical_condition(self.dataset))
         self.model = model
         # the averaged weights are what validation sees and what best.pt and the export carry
         self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
+        if self.ema is not None and self.origin is not None:
+            self.origin.load_weights(self.ema, "ema")
+            self.ema.default_condition.copy_(model.default_condition)
         self.eval_model = self.ema if self.ema is not None else model
+        # a grown run's average continues the old one's rather than restarting its warm-up
+        self.ema_offset = int(self.lineage["from_step"]) if self.lineage is not None else 0
+        # the old weights a grown run is pulled toward (incremental.anchor)
+        self.anchor: list[Tensor] | None = None
+        if self.lineage is not None and cfg.incremental.anchor > 0 and resume is None:
+            self.anchor = [p.detach().clone() for p in model.parameters()]
         self.hop = cfg.model.hop
         # the losses ask for nothing above the decoder's band limit, tapered as the decoder's is: a
         # target's content there (cymbals, noise) pushed the top bins up until their leakage
@@ -259,6 +294,9 @@ class Trainer:
                                                     band_limit=band_limit(cfg.model)).to(self.device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
+        if self.origin is not None:
+            # Adam's moments are those of the weights it starts from: no shock of fresh estimates
+            self.optimizer.load_state_dict(self.origin.ckpt["optimizer"])
         adversarial = cfg.adversarial.enabled
         self.adversarial = adversarial == "on" or (adversarial == "auto" and self.device.type == "cuda")
         self.discriminators = None
@@ -270,6 +308,9 @@ class Trainer:
                                                  cfg.adversarial.normalization).to(self.device)
             self.disc_optimizer = torch.optim.AdamW(self.discriminators.parameters(), lr=cfg.adversarial.lr,
                                                     betas=(0.5, 0.9))
+            if self.origin is not None and "discriminators" in self.origin.ckpt:
+                self.discriminators.load_state_dict(self.origin.ckpt["discriminators"])
+                self.disc_optimizer.load_state_dict(self.origin.ckpt["disc_optimizer"])
         # bfloat16 autocast needs no loss scaling, so a resumed run has no scaler state to restore
         self.amp = (cfg.optim.amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
 
@@ -284,14 +325,19 @@ class Trainer:
                 self.train_disc = nn.parallel.DistributedDataParallel(self.discriminators, device_ids=ids)
 
         train_audio = [self.dataset.load(f) for f in self.dataset.train_files]
-        val_audio = [self.dataset.load(f) for f in self.dataset.validation_files]
         # the decoder's warm-up, rounded up to whole frames: losses skip it (see training.data)
         self.context = -(-model.warmup_samples // self.hop) * self.hop
         self.sampler = CropSampler(train_audio, cfg.data.crop_frames * self.hop, cfg.data.batch_size,
                                    Augmenter(cfg.augment, sample_rate), cfg.data.file_weight_power,
                                    self.context)
-        self.validation = ValidationSet.build(val_audio, cfg.validation.crop_frames * self.hop,
-                                              cfg.validation.max_seconds, sample_rate, self.context)
+        added = {f["content_hash"] for f in self.lineage["added"]} if self.lineage is not None else set()
+        self.replay: ReplaySchedule | None = None
+        if self.lineage is not None:
+            is_new = np.array([f.content_hash in added for f in self.dataset.train_files])
+            self.replay = ReplaySchedule(self.sampler.p, is_new, cfg.incremental.new_boost, cfg.incremental.new_focus)
+        # held-out files by group ("old" and "new" for a grown run, one group otherwise), each group
+        # with its share of the validation budget; the figures of all of them are summed from the groups'
+        self.validation = self._validation_groups(added, sample_rate)
         self.data_summary = self.dataset.summary()
 
         self.step = 0
@@ -309,6 +355,12 @@ class Trainer:
 
     def _resume_state(self, args: argparse.Namespace) -> dict[str, Any] | None:
         last = self.run_dir / "last.pt"
+        if args.resume and args.from_run is not None and last.exists():
+            grown = (load_checkpoint(last, map_location="cpu").get("lineage") or {}).get("from_run")
+            if grown is None or Path(grown) != Path(args.from_run).resolve():
+                raise IncrementalError(f"--from {args.from_run}: the run being resumed "
+                                       + (f"grew {grown}" if grown else "was not started with --from")
+                                       + "; a resumed run keeps its origin (drop --from)")
         if not args.resume:
             if last.exists():
                 raise FileExistsError(f"{self.run_dir}: already holds a run; add --resume to continue it "
@@ -366,6 +418,8 @@ class Trainer:
         if self.discriminators is not None and "discriminators" in ckpt:
             self.discriminators.load_state_dict(ckpt["discriminators"])
             self.disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
+        if self.lineage is not None and ckpt.get("anchor") is not None:
+            self.anchor = [t.to(self.device) for t in ckpt["anchor"]]
         self.step = int(ckpt["step"])
         self.elapsed = float(ckpt["elapsed_s"])
         self.history = list(ckpt["history"])
@@ -384,11 +438,17 @@ class Trainer:
     def _train_step(self, progress: float) -> tuple[dict[str, float], Tensor]:
         cfg = self.cfg
         rng = _step_rng(self.seed, self.rank, self.step)
-        target, inputs = (t.to(self.device) for t in self.sampler.batch(rng))
+        weights = self.replay.weights(progress) if self.replay is not None else None
+        target, inputs = (t.to(self.device) for t in self.sampler.batch(rng, weights))
         lr = learning_rate(cfg, self.step, progress)
+        if self.lineage is not None:
+            lr *= cfg.incremental.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        beta = kl_beta(progress, cfg.kl.beta_start, cfg.kl.beta, cfg.kl.warmup)
+        # a grown run's latents were shaped under the full KL weight: warming it up again from
+        # nothing would let them spread before it returns
+        beta = cfg.kl.beta if self.lineage is not None else kl_beta(progress, cfg.kl.beta_start, cfg.kl.beta,
+                                                                      cfg.kl.warmup)
 
         self.train_model.train()
         # pitch and voicing of what the decoder must make (the clean crop), by the model's tracker
@@ -421,15 +481,20 @@ class Trainer:
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
+        if self.anchor is not None:
+            anchor_step(self.model, self.anchor, lr, cfg.incremental.anchor)
         if self.ema is not None:
             self._update_ema()
         values["loss"] = loss.item()
+        if self.replay is not None:
+            values["new_share"] = self.replay.share(progress)
         return values, kl_dims.detach().float().cpu()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         # the effective decay starts low, so the average is not anchored to the random start
-        decay = min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step))
+        step = self.step + self.ema_offset
+        decay = min(self.cfg.optim.ema_decay, (1 + step) / (10 + step))
         for averaged, trained in zip(self.ema.parameters(), self.model.parameters()):
             averaged.lerp_(trained, 1.0 - decay)
 
@@ -474,18 +539,50 @@ class Trainer:
         values.update(disc=d_loss.item(), adv=g_loss.item(), feature_matching=fm_loss.item())
         return total
 
+    def _validation_groups(self, added: set[str], sample_rate: int) -> dict[str, ValidationSet]:
+        """The held-out crops by group: `{"all": ...}`, or for a grown run `"old"` (files the old run
+        had) and `"new"` (files added since), whichever holds files, each with its files' share of
+        `validation.max_seconds`."""
+        files = self.dataset.validation_files
+        if self.lineage is None:
+            groups = {"all": files}
+        else:
+            groups = {"old": [f for f in files if f.content_hash not in added],
+                      "new": [f for f in files if f.content_hash in added]}
+        v = self.cfg.validation
+        return {name: ValidationSet.build([self.dataset.load(f) for f in group], v.crop_frames * self.hop,
+                                          v.max_seconds * len(group) / len(files), sample_rate, self.context)
+                for name, group in groups.items() if group}
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """The training losses on the held-out crops (posterior mean, no noise), all processes' share,
-        for the weights in use (the moving average when there is one)."""
+        for the weights in use (the moving average when there is one). A grown run adds
+        `val_old_distance` and `val_new_distance`: the distance on each group of held-out files."""
+        sums = {name: self._validation_sums(crops) for name, crops in self.validation.items()}
+        if self.world > 1:
+            # NCCL reduces CUDA tensors only (gloo takes either); one reduction for every group
+            shared = torch.stack(list(sums.values())).to(self.device)
+            dist.all_reduce(shared)
+            sums = dict(zip(sums, shared.cpu()))
+        figures = self._validation_figures(sum(sums.values()))
+        if self.lineage is not None:
+            for name, group in sums.items():
+                figures[f"val_{name}_distance"] = self._validation_figures(group)["val_distance"]
+        return figures
+
+    @torch.no_grad()
+    def _validation_sums(self, crops: ValidationSet) -> Tensor:
+        """This process's sums over `crops` `(2 * resolutions + 3 + latent,)` float64: error and target
+        energy per resolution, log magnitude, log mel, crop count, KL per dimension. Sums, so that
+        groups and processes add up; spectral convergence is taken over all crops as one signal (as
+        in training)."""
         model = self.eval_model
         model.eval()
         latent = self.cfg.model.latent_size
         resolutions = max(1, len(self.cfg.loss.stft_fft_sizes))
-        # sums of: error and target energy per resolution, log magnitude, log mel, crop count,
-        # KL per dimension; spectral convergence is taken over all crops as one signal (as in training)
         sums = torch.zeros(2 * resolutions + 3 + latent, dtype=torch.float64)
-        for batch in self.validation.batches(self.cfg.data.batch_size, self.rank, self.world):
+        for batch in crops.batches(self.cfg.data.batch_size, self.rank, self.world):
             batch = batch.to(self.device)
             with self._autocast():
                 y, mean, logvar = model(batch)
@@ -495,11 +592,11 @@ class Trainer:
             sums += torch.cat([terms.error_energy.sum(1), terms.target_energy.sum(1),
                                terms.log_magnitude.sum().reshape(1), mel.reshape(1),
                                torch.tensor([float(batch.shape[0])], device=kl.device), kl]).double().cpu()
-        if self.world > 1:
-            # NCCL reduces CUDA tensors only (gloo takes either)
-            shared = sums.to(self.device)
-            dist.all_reduce(shared)
-            sums = shared.cpu()
+        return sums
+
+    def _validation_figures(self, sums: Tensor) -> dict[str, Any]:
+        """The validation figures of summed crops (`_validation_sums`, of one group or several)."""
+        resolutions = max(1, len(self.cfg.loss.stft_fft_sizes))
         r = resolutions
         count = float(sums[2 * r + 2])
         sc = float((sums[:r] / sums[r:2 * r].clamp(min=1e-12)).sqrt().mean()) if self.cfg.loss.stft_fft_sizes else 0.0
@@ -526,6 +623,9 @@ class Trainer:
             "dataset_dir": str(Path(self.dataset.root).resolve()),
             "preprocessing": dict(self.dataset.preprocessing),
             "data_summary": self.data_summary,
+            # what a later `--from` run compares its set with, by content hash
+            "files": file_records(self.dataset),
+            "lineage": self.lineage,
             "history": self.history,
             "best": self.best,
             "overfit_streak": self.overfit_streak,
@@ -536,6 +636,8 @@ class Trainer:
         }
         if self.ema is not None:
             ckpt["ema"] = self.ema.state_dict()
+        if self.anchor is not None:
+            ckpt["anchor"] = [t.cpu() for t in self.anchor]
         if self.discriminators is not None:
             ckpt["discriminators"] = self.discriminators.state_dict()
             ckpt["disc_optimizer"] = self.disc_optimizer.state_dict()
@@ -565,8 +667,9 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         latent = cfg.model.latent_size
         columns = (["step", "elapsed_s", "lr", "beta", "loss", "recon", "sc", "logmag", "mel", "kl",
-                    "regularize", "disc", "adv", "feature_matching", "val_sc", "val_logmag", "val_mel", "val_distance",
-                    "val_recon", "val_kl", "val_score", "warning"] + [f"kl_{i}" for i in range(latent)])
+                    "regularize", "disc", "adv", "feature_matching", "new_share", "val_sc", "val_logmag", "val_mel",
+                    "val_distance", "val_old_distance", "val_new_distance", "val_recon", "val_kl", "val_score",
+                    "warning"] + [f"kl_{i}" for i in range(latent)])
         log = RunLog(self.run_dir, columns, self.step if self.history or self.step else None) if self.main else None
         if self.main:
             save_config(cfg, self.run_dir / "config.toml")
@@ -575,10 +678,28 @@ class Trainer:
                       f"validation files, budget {self.budget.describe()}, adversarial "
                       f"{'on' if self.adversarial else 'off'}, seed {self.seed}"
                       + (f", resuming at step {self.step}" if self.step else ""))
+            if self.origin is not None:
+                o = self.origin
+                self._say(f"from {o.run_dir} ({o.checkpoint.name}, step {o.ckpt.get('step', 0)}): "
+                          + "\n".join(o.change.report()))
+                for note in o.notes(self.dataset):
+                    self._say(f"warning: {note}")
+                if self.replay.is_new.all():
+                    strategy = "no old training file to replay"
+                elif self.replay.boost == 1.0:
+                    strategy = f"replaying old files: the added files take {self.replay.natural:.0%} of the draws"
+                else:
+                    strategy = (f"replaying old files: the added files' share of the draws falls from "
+                                f"{self.replay.share(0.0):.0%} to {self.replay.natural:.0%} over the first "
+                                f"{cfg.incremental.new_focus:.0%} of the run")
+                anchor = cfg.incremental.anchor
+                self._say(f"{strategy}; learning rate x{cfg.incremental.lr_scale:g}"
+                          + (f", anchored to the old weights ({anchor:g})" if anchor else ""))
         by_time = self.budget.steps is None
         remaining = (int(math.ceil(self.budget.seconds - self.elapsed)) if by_time
                      else self.budget.steps - self.step)
         progress_bar = Progress(remaining, "train", unit="s" if by_time else "step") if self.main else None
+        self.progress_bar = progress_bar
         shown = int(self.elapsed) if by_time else self.step
         last_save = time.monotonic()
         status = 0
@@ -651,11 +772,21 @@ class Trainer:
             self.overfit_streak += 1
         else:
             self.overfit_streak = 0
+        warnings_ = []
         if self.overfit_streak >= self.cfg.validation.overfit_patience:
             warning = (f"validation loss rose for {self.overfit_streak} checks while training loss fell: "
                        "overfitting (more data or augmentation would help; best.pt keeps the best model)")
-            row["warning"] = "overfitting"
+            warnings_.append("overfitting")
             self._say(f"warning: step {self.step}: {warning}")
+        rise = self._old_rise()
+        if rise is not None and rise > FORGETTING_TOLERANCE:
+            warnings_.append("forgetting")
+            self._say(f"warning: step {self.step}: validation on the old files is {rise:.1%} above where the old "
+                      f"run left it ({self.history[0]['val_old_distance']:.4f} -> {val['val_old_distance']:.4f}): "
+                      "the model is forgetting them (a lower incremental.lr_scale or a higher "
+                      "incremental.anchor holds them better)")
+        if warnings_:
+            row["warning"] = ";".join(warnings_)
         improved = self.best is None or val["val_score"] < self.best["val_score"]
         if improved:
             self.best = {"step": self.step, "val_score": val["val_score"], "val_distance": val["val_distance"]}
@@ -664,11 +795,33 @@ class Trainer:
             save_checkpoint(self.run_dir / "last.pt", ckpt)
             if improved:
                 save_checkpoint(self.run_dir / "best.pt", ckpt)
-            self._say(f"step {self.step}: validation distance {val['val_distance']:.4f} "
+            self._say(f"step {self.step}: validation distance {val['val_distance']:.4f}{self._groups_text(val)} "
                       f"(recon {val['val_recon']:.4f}, train recon {train_recon:.4f}, KL {val['val_kl']:.2f} "
                       f"nats/frame: {' '.join(f'{v:.2f}' for v in val['kl_dims'])})"
                       + (" best" if improved else ""))
+            if self.progress_bar is not None and self.lineage is not None:
+                self.progress_bar.update(0, **{f"val_{g}": val[f"val_{g}_distance"] for g in ("old", "new")
+                                               if f"val_{g}_distance" in val})
         return row
+
+    def _old_rise(self) -> float | None:
+        """How far the old files' validation distance now lies above where this grown run started
+        (the old run's weights measured on today's crops at step 0), as a fraction; None where
+        there is nothing to compare."""
+        if self.lineage is None or not self.history or "val_old_distance" not in self.history[-1]:
+            return None
+        return self.history[-1]["val_old_distance"] / self.history[0]["val_old_distance"] - 1.0
+
+    def _groups_text(self, val: dict[str, Any]) -> str:
+        """`: old files X (+r % since the start), new files Y` for a grown run, empty otherwise."""
+        parts = []
+        if "val_old_distance" in val:
+            rise = self._old_rise()
+            parts.append(f"old files {val['val_old_distance']:.4f}"
+                         + (f" ({rise:+.1%} since the start)" if rise is not None and self.step else ""))
+        if "val_new_distance" in val:
+            parts.append(f"new files {val['val_new_distance']:.4f}")
+        return (": " + ", ".join(parts)) if parts else ""
 
     def _summary(self, status: int) -> None:
         if not self.main:
@@ -681,6 +834,13 @@ class Trainer:
         self._say(f"done: {self.step} steps in {self.elapsed / 60:.1f} min; best validation distance "
                   f"{best.get('val_distance', float('nan')):.4f} at step {best.get('step')}; "
                   f"saved {self.run_dir / 'best.pt'} and {self.run_dir / 'last.pt'}")
+        if self.lineage is not None and self.history:
+            start, end = self.history[0], self.history[-1]
+            for group, what in (("old", "the old run's"), ("new", "the added")):
+                key = f"val_{group}_distance"
+                if key in end:
+                    self._say(f"held-out files, {what}: distance {start[key]:.4f} at the start, {end[key]:.4f} "
+                              f"now ({end[key] / start[key] - 1:+.1%})")
         report_collapse(self.run_dir, self.cfg)
 
 
@@ -739,6 +899,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(args)
     except (ConfigError, PreparedSetError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        # IncrementalError is a ValueError: a refused `--from` lands here with its reason
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return trainer.fit()
