@@ -149,6 +149,44 @@ class OutputStage:
             self._gate.set(ev.args[0], ev.args[1])
 
 
+class RenderTimer:
+    """Render time against audio time, for the status: a whole-run mean and peak, and a p99 over
+    the last STATS_WINDOW calls (about 22 s at 256 frames)."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+        self.calls = 0
+        self._seconds = 0.0
+        self._samples = 0
+        self._peak = 0.0
+        self._ms_max = 0.0
+        self._ms_window = np.zeros(STATS_WINDOW)
+
+    def add(self, seconds: float, frames: int) -> None:
+        """One render call of `frames` samples that took `seconds`."""
+        ms = 1000.0 * seconds
+        self._seconds += seconds
+        self._samples += frames
+        self._ms_window[self.calls % STATS_WINDOW] = ms
+        self.calls += 1
+        self._ms_max = max(self._ms_max, ms)
+        self._peak = max(self._peak, seconds * self.sample_rate / frames)
+
+    def figures(self) -> dict[str, Any]:
+        """render_calls and render_load_* (render time over audio time: 1.0 = just real time),
+        render_ms_* per call."""
+        window = min(self.calls, STATS_WINDOW)
+        audio_s = self._samples / self.sample_rate
+        return {
+            "render_calls": self.calls,
+            "render_load_mean": self._seconds / audio_s if audio_s else 0.0,
+            "render_load_peak": self._peak,
+            "render_ms_mean": 1000.0 * self._seconds / self.calls if self.calls else 0.0,
+            "render_ms_p99": float(np.percentile(self._ms_window[:window], 99)) if window else 0.0,
+            "render_ms_max": self._ms_max,
+        }
+
+
 @dataclass
 class EnvelopeSettings:
     """A voice's envelope in seconds (sustain 0..1): the patch's `[gate]` table."""
@@ -309,11 +347,7 @@ class Engine:
         self.nan_blocks = 0
         self.decode_errors = 0
         self.skipped_calls = 0  # decode calls not made: no voice sounded
-        self._render_time = 0.0
-        self._load_peak = 0.0
-        self._ms_max = 0.0
-        self._ms_window = np.zeros(STATS_WINDOW)
-        self._calls = 0
+        self.timer = RenderTimer(self.sample_rate)
         self._warm_up(model)
         self._start_instance(model, self._generation, self._requested.copy(), crossfade=0)
 
@@ -439,7 +473,7 @@ class Engine:
         self._mix(out, self._rendered)
         self._rendered += frames
         out = out.astype(np.float32) if self.stage_deferred else self.stage.process(out)
-        self._account(time.perf_counter() - t0, frames)
+        self.timer.add(time.perf_counter() - t0, frames)
         return out
 
     def _drain_inbox(self) -> None:
@@ -645,22 +679,12 @@ class Engine:
 
     # ---------------------------------------------------------------- statistics
 
-    def _account(self, seconds: float, frames: int) -> None:
-        self._render_time += seconds
-        ms = seconds * 1000.0
-        self._ms_window[self._calls % STATS_WINDOW] = ms
-        self._calls += 1
-        self._ms_max = max(self._ms_max, ms)
-        self._load_peak = max(self._load_peak, seconds * self.sample_rate / frames)
-
     def stats(self) -> dict[str, Any]:
         """Counters and render figures; merged with the live output's when one is attached.
 
         render_load_* are render time over the audio time rendered (1.0 = just real time);
         render_ms_p99 covers the last few thousand render calls, the rest the whole run.
         """
-        calls = min(self._calls, STATS_WINDOW)
-        audio_s = self._rendered / self.sample_rate
         stats: dict[str, Any] = {
             "model": self._model.name,
             "sample_rate": self.sample_rate,
@@ -669,12 +693,7 @@ class Engine:
             "clock": self.clock,
             "nan_blocks": self.nan_blocks,
             "decode_errors": self.decode_errors,
-            "render_calls": self._calls,
-            "render_load_mean": self._render_time / audio_s if audio_s else 0.0,
-            "render_load_peak": self._load_peak,
-            "render_ms_mean": 1000.0 * self._render_time / self._calls if self._calls else 0.0,
-            "render_ms_p99": float(np.percentile(self._ms_window[:calls], 99)) if calls else 0.0,
-            "render_ms_max": self._ms_max,
+            **self.timer.figures(),
             "gain_db": self._gain_db,
             "gate": self._gate_on,
             "voices": self.voices,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from synthd.controls import ControlSurface
-from synthd.engine import STATS_WINDOW, Engine, OutputStage
+from synthd.engine import Engine, OutputStage, RenderTimer
 from synthd.model import Model
 
 
@@ -62,12 +62,7 @@ class Rack:
         self.stage_deferred = False
         self.output_stats: Callable[[], dict[str, Any]] | None = None
         self._backlog: Callable[[], int] | None = None
-        self._render_time = 0.0
-        self._rendered = 0
-        self._calls = 0
-        self._ms_window = np.zeros(STATS_WINDOW)
-        self._ms_max = 0.0
-        self._load_peak = 0.0
+        self.timer = RenderTimer(self.sample_rate)
 
     @property
     def model(self) -> Model:
@@ -98,31 +93,14 @@ class Rack:
         out = self.layers[0].engine.render(frames).astype(np.float64)
         for layer in self.layers[1:]:
             out += layer.engine.render(frames)
-        self._rendered += frames
         out = out.astype(np.float32) if self.stage_deferred else self.stage.process(out)
-        seconds = time.perf_counter() - t0
-        self._render_time += seconds
-        self._ms_window[self._calls % STATS_WINDOW] = 1000.0 * seconds
-        self._calls += 1
-        self._ms_max = max(self._ms_max, 1000.0 * seconds)
-        self._load_peak = max(self._load_peak, seconds * self.sample_rate / frames)
+        self.timer.add(time.perf_counter() - t0, frames)
         return out
 
     def stats(self) -> dict[str, Any]:
         """The first layer's figures, with the render, voice and error figures of them all."""
         per_layer = [layer.engine.stats() for layer in self.layers]
-        stats = dict(per_layer[0])
-        calls = min(self._calls, STATS_WINDOW)
-        audio_s = self._rendered / self.sample_rate
-        stats.update({
-            "render_calls": self._calls,
-            "render_load_mean": self._render_time / audio_s if audio_s else 0.0,
-            "render_load_peak": self._load_peak,
-            "render_ms_mean": 1000.0 * self._render_time / self._calls if self._calls else 0.0,
-            "render_ms_p99": float(np.percentile(self._ms_window[:calls], 99)) if calls else 0.0,
-            "render_ms_max": self._ms_max,
-            "layers": len(self.layers),
-        })
+        stats = {**per_layer[0], **self.timer.figures(), "layers": len(self.layers)}
         for key in ("voices", "voices_sounding", "nan_blocks", "decode_errors", "skipped_calls"):
             stats[key] = sum(s[key] for s in per_layer)
         stats["latency_ms"] = max(s["latency_ms"] for s in per_layer)  # the layers' models alone
