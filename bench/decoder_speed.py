@@ -28,6 +28,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -70,19 +71,25 @@ def random_inputs(meta: dict, frames: int, generator: torch.Generator) -> torch.
     return u
 
 
+def timed(step: Callable[[int], object], calls: int, warmup: int = 10) -> tuple[list[float], list[float]]:
+    """Wall and thread-CPU seconds of `step(i)` for i in 0..calls-1, after `step(0..warmup-1)` once
+    untimed (TorchScript optimises on the first calls)."""
+    for i in range(min(warmup, calls)):
+        step(i)
+    wall, cpu = [], []
+    for i in range(calls):
+        w0, c0 = time.perf_counter(), time.thread_time()
+        step(i)
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return wall, cpu
+
+
 def time_calls(call, frames_per_call: int, meta: dict, seconds: float, sample_rate: int, hop: int):
     calls = max(20, int(seconds * sample_rate / (frames_per_call * hop)))
     generator = torch.Generator().manual_seed(0)
     inputs = [random_inputs(meta, frames_per_call, generator) for _ in range(calls)]
-    for u in inputs[:10]:  # warm-up: TorchScript optimises on the first calls
-        call(u)
-    wall, cpu = [], []
-    for u in inputs:
-        w0, c0 = time.perf_counter(), time.thread_time()
-        call(u)
-        cpu.append(time.thread_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return wall, cpu
+    return timed(lambda i: call(inputs[i]), calls)
 
 
 def main() -> int:

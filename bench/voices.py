@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decoder_speed import default_model_file, random_inputs  # noqa: E402
+from decoder_speed import default_model_file, random_inputs, timed  # noqa: E402
 
 VOICE_COUNTS = (1, 2, 4, 8, 16)
 BLOCK = 256
@@ -39,19 +38,6 @@ BLOCK = 256
 
 def median_rtf(times: list[float], audio_s: float) -> float:
     return audio_s / statistics.median(times)
-
-
-def timed(step, blocks: int) -> tuple[list[float], list[float]]:
-    """Wall and thread-CPU seconds of `step()` over `blocks` calls, after 10 warm-up calls."""
-    for _ in range(10):
-        step()
-    wall, cpu = [], []
-    for _ in range(blocks):
-        w0, c0 = time.perf_counter(), time.thread_time()
-        step()
-        cpu.append(time.thread_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return wall, cpu
 
 
 def main() -> int:
@@ -97,9 +83,9 @@ def main() -> int:
                 inputs = [random_inputs(meta, frames, generator) for _ in range(n)]
                 batch = torch.cat(inputs)
                 batched = fresh()
-                wall, cpu = timed(lambda: batched.decode(batch), blocks)
+                wall, cpu = timed(lambda _: batched.decode(batch), blocks)
                 modules = [fresh() for _ in range(n)]
-                sep_wall, _ = timed(lambda: [m.decode(u) for m, u in zip(modules, inputs)], blocks // 2)
+                sep_wall, _ = timed(lambda _: [m.decode(u) for m, u in zip(modules, inputs)], blocks // 2)
 
                 # the engine as synthd plays it: n notes held, envelopes and the mix included
                 patch = parse_patch(f"version = 1\nvoices = {n}\n[gate]\nopen = false\n")
@@ -109,7 +95,7 @@ def main() -> int:
                     surface.set_gate(True)
                 for k in range(n if n > 1 else 0):
                     surface.note_on(40 + 3 * k, 100)
-                eng_wall, _ = timed(lambda: engine.render(BLOCK), blocks)
+                eng_wall, _ = timed(lambda _: engine.render(BLOCK), blocks)
                 print(f"{n:>6} | {1e3 * statistics.median(wall):>10.3f} {median_rtf(wall, audio):>6.1f} "
                       f"{median_rtf(cpu, audio):>7.1f} | {1e3 * statistics.median(sep_wall):>11.3f} "
                       f"{median_rtf(sep_wall, audio):>6.1f} | "
