@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from synthd.engine import Engine, EnvelopeSettings
+from synthd.engine import STEAL_S, Engine, EnvelopeSettings
 from synthd.model import ControlInfo, Model
 from synthd.patch import ControlMap, Patch, PatchError, Preset, save_patch
 from synthd.voices import VoiceAllocator
@@ -535,9 +535,9 @@ class ControlSurface:
             self.voices.pedal(False, clock, self._release_samples())
             for v in range(self.engine.voices):
                 if self.voices.sounding(v, clock):
-                    cut = int(math.ceil(0.005 * self.engine.sample_rate)) + self._release_samples() \
-                        - int(math.ceil(self.patch.gate.release * self.engine.sample_rate))
-                    self.voices.release(self.voices.voices[v].key, clock, cut if now else self._release_samples())
+                    # cut: the fade alone instead of the release
+                    tail = self._release_samples(0.0 if now else None)
+                    self.voices.release(self.voices.voices[v].key, clock, tail)
                     self.engine.note_off(v, at=at, fade=now)
             self.gate_open = False
 
@@ -569,12 +569,13 @@ class ControlSurface:
     def _now(self, at: int | None) -> int:
         return self.engine.clock if at is None else at
 
-    def _release_samples(self) -> int:
-        """How long after its key-up a voice still sounds: the release, plus the latent frames its
-        release may wait for (its own, and one more when its note started in the same frame) and a
-        stolen note's fade."""
+    def _release_samples(self, release_s: float | None = None) -> int:
+        """How long after its key-up a voice still sounds: the release (the patch's, or
+        `release_s`), plus the latent frames its release may wait for (its own, and one more when
+        its note started in the same frame) and a stolen note's fade."""
         model = self.engine.model
-        return int(math.ceil((self.patch.gate.release + 0.005) * self.engine.sample_rate
+        release = self.patch.gate.release if release_s is None else release_s
+        return int(math.ceil((release + STEAL_S) * self.engine.sample_rate
                              + 2 * model.hop * self.engine.sample_rate / model.sample_rate))
 
     def _hears(self, channel: int) -> bool:
