@@ -3,7 +3,6 @@ on generated one-shots with a tiny model: what it reports, what it refuses, what
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -18,57 +17,19 @@ import numpy as np
 import pytest
 import torch
 
+from support.training_cli import ENV, REPO, TINY
+from support.training_cli import cli as _cli
+from support.training_cli import log_rows as _rows
 from training.checkpoint import load_checkpoint
 from training.incremental import ReplaySchedule
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-TINY = """
-[model]
-latent_size = 4
-encoder_dim = 32
-encoder_blocks = 1
-decoder_dim = 32
-decoder_blocks = 2
-decoder_dilations = [1, 2]
-
-[data]
-batch_size = 4
-crop_frames = 16
-
-[loss]
-stft_fft_sizes = [128, 512, 2048]
-mel_fft_sizes = [1024]
-
-[optim]
-lr = 3e-3
-warmup_steps = 5
-threads = 1
-
-[validation]
-every_steps = 10
-log_every_steps = 2
-max_seconds = 3.0
-crop_frames = 32
-"""
 OLD_FILES, ADDED_FILES = 12, 5
-
-
-def _cli(*args: str, module: str = "training") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300)
 
 
 def _ok(*args: str) -> subprocess.CompletedProcess:
     result = _cli(*args)
     assert result.returncode == 0, f"synthd-train {' '.join(args)}:\n{result.stderr[-3000:]}"
     return result
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "log.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _metadata(path: Path) -> dict:

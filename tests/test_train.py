@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import os
 import random
@@ -17,57 +16,18 @@ import numpy as np
 import pytest
 import torch
 
+from support.training_cli import ENV, REPO, TINY
+from support.training_cli import cli as _cli
+from support.training_cli import log_rows as _rows
 from training.augment import Augmenter
 from training.checkpoint import load_checkpoint, load_run
 from training.config import AugmentConfig, load_config
 from training.data import CropSampler, ValidationSet
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-TINY = """
-[model]
-latent_size = 4
-encoder_dim = 32
-encoder_blocks = 1
-decoder_dim = 32
-decoder_blocks = 2
-decoder_dilations = [1, 2]
-
-[data]
-batch_size = 4
-crop_frames = 16
-
-[loss]
-stft_fft_sizes = [128, 512, 2048]
-mel_fft_sizes = [1024]
-
-[optim]
-lr = 3e-3
-warmup_steps = 5
-threads = 1
-
-[validation]
-every_steps = 10
-log_every_steps = 2
-max_seconds = 3.0
-crop_frames = 32
-"""
-
-
-def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300, **kwargs)
-
 
 def _train(data: Path, run: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "training", "train", str(data), str(run), *extra],
                             cwd=REPO, env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "log.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _wait_for_step(run: Path, proc: subprocess.Popen, step: int) -> None:
