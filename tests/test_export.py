@@ -7,6 +7,7 @@ the other tests; set `SYNTHD_ALIAS_MODEL=/path/to/model.ts` to run them on anoth
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -130,7 +131,7 @@ def test_metadata_follows_the_contract(exported):
     assert meta["format"] == "synthd-model" and meta["format_version"] == 1
     assert (meta["sample_rate"], meta["channels"], meta["latent_size"], meta["hop"]) == (48000, 1, INPUTS, 256)
     assert meta["latency_samples"] == 768
-    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256}
+    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256, "encode_samples": 9 * 256}
     assert meta["pitch"]["estimator"].startswith("yin") and meta["run"]["model"]["vae_latent_size"] == 4
     labels = [c["label"] for c in meta["controls"]]
     assert len(set(labels)) == INPUTS and all(re.fullmatch(r"[a-z0-9_]+", label) for label in labels)
@@ -153,22 +154,57 @@ def test_encode_returns_control_coordinates_deterministically(exported):
     _, vae = load_run(run)
     dataset = PreparedSet.open(prepared)
     meta = json.loads(model.metadata())
+    # encode streams: output frame k describes input frame k - lag
+    lag = meta["latency"]["encode_samples"] // 256
+    assert lag == 9  # the pitch tracker's reach (the tiny encoder's own is 5)
     us = []
     with torch.no_grad():
         for f in dataset.files:
             x = torch.from_numpy(dataset.load(f)).view(1, 1, -1)
-            u = model.encode(x)
-            assert torch.equal(u, model.encode(x))  # the posterior mean: no sampling
-            # pitch and voicing come from the one tracker, as prepare stored them
-            torch.testing.assert_close(u[0, :2], torch.from_numpy(dataset.load_condition(f)), rtol=0, atol=1e-4)
+            frames = x.shape[-1] // 256
+            padded = torch.cat([x, torch.zeros(1, 1, lag * 256)], -1)
+            model.reset()
+            u = model.encode(padded)
+            model.reset()
+            assert torch.equal(u, model.encode(padded))  # the posterior mean: no sampling
+            u = u[..., lag:lag + frames]
+            # pitch and voicing come from the one tracker, as prepare stored them (a stream holds
+            # the rest pitch before its first voiced frame, where prepare holds that frame's)
+            stored = torch.from_numpy(dataset.load_condition(f))
+            torch.testing.assert_close(u[0, 1], stored[1], rtol=0, atol=1e-4)
+            voiced = torch.nonzero(stored[1] > 0.5).flatten()
+            if len(voiced):
+                first = int(voiced[0]) + 2  # the octave check reads two frames either side
+                torch.testing.assert_close(u[0, 0, first:], stored[0, first:], rtol=0, atol=1e-4)
             # offset + basis @ u is the VAE's posterior mean: the file's dimensions are its controls
             z = model.offset + torch.matmul(model.basis, u[:, 2:])
-            torch.testing.assert_close(z, vae.encode(x)[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(z, vae.encode(padded)[0][..., :frames], rtol=1e-4, atol=1e-4)
             us.append(u[0].T)
     middle = np.median(torch.cat(us).numpy(), axis=0)
     for j, c in enumerate(meta["controls"]):
         assert c["min"] <= middle[j] <= c["max"], (c, middle[j])
     assert abs(meta["controls"][0]["default"] - float(vae.default_condition[0])) < 1e-6
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_file_encodes_in_chunks_as_in_one_call(exported, size):
+    model = _load(exported[2])
+    t = torch.arange(40 * 256) / 48000
+    x = (0.3 * torch.sin(2 * math.pi * 196.0 * t) * (t > 0.05)).view(1, 1, -1)
+    with torch.no_grad():
+        model.reset()
+        whole = model.encode(x)
+        model.reset()
+        chunked = torch.cat([model.encode(x[..., i:i + size * 256]) for i in range(0, x.shape[-1], size * 256)], 2)
+        # a reset starts the stream afresh; without one it goes on
+        again = model.encode(x[..., :4 * 256])
+        model.reset()
+        fresh = model.encode(x[..., :4 * 256])
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fresh, whole[..., :4], rtol=0, atol=1e-6)
+    assert not torch.allclose(again, fresh)
+    # the tone comes out as G3 on the frames it sounds in, 9 frames late
+    assert (whole[0, 0, 9 + 12:] - 55.0).abs().max() < 0.01 and whole[0, 1, 9 + 12:].min() > 0.9
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])

@@ -122,7 +122,7 @@ def test_decode_at_pitch_69_is_440_hz_and_encode_reads_it_back(tmp_path):
     pitch = meta["controls"][0]
     assert (pitch["label"], pitch["source"], pitch["unit"], pitch["min"], pitch["max"]) == ("pitch", "f0", "midi", 0, 127)
     assert meta["controls"][1]["label"] == "voicing"
-    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256}
+    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256, "encode_samples": 9 * 256}
     frames = 200
     u = torch.zeros(1, int(module.decode_params[0]), frames)
     u[:, 0], u[:, 1] = 69.0, 1.0

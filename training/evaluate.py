@@ -77,6 +77,8 @@ class Subject:
         self.latent_size, self.hop = params[0], params[1]
         self.sample_rate = int(self.metadata.get("sample_rate", 48000))
         self.latency = int(self.metadata.get("latency_samples", 0))
+        # frames `encode` lags its input by (files from before it streamed: none)
+        self.encode_lag = int((self.metadata.get("latency") or {}).get("encode_samples") or 0) // self.hop
         controls = self.metadata.get("controls") or [
             {"label": f"latent_{i}", "min": -3.0, "max": 3.0, "default": 0.0} for i in range(self.latent_size)]
         self.controls = [ControlSpec(label=c["label"], minimum=float(c["min"]), maximum=float(c["max"]),
@@ -85,10 +87,15 @@ class Subject:
                          for c in controls]
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """`(samples,)` -> control coordinates `(latent, samples // hop)`."""
+        """`(samples,)` -> control coordinates `(latent, samples // hop)`, frame t describing x's frame t
+        (the streaming encode's look-ahead taken out)."""
+        frames = len(x) // self.hop
+        padded = np.zeros((frames + self.encode_lag) * self.hop, dtype=np.float32)
+        padded[:frames * self.hop] = x[:frames * self.hop]
         self.module.reset()
         with torch.no_grad():
-            return self.module.encode(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None])[0].numpy()
+            u = self.module.encode(torch.from_numpy(padded)[None, None])[0].numpy()
+        return u[:, self.encode_lag:]
 
     def decode(self, u: np.ndarray) -> np.ndarray:
         """Control coordinates `(latent, frames)` -> audio `(frames * hop,)`, from a reset state."""

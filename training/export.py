@@ -3,9 +3,10 @@
 The file's latent dimensions are the controls of its metadata (see training/control_space.py):
 `decode` maps control values to VAE latents and streams them through the causal decoder,
 keeping the convolution caches, the overlap-add tail and the noise-table position between
-calls; `encode` returns the posterior mean in control coordinates. Before the file is written,
-decoding in chunks of 1, 2, 3 and 8 frames is checked against one whole decode, and the saved
-file is loaded back and checked again.
+calls; `encode` streams audio to the posterior mean in control coordinates (and the tracked
+pitch and voicing), a fixed number of frames behind its input (its look-ahead). Before the
+file is written, decoding and encoding in chunks of 1, 2, 3 and 8 frames are checked against
+one whole call, and the saved file is loaded back and checked again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -51,7 +53,7 @@ class StreamingModel(nn.Module):
     State is kept for one batch size at a time; a call with another batch size starts afresh.
     """
 
-    __constants__ = ["pitched"]
+    __constants__ = ["pitched", "encoder_lag", "tracker_lag", "encode_lag"]
 
     def __init__(self, vae: VAE, space: ControlSpace, metadata: str) -> None:
         super().__init__()
@@ -75,6 +77,15 @@ class StreamingModel(nn.Module):
         self.register_buffer("forward_params", torch.tensor([1, 1, 1, 1]))
         self.meta = metadata
         self.state: list[Tensor] = self.decoder.initial_state(1)
+        # encode streams too: the encoder and the tracker each give frame t some frames after block
+        # t arrived; the quicker one is delayed to the slower, so both describe the same frame
+        self.encoder_lag = self.encoder.lookahead_frames
+        self.tracker_lag = vae.tracker.lookahead_frames if vae.tracker is not None else 0
+        self.encode_lag = max(self.encoder_lag, self.tracker_lag)
+        self.encoder_state: list[Tensor] = self.encoder.initial_state(1)
+        self.tracker_state: list[Tensor] = self._tracker_state(1)
+        self.encoder_delay = torch.zeros(1, size, self.encode_lag - self.encoder_lag)
+        self.tracker_delay = torch.zeros(1, self.conditioning, self.encode_lag - self.tracker_lag)
 
     @torch.jit.export
     def get_methods(self) -> list[str]:
@@ -91,6 +102,18 @@ class StreamingModel(nn.Module):
     @torch.jit.export
     def reset(self) -> None:
         self.state = self.decoder.initial_state(self.state[0].shape[0])
+        self._reset_encode(self.encoder_delay.shape[0])
+
+    def _tracker_state(self, batch: int) -> list[Tensor]:
+        if self.pitched:
+            return self.tracker.initial_state(batch)
+        return [torch.zeros(batch, 0)]
+
+    def _reset_encode(self, batch: int) -> None:
+        self.encoder_state = self.encoder.initial_state(batch)
+        self.tracker_state = self._tracker_state(batch)
+        self.encoder_delay = torch.zeros(batch, self.encoder_delay.shape[1], self.encode_lag - self.encoder_lag)
+        self.tracker_delay = torch.zeros(batch, self.tracker_delay.shape[1], self.encode_lag - self.tracker_lag)
 
     @torch.jit.export
     def decode(self, u: Tensor) -> Tensor:
@@ -106,14 +129,23 @@ class StreamingModel(nn.Module):
 
     @torch.jit.export
     def encode(self, x: Tensor) -> Tensor:
-        """Audio `(batch, 1, samples)` -> control values `(batch, latent_size, samples // hop)`: pitch
-        and voicing from the tracker (with a pitch input), then the posterior mean, so the same
-        audio always gives the same controls. Stateless: each call analyses its own samples (zero
-        beyond its end)."""
-        mean, _ = self.encoder(x)
-        controls = torch.matmul(self.inverse, mean - self.offset)
+        """Audio `(batch, 1, samples)` -> control values `(batch, latent_size, samples // hop)`,
+        continuing the stream of the previous call: pitch and voicing from the tracker (with a pitch
+        input), then the posterior mean, so the same audio always gives the same controls. Output k
+        describes input frame k - encode_lag (the metadata's `latency.encode_samples`): the
+        encoder's look-ahead. Samples past a whole frame are not used."""
+        if x.shape[0] != self.encoder_delay.shape[0]:
+            self._reset_encode(x.shape[0])
+        frames = x.shape[-1] // self.hop
+        mean, _, self.encoder_state = self.encoder.step(x, self.encoder_state)
+        controls = torch.cat([self.encoder_delay, torch.matmul(self.inverse, mean - self.offset)], -1)
+        self.encoder_delay = controls[..., controls.shape[-1] - self.encoder_delay.shape[-1]:]
+        controls = controls[..., :frames]
         if self.pitched:
-            return torch.cat([self.tracker(x), controls], 1)
+            condition, self.tracker_state = self.tracker.step(x, self.tracker_state)
+            condition = torch.cat([self.tracker_delay, condition], -1)
+            self.tracker_delay = condition[..., condition.shape[-1] - self.tracker_delay.shape[-1]:]
+            return torch.cat([condition[..., :frames], controls], 1)
         return controls
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,6 +178,38 @@ def check_streaming(module: Any, u: Tensor, chunks: tuple[int, ...] = CHECK_CHUN
     return worst
 
 
+def encode_lag(vae: VAE) -> int:
+    """Frames by which the exported `encode` lags its input (see `StreamingModel.encode`)."""
+    return max(vae.encoder.lookahead_frames, vae.tracker.lookahead_frames if vae.tracker is not None else 0)
+
+
+def check_encode_streaming(module: Any, x: Tensor, chunks: tuple[int, ...] = CHECK_CHUNKS,
+                           tolerance: float = 1e-4) -> float:
+    """Encode `x` `(1, 1, samples)` in one call, then in chunks of each size in `chunks` frames (after
+    `reset()`); raise RuntimeError when any chunked encode differs from the one call by more than
+    `tolerance` relative to its largest value. Returns the largest relative difference. Leaves the
+    module reset."""
+    hop = int(module.encode_params[3])
+    with torch.no_grad():
+        module.reset()
+        whole = module.encode(x)
+        if not bool(torch.isfinite(whole).all()):
+            raise RuntimeError("encode returned NaN or infinity")
+        scale = max(float(whole.abs().max()), 1e-6)
+        worst = 0.0
+        for size in chunks:
+            module.reset()
+            step = size * hop
+            parts = [module.encode(x[..., i:i + step]) for i in range(0, x.shape[-1], step)]
+            error = float((torch.cat(parts, dim=2) - whole).abs().max()) / scale
+            worst = max(worst, error)
+            if error > tolerance:
+                raise RuntimeError(f"streaming encode in chunks of {size} frames differs from one call "
+                                   f"by {error:.3g} of its largest value (tolerance {tolerance:g})")
+        module.reset()
+    return worst
+
+
 def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any]) -> str:
     """The metadata JSON of the README's model-file contract."""
     cfg = vae.cfg
@@ -165,7 +229,9 @@ def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any
         # a note or pitch change is heard through the harmonic path within one hop of its frame;
         # the residual (iSTFT) path has played a frame in full after `latency_samples`
         "latency": {"residual_samples": vae.latency_samples,
-                    "harmonic_samples": cfg.harmonic_latency_samples if cfg.harmonics else None},
+                    "harmonic_samples": cfg.harmonic_latency_samples if cfg.harmonics else None,
+                    # `encode` streams: its output frame k describes the input's frame k - lag
+                    "encode_samples": encode_lag(vae) * cfg.hop},
         "controls": [c.to_metadata(i) for i, c in enumerate(controls)],
         "preprocessing": dict(ckpt.get("preprocessing") or {}),
         "data": dict(ckpt.get("data_summary") or {}),
@@ -186,7 +252,8 @@ def freeze(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     buffers and labels, `reset`, `metadata`, the streaming state, and the map from controls to
     latents (`offset + basis @ controls`)."""
     methods = list(scripted.get_methods())
-    keep = methods + ["reset", "metadata", "get_methods", "get_attributes", "state", "offset", "basis"]
+    keep = methods + ["reset", "metadata", "get_methods", "get_attributes", "state", "offset", "basis",
+                      "encoder_state", "tracker_state", "encoder_delay", "tracker_delay"]
     keep += [f"{m}_{part}" for m in methods for part in ("params", "input_labels", "output_labels")]
     return torch.jit.freeze(scripted.eval(), preserved_attrs=[name for name in keep if hasattr(scripted, name)])
 
@@ -208,15 +275,18 @@ def export_model(vae: VAE, space: ControlSpace, metadata: str, out: str | Path, 
     hi = torch.tensor([c.maximum for c in controls]).view(1, -1, 1)
     # a latent walk across each control's useful range
     u = lo + (hi - lo) * torch.rand(1, len(controls), check_frames, generator=generator)
+    # a tone gliding under noise, for the encoder and the pitch tracker
+    t = torch.arange(check_frames * vae.cfg.hop) / vae.cfg.sample_rate
+    x = (0.3 * torch.sin(2 * math.pi * 110.0 * (t + t * t)) + 0.02 * torch.randn(t.shape, generator=generator)).view(1, 1, -1)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = freeze(torch.jit.script(module))
-        worst = check_streaming(scripted, u)
+        worst = max(check_streaming(scripted, u), check_encode_streaming(scripted, x))
         torch.jit.save(scripted, buffer)
         buffer.seek(0)
         loaded = torch.jit.load(buffer)
-    worst = max(worst, check_streaming(loaded, u))
+    worst = max(worst, check_streaming(loaded, u), check_encode_streaming(loaded, x))
     if loaded.metadata() != metadata:
         raise RuntimeError("the saved file's metadata does not read back unchanged")
     atomic_write_bytes(out, buffer.getvalue())

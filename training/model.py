@@ -229,6 +229,7 @@ class CentredBlock(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int, mlp_ratio: int = 3) -> None:
         super().__init__()
+        self.dim, self.reach = dim, kernel_size // 2  # frames it looks either side
         self.dwconv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim)
         self.pw1 = nn.Linear(dim, mlp_ratio * dim)
@@ -237,8 +238,21 @@ class CentredBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), 1.0 / 8))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.pw2(self.act(self.pw1(self.norm(self.dwconv(x).transpose(1, 2)))))
-        return x + (self.gamma * h).transpose(1, 2)
+        return x + self._residual(self.dwconv(x))
+
+    def _residual(self, y: Tensor) -> Tensor:
+        h = self.pw2(self.act(self.pw1(self.norm(y.transpose(1, 2)))))
+        return (self.gamma * h).transpose(1, 2)
+
+    def step(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
+        """Streaming: new frames `x` `(batch, dim, T)` after the cache of the `kernel - 1` frames
+        before them (zeros at the start: the padding of `forward`) -> the T frames centred `reach`
+        frames before the newest (`(batch, dim, T)`) and the new cache. Chunked calls equal `forward`
+        on the whole, delayed by `reach` frames."""
+        full = torch.cat([cache, x], -1)
+        y = nn.functional.conv1d(full, self.dwconv.weight, self.dwconv.bias, 1, 0, 1, self.dim)
+        centre = full[..., self.reach:self.reach + x.shape[-1]]
+        return centre + self._residual(y), full[..., full.shape[-1] - 2 * self.reach:]
 
 
 class Encoder(nn.Module):
@@ -264,8 +278,49 @@ class Encoder(nn.Module):
         h = self.input(spectral_ops.log_magnitude(x, self.n_fft, self.hop, self.window, self.bins))
         for block in self.blocks:
             h = block(h)
+        return self._posterior(h)
+
+    def _posterior(self, h: Tensor) -> tuple[Tensor, Tensor]:
         mean, logvar = self.output(self.norm(h)).chunk(2, dim=1)
         return mean, logvar.clamp(self.logvar_min, self.logvar_max)
+
+    @property
+    def lookahead_frames(self) -> int:
+        """How many frames past frame t the encoder reads to give frame t: the analysis window's
+        (n_fft / hop - 1) and each centred block's reach. Streaming gives frame t this many frames
+        after its own block arrived."""
+        return self.n_fft // self.hop - 1 + sum(block.reach for block in self.blocks)
+
+    def initial_state(self, batch: int) -> list[Tensor]:
+        """The start of a stream: the analysis window's earlier samples, each block's cache of
+        earlier frames (zeros: `forward`'s padding) and the count of frames received."""
+        state = [torch.zeros(batch, self.n_fft - self.hop)]
+        state += [torch.zeros(batch, block.dim, 2 * block.reach) for block in self.blocks]
+        state.append(torch.zeros(1, dtype=torch.long))
+        return state
+
+    def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Streaming: `x` `(batch, 1, samples)` continuing the stream of `state` -> mean, logvar
+        `(batch, latent, samples // hop)` and the new state; samples past a whole frame are not
+        used. Output k of the stream is `forward`'s frame k - lookahead_frames of the whole signal
+        (the first lookahead_frames are those of the frames before the signal, where `forward` pads
+        with zeros), so chunked calls equal one call and, shifted, `forward`."""
+        frames = x.shape[-1] // self.hop
+        audio = torch.cat([state[0], x.reshape(x.shape[0], -1)[:, :frames * self.hop]], -1)
+        h = self.input(spectral_ops.frames_log_magnitude(audio.unfold(-1, self.n_fft, self.hop), self.window, self.bins))
+        count = state[-1]
+        # each layer's frames before the signal are its zero padding in `forward`
+        index = count + torch.arange(frames, device=x.device) - (self.n_fft // self.hop - 1)
+        h = h * (index >= 0).to(h.dtype)
+        new_state = [audio[:, audio.shape[1] - (self.n_fft - self.hop):]]
+        for i, block in enumerate(self.blocks):
+            h, cache = block.step(h, state[i + 1])
+            new_state.append(cache)
+            index = index - block.reach
+            h = h * (index >= 0).to(h.dtype)
+        mean, logvar = self._posterior(h)
+        new_state.append(count + frames)
+        return mean, logvar, new_state
 
 
 class ISTFTHead(nn.Module):

@@ -92,7 +92,7 @@ class PitchTracker(nn.Module):
     (zero beyond them). Scriptable; no parameters."""
 
     __constants__ = ["sample_rate", "hop", "window", "tau_min", "tau_max", "span", "n_fft", "threshold",
-                     "voiced_threshold", "rest_pitch", "silence_db", "silence_ramp_db"]
+                     "voiced_threshold", "rest_pitch", "silence_db", "silence_ramp_db", "yin_lag", "history"]
 
     def __init__(self, sample_rate: int = 48000, hop: int = 256) -> None:
         super().__init__()
@@ -103,6 +103,11 @@ class PitchTracker(nn.Module):
         self.n_fft = correlation_size(self.span, self.window)
         self.threshold, self.voiced_threshold, self.rest_pitch = YIN_THRESHOLD, VOICED_THRESHOLD, REST_PITCH
         self.silence_db, self.silence_ramp_db = SILENCE_DB, SILENCE_RAMP_DB
+        # streaming: frame t's span starts at (t + 1) * hop - window / 2, so it is complete
+        # `yin_lag` frames after block t arrived; `history` samples before a call's new block
+        # are kept for it
+        self.yin_lag = -(-(self.span - self.window // 2) // hop)
+        self.history = (self.yin_lag - 1) * hop + self.window // 2
 
     @torch.jit.unused
     def parameters_dict(self) -> dict[str, object]:
@@ -146,6 +151,59 @@ class PitchTracker(nn.Module):
             pitch = torch.where(off, pitch - 12.0 * octaves, pitch)
             filled = self._fill(pitch, voiced)
         return torch.stack([filled.clamp(0.0, 127.0), confidence], 1).float()
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Streaming gives frame t this many frames after its own block arrived: the YIN span's
+        reach and the octave check's two frames."""
+        return self.yin_lag + 2
+
+    def initial_state(self, batch: int) -> list[Tensor]:
+        """The start of a stream: silence before it, four unvoiced frames, `rest_pitch` held (the
+        last voiced pitch before and after the octave check), the count of frames received."""
+        rest = torch.full((batch, 1), self.rest_pitch)
+        return [torch.zeros(batch, self.history), torch.full((batch, 4), self.rest_pitch), torch.zeros(batch, 4),
+                rest, rest.clone(), torch.zeros(1, dtype=torch.long)]
+
+    def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Streaming: `x` `(batch, 1, samples)` continuing the stream of `state` -> `(batch, 2,
+        samples // hop)` pitch and voicing, and the new state. Output k is frame k - lookahead_frames
+        of the stream, as `forward` reads it on the whole, except that unvoiced frames before the
+        first voiced one hold `rest_pitch` (a stream cannot know its first note in advance) and the
+        octave check near the start sees the unvoiced frames before the signal. Chunked calls equal
+        one call."""
+        frames = x.shape[-1] // self.hop
+        audio = torch.cat([state[0], x.reshape(x.shape[0], -1)[:, :frames * self.hop].float()], -1)
+        seg = audio.unfold(-1, self.span, self.hop)[:, :frames]
+        f0, confidence = yin(seg, self.sample_rate, self.window, self.tau_min, self.tau_max, self.threshold,
+                             self.n_fft)
+        level = 10.0 * torch.log10(seg[..., :self.window].square().mean(-1) + 1e-20)
+        confidence = confidence * ((level - self.silence_db) / self.silence_ramp_db).clamp(0.0, 1.0)
+        # the last 4 frames of the previous call, then the new: the 5-frame median of each frame
+        # whose 2 successors are known
+        pitch = torch.cat([state[1], hz_to_midi(f0)], -1)
+        confidence = torch.cat([state[2], confidence], -1)
+        voiced = confidence > self.voiced_threshold
+        filled = self._fill_from(pitch, voiced, state[3])
+        median = filled.unfold(-1, 5, 1).median(-1).values
+        centre = pitch[:, 2:2 + frames]
+        octaves = torch.round((centre - median) / 12.0)
+        off = (octaves != 0) & ((centre - median - 12.0 * octaves).abs() < 1.0)
+        centre = torch.where(off, centre - 12.0 * octaves, centre)
+        fixed = self._fill_from(centre, voiced[:, 2:2 + frames], state[4])
+        out = torch.stack([fixed.clamp(0.0, 127.0), confidence[:, 2:2 + frames]], 1)
+        new_state = [audio[:, audio.shape[1] - self.history:], pitch[:, frames:], confidence[:, frames:],
+                     filled[:, frames - 1:frames] if frames > 0 else state[3],
+                     fixed[:, frames - 1:frames] if frames > 0 else state[4], state[5] + frames]
+        return out, new_state
+
+    def _fill_from(self, pitch: Tensor, voiced: Tensor, before: Tensor) -> Tensor:
+        """Each unvoiced frame of `pitch` `(batch, frames)` takes the last voiced frame's pitch, or
+        `before` `(batch, 1)` (the last voiced pitch before these frames) when none is."""
+        index = torch.arange(pitch.shape[-1], device=pitch.device).expand_as(pitch)
+        last = torch.cummax(torch.where(voiced, index, torch.full_like(index, -1)), -1).values
+        held = pitch.gather(-1, last.clamp(min=0))
+        return torch.where(last >= 0, held, before.expand_as(pitch))
 
     def _fill(self, pitch: Tensor, voiced: Tensor) -> Tensor:
         """Each unvoiced frame takes the last voiced frame's pitch (the first voiced one before it,

@@ -55,7 +55,12 @@ def analysis_frames(x: Tensor, n_fft: int, hop: int) -> Tensor:
 
 def log_magnitude(x: Tensor, n_fft: int, hop: int, window: Tensor, max_bin: int) -> Tensor:
     """Log magnitude of the causal analysis frames, bins 0..max_bin-1: `(batch, max_bin, frames)`."""
-    spec = torch.fft.rfft(analysis_frames(x, n_fft, hop) * window, dim=-1)[..., :max_bin]
+    return frames_log_magnitude(analysis_frames(x, n_fft, hop), window, max_bin)
+
+
+def frames_log_magnitude(frames: Tensor, window: Tensor, max_bin: int) -> Tensor:
+    """Log magnitude of analysis frames `(batch, frames, n_fft)`, bins 0..max_bin-1: `(batch, max_bin, frames)`."""
+    spec = torch.fft.rfft(frames * window, dim=-1)[..., :max_bin]
     # floor inside the log: digital silence must stay finite
     return torch.log(spec.abs() + 1e-5).transpose(1, 2)
 
