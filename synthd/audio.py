@@ -13,7 +13,7 @@ import math
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soxr
@@ -21,6 +21,9 @@ import torch
 
 from synthd import dsp
 from synthd.engine import Engine
+
+if TYPE_CHECKING:
+    from synthd.input import LiveInput
 from synthd.ringbuffer import RingBuffer
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,7 @@ class LiveOutput:
     """Plays an engine on an audio device until stopped."""
 
     def __init__(self, engine: Engine, *, device: str | int | None = None, channels: int = 2,
-                 block_frames: int = 256, ahead_blocks: int = 2):
+                 block_frames: int = 256, ahead_blocks: int = 2, source: "LiveInput | None" = None):
         import sounddevice as sd
 
         if channels != engine.channels:
@@ -103,6 +106,16 @@ class LiveOutput:
                                              (decode_frames + (ahead_blocks - 1) * engine.block_frames)
                                              * self._ratio)))
         self._ring = RingBuffer(self.target_fill + 4 * max(block_frames, engine.block_frames) + 64, channels)
+        # audio input: the render thread renders a block as each block of input arrives
+        self.source = source
+        self._feeder = None
+        if source is not None:
+            from synthd.input import InputFeeder  # the input module builds on this one
+
+            self._feeder = InputFeeder(source, engine.block_frames)
+        if source is not None and self.sample_rate != engine.sample_rate:
+            raise AudioError(f"audio input needs the output at the model's {engine.sample_rate} Hz; "
+                             f"{self.device_name} plays {self.sample_rate} Hz")
         self._fade = dsp.Ramp(1.0)
         self._fading_out = False
         self._faded = threading.Event()
@@ -148,7 +161,8 @@ class LiveOutput:
         return 1000.0 * (self.target_fill / self.sample_rate + self._stream_latency_s)
 
     def stats(self) -> dict[str, Any]:
-        return {"underruns": self.underruns, "output_underflows": self.output_underflows,
+        extra = self.source.stats() if self.source is not None else {}
+        return {**extra, "underruns": self.underruns, "output_underflows": self.output_underflows,
                 "ring_underruns": self.ring_underruns, "late_underruns": self.late_underruns,
                 "xrun_underruns": self.xrun_underruns, "device": self.device_name,
                 "device_rate": self.sample_rate, "resampling": self._resampler is not None,
@@ -169,6 +183,9 @@ class LiveOutput:
         self.engine.stage_deferred = self._resampler is None
         while self._ring.fill < self.target_fill:
             self._render_one()
+        if self.source is not None:
+            self.source.on_data = self._wake.set
+            self.source.start()  # AudioError: refused before any output opens
         self.engine.backlog = self._backlog
         self.engine.output_stats = self.stats
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -184,6 +201,8 @@ class LiveOutput:
         except Exception as exc:
             self._stop.set()
             self._thread.join()
+            if self.source is not None:
+                self.source.stop()
             sys.setswitchinterval(self._switch_interval)
             self.engine.stage_deferred = False
             raise AudioError(f"cannot open audio device {self.device_name!r} at "
@@ -238,6 +257,8 @@ class LiveOutput:
             stream.stop()
             stream.close()
 
+        if self.source is not None:
+            self.source.stop()
         try:
             if not (playing and bounded(close, CLOSE_TIMEOUT_S, "synthd-audio-close")):
                 self.abandoned = True
@@ -265,8 +286,25 @@ class LiveOutput:
         """Samples rendered but not yet played, in engine samples."""
         return int(self._ring.fill / self._ratio)
 
-    def _render_one(self) -> None:
-        block = self.engine.render(self.engine.block_frames)
+    def restart_input(self) -> bool:
+        """Open the input afresh (its device went away); whether it opened. The render thread
+        renders without input meanwhile."""
+        if self.source is None:
+            return False
+        self.source.stop()
+        try:
+            self.source.start()
+        except AudioError as exc:
+            log.debug("input: not back yet: %s", exc)
+            return False
+        log.warning("input: %s is back", self.source.name)
+        return True
+
+    def _render_one(self, input: np.ndarray | None = None) -> None:
+        if self._feeder is not None:
+            block = self.engine.render(self.engine.block_frames, input)
+        else:
+            block = self.engine.render(self.engine.block_frames)
         if self._fading_out or self._fade.moving:
             block = block * self._fade.process(block.shape[0])[:, None].astype(np.float32)
             if self._fading_out and not self._fade.moving:
@@ -282,6 +320,8 @@ class LiveOutput:
                 if self._faded.is_set():
                     self._wake.wait(0.01)
                     self._wake.clear()
+                elif self._feeder is not None:
+                    self._feed()
                 elif self._ring.fill < self.target_fill:
                     self._render_one()
                 else:
@@ -290,6 +330,18 @@ class LiveOutput:
         except BaseException as exc:  # keep the reason; the callback plays silence meanwhile
             self.render_error = exc
             log.exception("render thread stopped")
+
+    def _feed(self) -> None:
+        """With input: render as input arrives, keeping the ring at `target_fill`; without input
+        for a block past that, render silence rather than run dry."""
+        go, block = self._feeder.next_block(self._ring.fill, max(1, self.target_fill - self.block_frames))
+        if not go:
+            self._wake.wait(0.002)
+            self._wake.clear()
+        elif self._ring.free < self.engine.block_frames * self._ratio + 1:
+            self.source.overruns += 1  # the device plays slower than the input comes: drop a block
+        else:
+            self._render_one(block)
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info, status) -> None:
         # real-time: copy, the output stage's few vector operations on one period, count, wake

@@ -14,6 +14,9 @@ A config file uses the option names with underscores, all at the top level:
     osc_host = "0.0.0.0"
     osc_port = 9000
     midi_in = "nanoKONTROL2"             # or "virtual"; empty for none
+    input = "virtual"                    # audio input: JACK ports synthd:in_*, or a device name
+    input_channels = 1                   # input channels, mixed to mono
+    input_gain = "auto"                  # dB before the model's encoder, or the model's training gain
     log_level = "info"                   # debug, info, warning, error
     crossfade = 0.05                     # seconds, model and patch swaps
 
@@ -71,6 +74,9 @@ class DaemonConfig:
     osc_host: str = "127.0.0.1"
     osc_port: int = 9000
     midi_in: str | None = None
+    input: str | None = None  # None: no audio input
+    input_channels: int = 1
+    input_gain: str | float = 0.0  # dB, or "auto": the model file's preprocessing gain
     log_level: str = "info"
     crossfade: float = 0.05
     http_port: int | None = None  # None: no HTTP server
@@ -106,6 +112,16 @@ class DaemonConfig:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not 0.0 <= self.crossfade <= 10.0:
             raise ConfigError(f"crossfade {self.crossfade} is outside 0..10 seconds")
+        if not 1 <= self.input_channels <= 64:
+            raise ConfigError(f"input_channels {self.input_channels} is outside 1..64")
+        if self.input_gain != "auto":
+            try:
+                gain = float(self.input_gain)
+            except ValueError:
+                raise ConfigError(f"input_gain {self.input_gain!r} is neither a number of dB nor \"auto\"") from None
+            if not -60.0 <= gain <= 40.0:
+                raise ConfigError(f"input_gain {gain} dB is outside -60..+40")
+            self.input_gain = gain
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port {self.http_port} is not a TCP port")
         if self.http_token is not None and not 8 <= len(self.http_token) <= 256:
@@ -125,7 +141,7 @@ class DaemonConfig:
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_dir": (str,), "patch": (str,), "patch_dir": (str,), "device": (str, int),
     "channels": (int,), "block_frames": (int,), "ahead_blocks": (int,), "threads": (int,), "osc_host": (str,), "osc_port": (int,),
-    "midi_in": (str,), "log_level": (str,), "crossfade": (float,),
+    "midi_in": (str,), "input": (str,), "input_channels": (int,), "input_gain": (str, float, int), "log_level": (str,), "crossfade": (float,),
     "http_port": (int,), "http_host": (str,), "http_token": (str,), "zeroconf": (bool,),
 }
 
@@ -150,6 +166,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--osc-host", help="OSC host to listen on (default 127.0.0.1)")
     parser.add_argument("--osc-port", type=int, help="OSC UDP port (default 9000; 0 picks a free one)")
     parser.add_argument("--midi-in", metavar="NAME|virtual", help="MIDI input: part of a port name, or `virtual`")
+    parser.add_argument("--input", metavar="NAME|virtual",
+                        help="audio input played through the model: part of an input device's name, or `virtual` "
+                             "for JACK ports synthd:in_1.. (off unless given)")
+    parser.add_argument("--input-channels", type=int, help="input channels, mixed to mono (default 1)")
+    parser.add_argument("--input-gain", metavar="DB|auto",
+                        help="input gain in dB before the model's encoder (default 0), or `auto`: the gain the "
+                             "model's training set got, for input recorded at its level")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="stderr log level (default info)")
     parser.add_argument("--crossfade", type=float, help="seconds a model or patch swap crossfades (default 0.05)")
     parser.add_argument("--http-port", type=int, help="serve OSCQuery and the control page on this TCP port "
@@ -243,6 +266,8 @@ def resolve(args: argparse.Namespace) -> DaemonConfig:
         config.model, config.patch = config.layers[0].model, config.layers[0].patch
     if config.midi_in == "":
         config.midi_in = None
+    if config.input == "":
+        config.input = None
     config.check()
     return config
 

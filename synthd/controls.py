@@ -13,6 +13,7 @@ surface.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -22,7 +23,7 @@ from typing import Callable
 
 from synthd.engine import STEAL_S, Engine, EnvelopeSettings
 from synthd.model import ControlInfo, Model
-from synthd.patch import ControlMap, Patch, PatchError, Preset, save_patch
+from synthd.patch import ControlMap, InputSettings, Patch, PatchError, Preset, save_patch
 from synthd.voices import VoiceAllocator
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,35 @@ def envelope_of(patch: Patch) -> EnvelopeSettings:
     return EnvelopeSettings(attack=g.attack, decay=g.decay, sustain=g.sustain, release=g.release)
 
 
-def engine_for(model: Model, patch: Patch, *, channels: int, block_frames: int, threads: int) -> Engine:
-    """The engine that plays `model` under `patch`: its voices, envelope, gate and gain."""
+def engine_for(model: Model, patch: Patch, *, channels: int, block_frames: int, threads: int,
+               audio_input: bool = False, input_trim_db: float = 0.0) -> Engine:
+    """The engine that plays `model` under `patch`: its voices, envelope, gate and gain. With
+    `audio_input`, one voice driven by the input under the patch's `[input]` settings, whose gain
+    adds to `input_trim_db` (the command line's `--input-gain`); ModelError when the model has no
+    usable `encode`."""
+    settings = input_settings_of(patch, input_trim_db) if audio_input else None
     return Engine(model, channels=channels, block_frames=block_frames, threads=threads,
-                  gate_open=patch.gate.open, gain_db=patch.gain_db, voices=voice_count(patch, model),
-                  envelope=envelope_of(patch))
+                  gate_open=patch.gate.open, gain_db=patch.gain_db,
+                  voices=1 if audio_input else voice_count(patch, model), envelope=envelope_of(patch),
+                  input_settings=settings)
+
+
+def input_trim_db(gain: str | float, model: Model) -> float:
+    """The command line's `--input-gain` for `model`: a number of dB, or "auto": the gain the
+    model's training set got in `prepare` (its metadata's `preprocessing.gain_db`; 0 when the file
+    does not say), so input recorded at the level of that set's files meets the encoder as they did."""
+    if gain != "auto":
+        return float(gain)
+    value = (model.metadata.get("preprocessing") or {}).get("gain_db")
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    log.warning("%s: no training gain in the model file; --input-gain auto is 0 dB", model.path)
+    return 0.0
+
+
+def input_settings_of(patch: Patch, trim_db: float) -> InputSettings:
+    """The patch's `[input]` with the command line's trim added to its gain."""
+    return dataclasses.replace(patch.input, gain_db=patch.input.gain_db + trim_db)
 
 
 @dataclass
@@ -153,6 +178,9 @@ class ControlSurface:
         self._zone = patch.midi.mpe_zone()  # (master, member channels), as the patch or an MCM says
         self._bend_ranges = (patch.midi.bend_range, patch.midi.mpe_bend_range)  # master, members (RPN 0)
         self._bind(engine.model, patch, keep={})
+        # with audio input: the command line's trim under the patch's input gain
+        settings = engine.input_settings
+        self.input_trim_db = settings.gain_db - patch.input.gain_db if settings is not None else 0.0
         self.gate_open = False
         engine.set_gain_db(self.gain_db)
         if self.voices is None:
@@ -215,6 +243,8 @@ class ControlSurface:
                 self.engine.set_gain_db(self.gain_db)
                 self._zone = patch.midi.mpe_zone()
                 self._bend_ranges = (patch.midi.bend_range, patch.midi.mpe_bend_range)
+                if self.engine.input_settings is not None:
+                    self.engine.set_input(input_settings_of(patch, self.input_trim_db))
                 if self.voices is not None:
                     self.engine.set_envelope(envelope_of(patch))
                     wanted = voice_count(patch, self.engine.model)
@@ -338,6 +368,40 @@ class ControlSurface:
                     self.voices.release(self.voices.voices[v].key, now, self._release_samples())
                     self.engine.note_off(v, at=at)
             self._notify("gate", "gate", 1.0 if on else 0.0, origin)
+
+    INPUT_RANGES = {"gain_db": (-60.0, 40.0), "transpose": (-48.0, 48.0), "dry_wet": (0.0, 1.0),
+                    "gate_db": (-120.0, 0.0)}
+
+    def set_input(self, key: str, value: float | str, label: str | None = None) -> None:
+        """Change one `[input]` setting while playing (numbers clamped and counted, as controls are):
+        gain_db, transpose, dry_wet, gate_db, pitch_source, or mode (of control `label`, or of all).
+        ValueError when synthd has no input or the setting or value is not one."""
+        from synthd.patch import INPUT_MODES, PITCH_SOURCES
+
+        with self._lock:
+            if self.engine.input_settings is None:
+                raise ValueError("synthd plays without audio input (start it with --input)")
+            current = self.patch.input
+            if key in self.INPUT_RANGES:
+                lo, hi = self.INPUT_RANGES[key]
+                number = float(value)
+                if not math.isfinite(number):
+                    raise ValueError(f"{key}: {value} is not a number")
+                changed = dataclasses.replace(current, **{key: self._clamp(number, lo, hi, True)})
+            elif key == "pitch_source" and value in PITCH_SOURCES:
+                changed = dataclasses.replace(current, pitch_source=str(value))
+            elif key == "mode" and value in INPUT_MODES:
+                if label is None:
+                    changed = dataclasses.replace(current, mode=str(value), modes={})
+                elif self.find(label) is None:
+                    raise ValueError(f"no control {label!r}")
+                else:
+                    changed = dataclasses.replace(current, modes={**current.modes, self.find(label).info.label: str(value)})
+            else:
+                raise ValueError(f"{key} {value!r}: not an input setting (gain_db, transpose, dry_wet, gate_db f; "
+                                 f"pitch_source {'|'.join(PITCH_SOURCES)}; mode [label] {'|'.join(INPUT_MODES)})")
+            self.patch = dataclasses.replace(self.patch, input=changed)
+            self.engine.set_input(input_settings_of(self.patch, self.input_trim_db))
 
     # ---------------------------------------------------------------- MIDI
 

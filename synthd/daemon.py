@@ -35,7 +35,8 @@ from synthd import config as config_mod
 from synthd import recovery
 from synthd.audio import AudioError, LiveOutput
 from synthd.config import ConfigError, DaemonConfig, LayerSpec, in_folder
-from synthd.controls import ControlSurface, engine_for
+from synthd.controls import ControlSurface, engine_for, input_trim_db
+from synthd.input import open_input
 from synthd.midi import MidiError, MidiInput, MidiRouter
 from synthd.model import ModelError, load_model
 from synthd.osc import PREFIX, OscServer
@@ -85,8 +86,11 @@ class Daemon:
             self._restore_values(resumed)
         # one layer plays on its engine alone: its gain and gate act in the audio callback
         self.rack = Rack(self.layers) if len(self.layers) > 1 else None
+        source = open_input(cfg.input, cfg.input_channels, self.engine.sample_rate) if cfg.input else None
         self.output = LiveOutput(self.rack or self.engine, device=cfg.device, channels=cfg.channels,
-                                 block_frames=cfg.block_frames, ahead_blocks=cfg.ahead_blocks)
+                                 block_frames=cfg.block_frames, ahead_blocks=cfg.ahead_blocks, source=source)
+        self._input_lost: str | None = None  # why the input gives nothing; None while it plays
+        self._next_input_look = 0.0
         self.router = MidiRouter(*(layer.surface for layer in self.layers))
         self.midi: MidiInput | None = None
         self.osc: OscServer | None = None
@@ -113,13 +117,14 @@ class Daemon:
             try:
                 model = load_model(spec.model)
                 patch = load_patch(spec.patch) if spec.patch else default_patch()
+                engine = engine_for(model, patch, channels=cfg.channels, block_frames=cfg.block_frames,
+                                    threads=cfg.threads, audio_input=cfg.input is not None,
+                                    input_trim_db=input_trim_db(cfg.input_gain, model) if cfg.input else 0.0)
             except (ModelError, PatchError) as exc:
                 if len(specs) == 1:
                     raise
                 log.error("layer %s refused: %s", spec.name, exc)
                 continue
-            engine = engine_for(model, patch, channels=cfg.channels, block_frames=cfg.block_frames,
-                                threads=cfg.threads)
             layers.append(Layer(spec.name, engine, ControlSurface(engine, patch)))
         if not layers:
             raise ModelError("no layer can play (each was refused: see above)")
@@ -173,7 +178,23 @@ class Daemon:
                 f"{self.output.device_name} at {self.output.sample_rate} Hz, block {self.cfg.block_frames}, "
                 f"latency {self.output.engine.stats()['latency_ms']:.1f} ms; OSC {self.osc.endpoint}; "
                 f"MIDI {self.midi.endpoint if self.midi else 'off'}; patch {self.surface.patch.name}"
+                + self._input_line()
                 + (f"; web {self.web.url}" if self.web else ""))
+
+    def _input_line(self) -> str:
+        """The start line's part on audio input: where it comes from and how long it takes to reach
+        the output (one block to arrive, the encoder's look-ahead, then what any control takes)."""
+        source = self.output.source
+        if source is None:
+            return ""
+        model = self.engine.model
+        rate = self.engine.sample_rate
+        lag = model.encode_lag_samples
+        block_ms = 1000.0 * self.cfg.block_frames / rate
+        lag_ms = 1000.0 * (lag or 0) / model.sample_rate
+        total = block_ms + lag_ms + self.output.engine.stats()["latency_ms"]
+        told = f"encoder look-ahead {lag_ms:.1f} ms" if lag is not None else "encoder look-ahead unknown (not counted)"
+        return f"; input {source.name}: {total:.1f} ms to the output ({told}, one block {block_ms:.1f} ms)"
 
     def wait(self) -> None:
         """Serve until quit, watching the output (see the module's doc)."""
@@ -209,6 +230,8 @@ class Daemon:
             reason = self.output.fault()
             if reason is not None:
                 self._lose(reason)
+            else:
+                self._watch_input()
             return
         now = time.monotonic()
         if now < self._next_look:
@@ -218,6 +241,30 @@ class Daemon:
         if recovery.device_available(self.cfg.device, out.device_name, out.host_api, self.cfg.channels, self._stop):
             if not self._stop.is_set():
                 self._resume()
+
+    def _watch_input(self) -> None:
+        """An input that went away is reported, plays as silence, and is opened again every RETRY_S."""
+        source = self.output.source
+        if source is None:
+            return
+        reason = source.fault()
+        if reason is None:
+            if self._input_lost is not None:
+                self._input_lost = None
+                if self.osc is not None:
+                    self.osc.broadcast(f"{PREFIX}/input", "ok")
+            return
+        now = time.monotonic()
+        if self._input_lost is None:
+            self._input_lost = reason
+            self._next_input_look = now + RETRY_S
+            log.warning("input: lost %s: %s; the output falls silent, looking for it every %.0f s",
+                        source.name, reason, RETRY_S)
+            if self.osc is not None:
+                self.osc.broadcast(f"{PREFIX}/input", "lost")
+        elif now >= self._next_input_look:
+            self._next_input_look = now + RETRY_S
+            self.output.restart_input()
 
     def _lose(self, reason: str) -> None:
         self._lost = reason
@@ -312,6 +359,8 @@ class Daemon:
 
     def _use_model(self, path: Path | str, layer: Layer) -> str:
         model = load_model(path)  # ModelError leaves the old model playing
+        if layer.engine.input_settings is not None:
+            model.check_encode()
         # the surface's lock too: a note that came between the swap and the rebind would take the
         # old model's indices under the new model's generation
         with self._swap, layer.surface.lock:

@@ -33,6 +33,8 @@ import torch
 
 from synthd import dsp
 from synthd.model import RECOVERY_FRAMES, Model
+from synthd.patch import InputSettings
+from synthd.transfer import InputPath
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +204,9 @@ class _Instance:
     (one row per voice), its decoded-but-unplayed samples, its crossfade (model swap)."""
 
     def __init__(self, model: Model, generation: int, values: np.ndarray, voices: int, engine_rate: int,
-                 engine_channels: int, frames_per_call: int, fade_from: float):
+                 engine_channels: int, frames_per_call: int, fade_from: float, input: InputPath | None = None):
         self.model = model
+        self.input = input  # audio input: its encoded controls drive the decoder (one voice)
         self.generation = generation
         # latent values fed on the last frame, one row per voice; `own` marks the values a voice
         # holds apart from the shared ones (its note's pitch, its velocity)
@@ -275,11 +278,16 @@ class _Instance:
         """
         while self._pending.shape[0] < frames:
             frame_start = start + self._pending.shape[0]
+            encoded, gate = self.input.encode() if self.input is not None else (None, None)
             for j in range(self.frames_per_call):
                 if engine._active is self:
                     engine._apply_latent_events(self, frame_start + (j + 1) * self.frame_len)
                 self._advance()
-                self._z[:, :, j] = self.value
+                if self.input is None:
+                    self._z[:, :, j] = self.value
+                else:
+                    self._z[0, :, j] = self.input.combine(None if encoded is None else encoded[:, j], self.value[0],
+                                                          engine.note_held)
             call_end = frame_start + self.frames_per_call * self.frame_len
             if engine.silent_until(call_end):
                 engine.skipped_calls += 1
@@ -287,6 +295,8 @@ class _Instance:
                                  dtype=np.float32)
             else:
                 chunk = engine._decode(self.model, self._z)
+            if gate is not None:
+                chunk *= gate[:, None].astype(np.float32)
             if self._resampler is not None:
                 chunk = self._resampler.resample_chunk(chunk)
             chunk = chunk.reshape(chunk.shape[0], self._z.shape[0], self.model.channels)
@@ -310,13 +320,15 @@ class Engine:
 
     def __init__(self, model: Model, *, channels: int = 2, block_frames: int = 256,
                  threads: int = 1, gate_open: bool = True, gain_db: float = 0.0, voices: int = 1,
-                 envelope: EnvelopeSettings | None = None):
+                 envelope: EnvelopeSettings | None = None, input_settings: InputSettings | None = None):
         if channels < 1:
             raise ValueError(f"channels must be at least 1, not {channels}")
         if block_frames < 1:
             raise ValueError(f"block_frames must be at least 1, not {block_frames}")
         if not 1 <= voices <= MAX_VOICES:
             raise ValueError(f"voices must be 1..{MAX_VOICES}, not {voices}")
+        if input_settings is not None and voices != 1:
+            raise ValueError(f"audio input plays one voice, not {voices}")
         self.threads = max(1, int(threads))
         torch.set_num_threads(self.threads)  # before this engine's first model call
         self.sample_rate = model.sample_rate
@@ -348,6 +360,16 @@ class Engine:
         self.decode_errors = 0
         self.skipped_calls = 0  # decode calls not made: no voice sounded
         self.timer = RenderTimer(self.sample_rate)
+        # audio input (None: none): its settings, gain, DC blocker, the dry signal's delay line
+        self.input_settings = input_settings
+        self.note_held = False  # with input: a held note, which takes over a pitch input
+        if input_settings is not None:
+            model.check_encode()
+            self._input_gain = dsp.Ramp(dsp.db_to_amplitude(input_settings.gain_db))
+            self._dry_wet = dsp.Ramp(input_settings.dry_wet)
+            self._input_dc = dsp.DCBlocker(1, self.sample_rate)
+            self._dry = np.zeros(0, dtype=np.float32)
+            self.input_level_db = -120.0
         self._warm_up(model)
         self._start_instance(model, self._generation, self._requested.copy(), crossfade=0)
 
@@ -400,12 +422,24 @@ class Engine:
     def set_gate(self, on: bool, *, velocity: float = 1.0, attack_s: float = 0.005,
                  release_s: float = 0.25, at: int | None = None) -> None:
         """One voice: open the gate to `velocity` (0..1) over `attack_s`, or close it over
-        `release_s`. (Several voices each have a note's envelope: see `note_on`.)"""
+        `release_s`. (Several voices each have a note's envelope: see `note_on`.) With audio
+        input the input's own level gates the sound: an open gate here is a held note, which takes
+        over a pitch input when the patch's `pitch_source` is "notes"."""
+        if self.input_settings is not None:
+            self._post("hold", at, (bool(on),))
+            return
         velocity = min(1.0, max(0.0, float(velocity)))
         self._gate_on = bool(on)
         seconds = attack_s if on else release_s
         samples = int(round(max(0.0, float(seconds)) * self.sample_rate))
         self.stage.post(self._event("gate", at, (velocity if on else 0.0, samples)))
+
+    def set_input(self, settings: InputSettings) -> None:
+        """New `[input]` settings (a patch reload or an OSC change); gain and dry/wet glide over 10 ms."""
+        if self.input_settings is None:
+            raise ValueError("this engine has no audio input")
+        self.input_settings = settings
+        self._post("input", None, (settings,))
 
     def set_envelope(self, envelope: EnvelopeSettings) -> None:
         """New envelope times for every voice (a patch reload); notes under way keep their segment."""
@@ -464,17 +498,48 @@ class Engine:
 
     # ---------------------------------------------------------------- rendering (one thread)
 
-    def render(self, frames: int) -> np.ndarray:
+    def render(self, frames: int, input: np.ndarray | None = None) -> np.ndarray:
         """The next `frames` samples, shape (frames, channels), float32, within ±1; before the
-        output stage (gain, gate, limiter) while `stage_deferred` is set."""
+        output stage (gain, gate, limiter) while `stage_deferred` is set. With audio input, `input`
+        `(frames,)` is the input's next block at the engine's rate (None: silence, e.g. the device
+        is gone)."""
         t0 = time.perf_counter()
         out = np.zeros((frames, self.channels), dtype=np.float64)
         self._drain_inbox()
+        dry = self._take_input(frames, input) if self.input_settings is not None else None
         self._mix(out, self._rendered)
+        if dry is not None:
+            wet = self._dry_wet.process(frames)
+            out *= wet[:, None]
+            out += (dry * (1.0 - wet))[:, None]
         self._rendered += frames
         out = out.astype(np.float32) if self.stage_deferred else self.stage.process(out)
         self.timer.add(time.perf_counter() - t0, frames)
         return out
+
+    def _take_input(self, frames: int, x: np.ndarray | None) -> np.ndarray:
+        """Clean the input block (non-finite samples to 0, clipped to ±4, DC removed, gain), hand it
+        to every model instance, and return the dry signal, delayed as the active model's encoder
+        lags, so that dry and wet line up."""
+        if x is None or x.shape[0] != frames:
+            x = np.zeros(frames, dtype=np.float32)
+        x = np.clip(np.nan_to_num(np.asarray(x, dtype=np.float32).reshape(frames), nan=0.0, posinf=0.0,
+                                  neginf=0.0), -4.0, 4.0)
+        x = self._input_dc.process(x[:, None])[:, 0] * self._input_gain.process(frames)
+        x = x.astype(np.float32)
+        peak = float(np.abs(x).max(initial=0.0))
+        self.input_level_db = 20.0 * math.log10(max(peak, 1e-6))
+        for instance in self._instances:
+            if instance.input is not None:
+                instance.input.push(x)
+        active = self._active.input
+        delay = int(round(active.lag * active.hop * self.sample_rate / active.model.sample_rate)) if active else 0
+        line = np.concatenate([self._dry, x])
+        if line.shape[0] < delay + frames:  # the delay grew (a model swap): silence first
+            line = np.concatenate([np.zeros(delay + frames - line.shape[0], np.float32), line])
+        end = line.shape[0] - delay
+        self._dry = line[end:]
+        return line[end - frames:end].astype(np.float64)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -487,6 +552,15 @@ class Engine:
                 for instance in self._instances:
                     instance.fade.set(0.0, samples)
                 self._start_instance(model, generation, values, samples)
+            elif ev.kind == "hold":
+                self.note_held = ev.args[0]
+            elif ev.kind == "input":
+                settings = ev.args[0]
+                self._input_gain.set(dsp.db_to_amplitude(settings.gain_db), int(GAIN_RAMP_S * self.sample_rate))
+                self._dry_wet.set(settings.dry_wet, int(GAIN_RAMP_S * self.sample_rate))
+                for instance in self._instances:
+                    if instance.input is not None:
+                        instance.input.configure(settings)
             elif ev.kind == "envelope":
                 self.envelope = ev.args[0]
                 for env in self._envelopes:
@@ -557,8 +631,10 @@ class Engine:
 
     def _start_instance(self, model: Model, generation: int, values: np.ndarray, crossfade: int) -> None:
         frames_per_call = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
+        path = (InputPath(model, self.input_settings, engine_rate=self.sample_rate, block_frames=self.block_frames,
+                          frames_per_call=frames_per_call) if self.input_settings is not None else None)
         instance = _Instance(model, generation, values, self.voices, self.sample_rate, self.channels,
-                             frames_per_call, fade_from=0.0 if crossfade > 0 else 1.0)
+                             frames_per_call, fade_from=0.0 if crossfade > 0 else 1.0, input=path)
         instance.fade.set(1.0, crossfade)
         if self._active is not None:  # the notes under way keep their own values in the new model
             old, new = self._active.model, model
@@ -672,6 +748,9 @@ class Engine:
         frames = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
         for _ in range(WARMUP_CALLS):
             _decode_defaults(model, frames, self.voices)
+            if self.input_settings is not None:
+                with torch.inference_mode():
+                    model.module.encode(torch.zeros(1, model.encode_channels, frames * model.hop))
         # a file without reset() keeps the state of these calls, which is that of a stream at the
         # defaults: reloading it would throw away what the warm-up calls optimised
         if model.resettable:
@@ -703,6 +782,11 @@ class Engine:
             "underruns": 0,
             "latency_ms": 1000.0 * self._model.latency_samples / self._model.sample_rate,
         }
+        if self.input_settings is not None:
+            paths = [i.input for i in self._instances if i.input is not None]
+            stats.update({"input_level_db": round(self.input_level_db, 1),
+                          "input_encode_errors": sum(p.encode_errors for p in paths),
+                          "input_lag_ms": 1000.0 * (self._model.encode_lag_samples or 0) / self._model.sample_rate})
         if self.output_stats is not None:
             out = self.output_stats()
             stats["latency_ms"] += out.get("latency_ms", 0.0)

@@ -70,6 +70,43 @@ class Model:
     source: bytes = field(default=b"", repr=False)
 
     @property
+    def encode_lag_samples(self) -> int | None:
+        """Samples by which `encode`'s frames lag its input (our files' `latency.encode_samples`);
+        None when the file does not say (a RAVE export, or a synthd file from before `encode`
+        streamed)."""
+        value = (self.metadata.get("latency") or {}).get("encode_samples")
+        return int(value) if isinstance(value, int) and value >= 0 else None
+
+    def check_encode(self) -> None:
+        """Refuse (ModelError) a model that cannot take audio input: it must have an `encode` that
+        turns one frame of audio `(1, channels, hop)` into `(1, latent_size, 1)` finite values. The
+        streaming state is reset after the probe."""
+        params = getattr(self.module, "encode_params", None)
+        if not hasattr(self.module, "encode") or params is None:
+            raise ModelError(f"{self.path}: the model has no `encode` method: it cannot take audio input")
+        in_channels, in_ratio, out_channels, out_ratio = (int(v) for v in params.tolist())
+        if out_channels != self.latent_size or out_ratio // max(in_ratio, 1) != self.hop:
+            raise ModelError(f"{self.path}: encode_params {[in_channels, in_ratio, out_channels, out_ratio]} "
+                             f"do not give decode's {self.latent_size} inputs every {self.hop} samples")
+        try:
+            with torch.inference_mode():
+                out = self.module.encode(torch.zeros(1, in_channels, 2 * self.hop))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path}: encode fails on two frames of silence: {first}") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, self.latent_size, 2):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(f"{self.path}: encode returned {got} for two frames, expected {(1, self.latent_size, 2)}")
+        if not torch.isfinite(out).all():
+            raise ModelError(f"{self.path}: encode returned NaN or Inf on silence")
+        _reset(self)
+
+    @property
+    def encode_channels(self) -> int:
+        """Audio channels `encode` takes (1 for ours)."""
+        return int(self.module.encode_params[0])
+
+    @property
     def resettable(self) -> bool:
         """Whether the file has its own `reset()`."""
         return hasattr(self.module, "reset")

@@ -30,6 +30,10 @@ Addresses (numbers may be int or float everywhere; Pd sends floats, Max ints):
     /synthd/replyport i        send this client's replies and notifications to port i on
                                its host instead of its source port (Max's udpsend cannot
                                receive: pair it with a udpreceive on port i)
+    /synthd/input/<key> f      with audio input (`synthd run --input`): gain_db, transpose,
+                               dry_wet, gate_db (as the patch's [input]); pitch_source s
+                               (input|notes); mode s [s] (follow|offset|knob|scale for every
+                               control, or: label, mode for one)
     /synthd/quit               fade out and stop
 
 Sent to notification subscribers (see /synthd/notify) besides value changes:
@@ -85,6 +89,8 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("midi", str), ("midi_losses", int), ("midi_reconnects", int),
     ("late_underruns", int), ("xrun_underruns", int), ("web_clients", int), ("web_refused", int),
     ("voices", int), ("voices_sounding", int), ("voices_stolen", int), ("layers", int),
+    ("input", str), ("input_underruns", int), ("input_overruns", int), ("input_level_db", float),
+    ("input_lag_ms", float), ("input_fault", str),
 )
 # (field of synthd.rack.Layer.summary(), OSC type) in the order /synthd/layers.reply sends them
 LAYER_FIELDS: tuple[tuple[str, type], ...] = (
@@ -367,6 +373,8 @@ class OscServer:
                 name = local[len(PREFIX) + 8:]
                 if not name.isdigit():
                     raise Refused(f"{name!r} is not a latent index")
+            elif local.startswith(f"{PREFIX}/input/"):
+                return self._input(local[len(PREFIX) + 7:], msg, surface)
             elif surface.find(local) is not None:
                 name = local  # a patch alias given as a whole address
             if name is None or surface.find(name) is None:
@@ -392,6 +400,17 @@ class OscServer:
         if len(msg.params) != 1:
             raise Refused("expects exactly one number, in dB")
         surface.set_gain_db(_number(msg), at=at, origin=self._origin(client))
+        return []
+
+    def _input(self, key: str, msg: OscMessage, surface: ControlSurface) -> list[Reply]:
+        if key == "mode" and len(msg.params) == 2:
+            surface.set_input("mode", str(msg.params[1]), label=str(msg.params[0]))
+        elif len(msg.params) != 1:
+            raise Refused("expects one value (mode: a mode, or a control label and a mode)")
+        elif key in ("mode", "pitch_source"):
+            surface.set_input(key, str(msg.params[0]))
+        else:
+            surface.set_input(key, _number(msg))
         return []
 
     def _gate(self, msg: OscMessage, client: tuple, at: int | None, surface: ControlSurface) -> list[Reply]:

@@ -45,6 +45,15 @@ Schema, version 1 (every key optional unless marked):
     mpe = "off"                      # "lower" (master 1, notes on 2..16) or "upper" (16; 1..15)
     mpe_bend_range = 48.0            # semitones of full per-note bend on MPE member channels
 
+    [input]                          # with audio input (`synthd run --input`, `render --input`)
+    gain_db = 0.0                    # input gain, -60..+40 dB, before the model's encoder
+    mode = "offset"                  # how the input and each knob combine (see below)
+    modes = { brightness = "follow" }   # per control, by label; the pitch input's default is "follow"
+    transpose = 0.0                  # semitones added to the tracked pitch (a pitch input)
+    pitch_source = "input"           # or "notes": a held MIDI note sets the pitch, the input the rest
+    dry_wet = 1.0                    # 0 = the input alone, 1 = the model alone
+    gate_db = -60.0                  # input quieter than this (dBFS) leaves the model silent
+
     [presets]
     glide = 0.5                      # seconds a preset recall takes to reach its values
 
@@ -70,6 +79,11 @@ Schema, version 1 (every key optional unless marked):
 
 Wire values are 0..1; a control maps wire `u` to model units through
 `min + r(u) * (max - min)` where `r` applies curve, invert and range (see controls.py).
+
+Input modes, per control: "follow" (the input alone: the knob is ignored), "offset" (the
+input plus the knob's distance from its default), "knob" (the knob alone: the input is ignored
+for that control), "scale" (the input's distance from the default, times a factor the knob
+sets: 0 at its minimum, 1 at its default, 2 at its maximum).
 
 A model whose note control is a pitch input in MIDI units (metadata `"unit": "midi"`) is
 played in tune: a note sets it to the note number exactly, whatever note_low, note_high and
@@ -161,6 +175,30 @@ class GateSettings:
     velocity: bool = True
 
 
+INPUT_MODES = ("follow", "offset", "knob", "scale")
+PITCH_SOURCES = ("input", "notes")
+
+
+@dataclass
+class InputSettings:
+    """How audio input drives the model (see the module docstring's `[input]`)."""
+
+    gain_db: float = 0.0
+    mode: str = "offset"
+    modes: dict[str, str] = field(default_factory=dict)
+    transpose: float = 0.0
+    pitch_source: str = "input"
+    dry_wet: float = 1.0
+    gate_db: float = -60.0
+
+    def mode_of(self, label: str, unit: str | None = None) -> str:
+        """The mode of the control `label`: its own, else "follow" for a pitch input (a knob
+        offset would detune the input) and the patch's `mode` for the others."""
+        if label in self.modes:
+            return self.modes[label]
+        return "follow" if unit == "midi" else self.mode
+
+
 @dataclass
 class MidiSettings:
     channel: int | None = None  # None = omni
@@ -202,6 +240,7 @@ class Patch:
     gain_db: float = 0.0
     gate: GateSettings = field(default_factory=GateSettings)
     midi: MidiSettings = field(default_factory=MidiSettings)
+    input: InputSettings = field(default_factory=InputSettings)
     preset_glide: float = 0.5
     controls: list[ControlMap] = field(default_factory=list)
     presets: list[Preset] = field(default_factory=list)
@@ -414,6 +453,8 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
             raise m.fail(key, f"{value!r} is not a control label (lowercase [a-z0-9_])")
     m.finish()
 
+    patch.input = _read_input(TomlTable(src, top.table_of("input"), "input"))
+
     p = TomlTable(src, top.table_of("presets"), "presets")
     patch.preset_glide = p.number("glide", 0.5, 0.0, 60.0)
     p.finish()
@@ -442,6 +483,25 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
         raise TomlTable(src, {}, "control", i).fail(
             "cc", f"CC {cc} is already used by [[control]] #{j + 1} ({patch.controls[j].target()})")
     return patch
+
+
+def _read_input(t: TomlTable) -> InputSettings:
+    settings = InputSettings(gain_db=t.number("gain_db", 0.0, -60.0, 40.0), mode=t.get("mode", str, "offset"),
+                             transpose=t.number("transpose", 0.0, -48.0, 48.0),
+                             pitch_source=t.get("pitch_source", str, "input"), dry_wet=t.number("dry_wet", 1.0, 0.0, 1.0),
+                             gate_db=t.number("gate_db", -60.0, -120.0, 0.0))
+    if settings.mode not in INPUT_MODES:
+        raise t.fail("mode", f"{settings.mode!r} is not one of {', '.join(INPUT_MODES)}")
+    if settings.pitch_source not in PITCH_SOURCES:
+        raise t.fail("pitch_source", f"{settings.pitch_source!r} is not one of {', '.join(PITCH_SOURCES)}")
+    for label, mode in t.get("modes", dict, {}).items():
+        if not NAME_PATTERN.match(label):
+            raise t.fail("modes", f"{label!r} is not a control label (lowercase [a-z0-9_])")
+        if mode not in INPUT_MODES:
+            raise t.fail("modes", f"{label} = {mode!r} is not one of {', '.join(INPUT_MODES)}")
+        settings.modes[label] = mode
+    t.finish()
+    return settings
 
 
 def _read_control(src: TomlSource, raw: Any, i: int, patch: Patch) -> ControlMap:
@@ -556,6 +616,9 @@ def dump_patch(patch: Patch) -> str:
     out += ["", "[midi]", f"channel = {_toml_value(patch.midi.channel or 'omni')}"]
     for f in fields(MidiSettings)[1:]:
         out.append(f"{f.name} = {_toml_value(getattr(patch.midi, f.name))}")
+    out += ["", "[input]"]
+    for f in fields(InputSettings):
+        out.append(f"{f.name} = {_toml_value(getattr(patch.input, f.name))}")
     out += ["", "[presets]", f"glide = {_toml_value(float(patch.preset_glide))}"]
     defaults = ControlMap()
     for c in patch.controls:

@@ -86,13 +86,15 @@ class Rack:
     def layer(self, name: str) -> Layer | None:
         return next((layer for layer in self.layers if layer.name == name), None)
 
-    def render(self, frames: int) -> np.ndarray:
+    def render(self, frames: int, input: np.ndarray | None = None) -> np.ndarray:
         """The layers' next `frames` samples summed, (frames, channels) float32; each layer through
-        its own output stage, the sum through the master stage unless `stage_deferred`."""
+        its own output stage, the sum through the master stage unless `stage_deferred`. Audio input
+        `input` `(frames,)` reaches every layer that takes input."""
         t0 = time.perf_counter()
-        out = self.layers[0].engine.render(frames).astype(np.float64)
-        for layer in self.layers[1:]:
-            out += layer.engine.render(frames)
+        out = np.zeros((frames, self.channels))
+        for layer in self.layers:
+            e = layer.engine
+            out += e.render(frames, input) if e.input_settings is not None else e.render(frames)
         out = out.astype(np.float32) if self.stage_deferred else self.stage.process(out)
         self.timer.add(time.perf_counter() - t0, frames)
         return out

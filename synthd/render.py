@@ -6,7 +6,11 @@ the live instrument given the same events, and the same inputs always give the s
 
 The performance comes from a MIDI file (`--midi`: notes, CCs through the patch, pitch
 bend, program changes, with the file's tempo map) and/or an automation file
-(`--automation`), both dated on one timeline.
+(`--automation`), both dated on one timeline. With `--input take.wav` an audio file plays
+through the model's `encode` and `decode` as live input does (`synthd run --input`), block by
+block: any format and rate soundfile reads, mixed to mono, resampled with soxr; the patch's
+`[input]` settings apply, and `--input-gain` (dB, or `auto`: the gain the model's training
+set got) comes before them.
 
 Automation file (TOML, version 1):
 
@@ -174,9 +178,26 @@ class Progress:
         return done_s / spent if spent > 0 else float("inf")
 
 
+def read_input(path: Path, rate: int) -> np.ndarray:
+    """An audio file as live input would bring it: `(samples,)` float32, mono (the channels'
+    mean), at `rate` (soxr, very high quality), at its own level. RenderError naming the file
+    when it cannot be read."""
+    try:
+        x, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise RenderError(f"{path}: cannot be read as audio ({exc})") from None
+    if x.shape[0] == 0:
+        raise RenderError(f"{path}: holds no audio")
+    mono = x.mean(axis=1)
+    if file_rate != rate:
+        mono = soxr.resample(mono, file_rate, rate, quality="VHQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
 def render_performance(model_path: Path, out: Path, *, midi: Path | None = None, automation: Path | None = None,
                        seconds: float | None = None, patch_path: Path | None = None, channels: int = 2,
-                       block_frames: int = 256, threads: int = 1, progress: bool = True) -> dict[str, float]:
+                       block_frames: int = 256, threads: int = 1, progress: bool = True,
+                       input_path: Path | None = None, input_gain: str | float = 0.0) -> dict[str, float]:
     """Render to `out` (48 kHz, 24-bit PCM WAV, written atomically); returns figures.
 
     Raises ModelError, PatchError or RenderError (naming the file at fault) before any
@@ -187,16 +208,22 @@ def render_performance(model_path: Path, out: Path, *, midi: Path | None = None,
     with torch.random.fork_rng():
         torch.manual_seed(RENDER_SEED)
         return _render(model_path, out, midi=midi, automation=automation, seconds=seconds, patch_path=patch_path,
-                       channels=channels, block_frames=block_frames, threads=threads, progress=progress)
+                       channels=channels, block_frames=block_frames, threads=threads, progress=progress,
+                       input_path=input_path, input_gain=input_gain)
 
 
 def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path | None, seconds: float | None,
             patch_path: Path | None, channels: int, block_frames: int, threads: int,
-            progress: bool) -> dict[str, float]:
+            progress: bool, input_path: Path | None, input_gain: str | float) -> dict[str, float]:
+    from synthd.controls import input_trim_db
+
     torch.set_num_threads(threads)  # before the load's probe: the first call fixes the pools
     model = load_model(model_path)
     patch = load_patch(patch_path) if patch_path else default_patch()
-    engine = engine_for(model, patch, channels=channels, block_frames=block_frames, threads=threads)
+    trim = input_trim_db(input_gain, model) if input_path is not None else 0.0
+    engine = engine_for(model, patch, channels=channels, block_frames=block_frames, threads=threads,
+                        audio_input=input_path is not None, input_trim_db=trim)
+    source = read_input(input_path, engine.sample_rate) if input_path is not None else None
     surface = ControlSurface(engine, patch)
     router = MidiRouter(surface)
     cues: list[Cue] = []
@@ -208,6 +235,9 @@ def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path 
     cues.sort(key=lambda c: (c.seconds, c.order))
     if seconds is None:
         seconds = declared
+    if seconds is None and source is not None:  # the input, its way through the encoder, a tail
+        lag = (model.encode_lag_samples or 0) / model.sample_rate
+        seconds = max(len(source) / engine.sample_rate + lag, cues[-1].seconds if cues else 0.0) + TAIL_S
     if seconds is None:
         seconds = (cues[-1].seconds + patch.gate.release if cues else 0.0) + TAIL_S
     if not (math.isfinite(seconds) and seconds > 0):
@@ -233,7 +263,12 @@ def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path 
             done = 0
             while done < total:
                 n = min(chunk, total - done)
-                block = engine.render(n)
+                if source is None:
+                    block = engine.render(n)
+                else:  # the input in the live path's blocks
+                    block = np.concatenate([engine.render(m, source[done + i:done + i + m])
+                                            for i in range(0, n, block_frames)
+                                            for m in [min(block_frames, n - i)]])
                 done += n
                 if resampler is not None:
                     block = resampler.resample_chunk(block, last=done >= total)
@@ -253,6 +288,16 @@ def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path 
             "nan_blocks": float(engine.nan_blocks), "sysex": float(router.counters.sysex)}
 
 
+def parse_input_gain(text: str) -> str | float:
+    """`--input-gain`: dB within -60..+40, or "auto"; ValueError otherwise."""
+    if text == "auto":
+        return text
+    gain = float(text)
+    if not (math.isfinite(gain) and -60.0 <= gain <= 40.0):
+        raise ValueError(f"--input-gain {text} is outside -60..+40 dB")
+    return gain
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="M.ts", help="model file")
     parser.add_argument("--out", required=True, metavar="OUT.wav", help="WAV file to write (48 kHz, 24-bit)")
@@ -260,6 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--automation", metavar="A.toml", help="automation file (format: `synthd.render` docs)")
     parser.add_argument("--seconds", type=float, help="length (default: the automation's, else last event + 1 s)")
     parser.add_argument("--patch", metavar="P.toml", help="patch file (default: the built-in CC 21-28 patch)")
+    parser.add_argument("--input", metavar="TAKE.wav", help="audio file played through the model (timbre transfer)")
+    parser.add_argument("--input-gain", default="0", metavar="DB|auto",
+                        help="input gain in dB (default 0), or `auto`: the gain the model's training set got")
     parser.add_argument("--channels", type=int, default=2, help="output channels (default 2)")
     parser.add_argument("--block-frames", type=int, default=256, help="engine block, as live (default 256)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -277,11 +325,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"synthd render: --channels {args.channels} is outside 1..64", file=sys.stderr)
         return 2
     try:
+        input_gain = parse_input_gain(args.input_gain)
+    except ValueError as exc:
+        print(f"synthd render: {exc}", file=sys.stderr)
+        return 2
+    try:
         figures = render_performance(
             Path(args.model), Path(args.out), midi=Path(args.midi) if args.midi else None,
             automation=Path(args.automation) if args.automation else None, seconds=args.seconds,
             patch_path=Path(args.patch) if args.patch else None, channels=args.channels,
-            block_frames=args.block_frames, threads=args.threads, progress=not args.quiet)
+            block_frames=args.block_frames, threads=args.threads, progress=not args.quiet,
+            input_path=Path(args.input) if args.input else None, input_gain=input_gain)
     except (ModelError, PatchError, RenderError, OSError) as exc:
         print(f"synthd render: {exc}", file=sys.stderr)
         return 1

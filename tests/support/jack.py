@@ -308,6 +308,70 @@ class Recorder:
         self.close()
 
 
+class Player:
+    """A JACK client with one output port that plays what `play` hands it (silence otherwise):
+    a source to patch into synthd's input, as a musician would patch a microphone."""
+
+    def __init__(self, server: str, name: str = "player"):
+        import jack
+
+        self.client = jack.Client(name, servername=server, no_start_server=True)
+        self.port = self.client.outports.register("out_1")
+        self._signal = np.zeros(0, dtype=np.float32)
+        self._pos = 0
+        self._loop = False
+        self.client.set_process_callback(self._process)
+        self.client.activate()
+
+    def _process(self, frames: int) -> None:
+        out = self.port.get_array()
+        out[:] = 0.0
+        signal, pos = self._signal, self._pos
+        if self._loop and len(signal):
+            idx = (pos + np.arange(frames)) % len(signal)
+            out[:] = signal[idx]
+            self._pos = (pos + frames) % len(signal)
+        elif pos < len(signal):
+            n = min(frames, len(signal) - pos)
+            out[:n] = signal[pos:pos + n]
+            self._pos = pos + n
+
+    def play(self, signal: np.ndarray, loop: bool = False) -> None:
+        """Play `signal` (float32, mono) from the next period; `loop` repeats it until `stop`."""
+        self._loop = False
+        self._pos = 0
+        self._signal = np.ascontiguousarray(signal, dtype=np.float32)
+        self._loop = loop
+
+    def stop(self) -> None:
+        self._signal = np.zeros(0, dtype=np.float32)
+        self._loop = False
+
+    def connect_to(self, port: str, timeout: float = 15.0) -> None:
+        """Connect the output to input port `port` (a regex), once it exists."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.client.get_ports(port, is_audio=True, is_input=True)
+            if found:
+                self.client.connect(self.port, found[0])
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no input port matching {port!r}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        try:
+            self.client.deactivate()
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> "Player":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def record(server, seconds: float, actions, rate: int = 48000) -> np.ndarray:
     """`seconds` of the PortAudio output on `server`, mono, while `actions` ((seconds after the
     start, callable) pairs) run at their times."""
