@@ -21,8 +21,30 @@ at the pitch) and times a note-on in a busy chord: seven low notes held, then a 
 envelope acts before the ring (it must wait for the frame that carries its pitch), so this
 path is the control step's plus up to one latent frame. Target: <= 15 ms too.
 
+With `--input`, the script times audio input instead (`synthd run --input virtual --channels
+1`): a JACK client of its own plays a tone burst into synthd's input port, and a recorder
+takes both synthd's output and that client's own output in the same periods, so the burst's
+onset in the recording is exact (to the sample). Each trial pads the burst with a random
+0..period-1 samples of silence, so its onset falls anywhere within a period, and leaves
+0.5-0.7 s of silence after it (the input gate closes over 60 ms, after the encoder's
+look-ahead): the output is silent again before the next. The burst is 150 ms of a 220 Hz sine
+at -6 dBFS (starting at phase 0, 5 ms cosine fade-out): the default model (the tests' pitched
+model, whose decoder plays a harmonic tone at its pitch input gated by voicing) answers only
+pitched input, and a click of a few milliseconds is too short for its pitch tracker to call
+voiced. A trial's latency runs from the burst's first sample in the player's channel to the
+first sample of synthd's output whose magnitude reaches 5 % of that trial's response peak; a
+trial is not timed when the output before the onset was not silent (above a tenth of that
+threshold) or the response does not stand 20 dB above the output's noise floor (the RMS over
+the 100 ms before the onset). The time includes one period of input buffering, the model's
+encoder look-ahead (printed; a model property, not synthd's), the render-ahead ring and the
+decoder's latency, up to synthd's JACK output port. It runs at `--ahead-blocks` (2) and at 1,
+one synthd each. Target: <= 25 ms at 256-frame periods, which no model whose encoder looks
+ahead 25 ms or more can meet.
+
     .venv/bin/python bench/latency.py               # 20 trials each
     .venv/bin/python bench/latency.py --trials 40
+    .venv/bin/python bench/latency.py --input                       # the pitched test model
+    .venv/bin/python bench/latency.py --input --model runs/x/model.ts
 """
 
 from __future__ import annotations
@@ -40,8 +62,16 @@ from pathlib import Path
 import numpy as np
 
 from live_rig import LiveRig, Recorder
+from support.jack import Player
 
 THRESHOLD = 0.05  # fraction of the step that counts as "changed"
+# --input: the burst played into synthd's input, and the target
+BURST_HZ = 220.0
+BURST_S = 0.15
+BURST_AMP = 0.5  # -6 dBFS
+BURST_FADE_S = 0.005
+GAP_S = (0.5, 0.7)  # silence after each burst: the output is silent again long before the next
+INPUT_TARGET_MS = 25.0
 
 
 def first_change(x: np.ndarray, start: int, rate: int) -> int | None:
@@ -125,6 +155,133 @@ def chord_trials(args: argparse.Namespace, rng: random.Random, scratch: str) -> 
     return times, untimed, status["underruns"]
 
 
+def tone_burst(rate: int, pad: int) -> np.ndarray:
+    """`pad` samples of silence, then BURST_S of a BURST_HZ sine at BURST_AMP from phase 0 (its
+    first sample is 0, the second is not), with a BURST_FADE_S cosine fade-out."""
+    n = int(BURST_S * rate)
+    x = BURST_AMP * np.sin(2 * np.pi * BURST_HZ * np.arange(n) / rate)
+    fade = int(BURST_FADE_S * rate)
+    x[-fade:] *= 0.5 * (1.0 + np.cos(np.pi * np.arange(fade) / fade))
+    return np.concatenate([np.zeros(pad), x]).astype(np.float32)
+
+
+def burst_onsets(played: np.ndarray, rate: int) -> list[int]:
+    """Recording index of each burst's first sample in the player's channel: the sample before
+    the first non-zero one after at least 100 ms of silence (the sine starts at phase 0)."""
+    loud = np.flatnonzero(played != 0.0)
+    if loud.size == 0:
+        return []
+    starts = loud[np.concatenate([[True], np.diff(loud) > rate // 10])]
+    return [max(0, int(i) - 1) for i in starts]
+
+
+def response_onset(y: np.ndarray, onset: int, rate: int) -> tuple[int | None, float, float]:
+    """(index of the first output sample from `onset` whose magnitude reaches THRESHOLD of the
+    response's peak, or None when the trial cannot be timed; the noise floor and the peak in dBFS).
+    The response is looked for up to 0.5 s after the onset; the noise floor is the RMS over the
+    100 ms before it. Not timed: output above a tenth of the threshold before the onset (the last
+    trial still sounding), or a peak less than 20 dB above the noise floor."""
+    pre = y[max(0, onset - rate // 10):onset].astype(np.float64)
+    seg = np.abs(y[onset:onset + rate // 2].astype(np.float64))
+    noise = float(np.sqrt(np.mean(pre ** 2))) if pre.size else 0.0
+    peak = float(seg.max(initial=0.0))
+    db = (lambda v: 20.0 * np.log10(max(v, 1e-9)))
+    edge = THRESHOLD * peak
+    if peak <= 0.0 or pre.size == 0 or np.abs(pre).max() > 0.1 * edge or peak < 10.0 * noise:
+        return None, db(noise), db(peak)
+    return onset + int(np.flatnonzero(seg >= edge)[0]), db(noise), db(peak)
+
+
+def input_trials(args: argparse.Namespace, rng: random.Random, model: Path, ahead: int) -> dict:
+    """One synthd with `--input virtual --ahead-blocks ahead`: `args.trials` bursts into its input,
+    timed at its output. A dict: times (ms), untimed, told (the start-up line's input latency, ms,
+    None if it gives none), status (/synthd/status after the run), xruns (JACK server xruns seen),
+    noise_db, peak_db (medians), recording, onsets, rate."""
+    extra = ("--input", "virtual", "--channels", "1", "--ahead-blocks", str(ahead))
+    with LiveRig(str(model), period=args.period, extra_args=extra) as rig:
+        rig.watchdog(args.trials * (BURST_S + GAP_S[1]) * 1.5 + 60.0)
+        rate = rig.server.rate
+        m = re.search(r"; input (\S+?): ([\d.]+) ms to the output", rig.synthd.startup)
+        told = float(m.group(2)) if m else None
+        port = rig.status()["input"]  # the name JACK gave synthd's input client (see the report)
+        seconds = args.trials * (BURST_S + GAP_S[1] + 0.02) + 2.0
+        with Player(rig.server.name, name="bench-player") as player, \
+                Recorder(rig.server.name, channels=2, seconds=seconds, name="input-rec") as rec:
+            player.connect_to(port)
+            rec.connect_from([rec.wait_for_ports(r"PortAudio.*:out_", 1)[0], player.port.name])
+            xruns_before = rig.xruns
+            rec.start()
+            time.sleep(0.5)
+            for _ in range(args.trials):
+                player.play(tone_burst(rate, rng.randrange(args.period)))
+                time.sleep(BURST_S + rng.uniform(*GAP_S))
+            time.sleep(0.2)
+            x = rec.data()
+            xruns = rig.xruns - xruns_before
+        status = rig.status()
+    onsets = burst_onsets(x[:, 1], rate)
+    times, noise, peak = [], [], []
+    for onset in onsets:
+        hit, noise_db, peak_db = response_onset(x[:, 0], onset, rate)
+        noise.append(noise_db)
+        peak.append(peak_db)
+        if hit is not None:
+            times.append(1000.0 * (hit - onset) / rate)
+    return {"times": times, "untimed": args.trials - len(times), "told": told, "status": status, "xruns": xruns,
+            "noise_db": float(np.median(noise)) if noise else float("nan"),
+            "peak_db": float(np.median(peak)) if peak else float("nan"),
+            "recording": x, "onsets": np.array(onsets), "rate": rate}
+
+
+def input_main(args: argparse.Namespace, rng: random.Random) -> int:
+    """--input: the input-to-output latency at --ahead-blocks and at 1; the exit status."""
+    from support.pitched_model import build_pitched_model
+
+    aheads = list(dict.fromkeys([args.ahead_blocks, 1]))
+    with tempfile.TemporaryDirectory(prefix="synthd-latency-") as scratch:
+        model = Path(args.model) if args.model else build_pitched_model(Path(scratch) / "pitched.ts")
+        runs = {ahead: input_trials(args, rng, model, ahead) for ahead in aheads}
+    if args.dump:
+        np.savez(args.dump, rate=runs[aheads[0]]["rate"],
+                 **{f"{k}_ahead{a}": r[k] for a, r in runs.items() for k in ("recording", "onsets")})
+    first = runs[aheads[0]]
+    status = first["status"]
+    rate = first["rate"]
+    lag_ms = status["input_lag_ms"]
+    period_ms = 1000.0 * args.period / rate
+    print(f"latency --input: JACK dummy {rate} Hz / {args.period} frames, synthd block {status['block_frames']}, "
+          f"model {status['model']} ({'--model' if args.model else 'the tests pitched model'}; encoder look-ahead "
+          f"{lag_ms:.1f} ms), input {status['input']}")
+    print(f"  burst: {BURST_HZ:g} Hz sine, {1000 * BURST_S:g} ms at {20 * np.log10(BURST_AMP):.0f} dBFS, onset at a "
+          f"random place in a period; response onset: first output sample at {100 * THRESHOLD:g} % of the "
+          f"trial's peak (median peak {first['peak_db']:.1f} dBFS, noise floor before the bursts "
+          f"{first['noise_db']:.1f} dBFS)")
+    worst: dict[int, float] = {}
+    for ahead, run in runs.items():
+        times, st = run["times"], run["status"]
+        print(summary(f"input -> output, ahead {ahead}", times))
+        median = float(np.median(times)) if times else float("nan")
+        told = f"{run['told']:.1f} ms" if run["told"] is not None else "no figure (line changed?)"
+        line = f"      synthd's start-up line says {told}; measured median less the encoder's look-ahead {median - lag_ms:.2f} ms"
+        if ahead != aheads[0] and first["times"] and times:
+            line += (f"; {median - float(np.median(first['times'])):+.2f} ms against ahead {aheads[0]} "
+                     f"(one block is {period_ms:.2f} ms)")
+        print(line)
+        print(f"      /synthd/status after the run: underruns {st['underruns']} (late {st['late_underruns']}, "
+              f"after a server xrun {st['xrun_underruns']}; PortAudio output underflows {st['output_underflows']}), "
+              f"input underruns {st['input_underruns']}, input overruns {st['input_overruns']}, input fault "
+              f"{st['input_fault'] or 'none'}; render ms p99 {st['render_ms_p99']:.2f} (a period is "
+              f"{period_ms:.2f}); JACK server xruns seen {run['xruns']}; untimed trials {run['untimed']}")
+        worst[ahead] = max(times) if times else float("inf")
+    for ahead, run in runs.items():
+        ok = run["untimed"] == 0 and worst[ahead] <= INPUT_TARGET_MS
+        print(f"  target (<= {INPUT_TARGET_MS:g} ms at {args.period}-frame periods, worst trial), ahead {ahead}: "
+              f"{'met' if ok else 'NOT met'} (worst {worst[ahead]:.2f} ms, of which the model's encoder "
+              f"look-ahead is {lag_ms:.1f} ms; untimed {run['untimed']})")
+    first_ok = first["untimed"] == 0 and worst[aheads[0]] <= INPUT_TARGET_MS
+    return 0 if first_ok else 1
+
+
 def playback_latency(env: dict[str, str]) -> int:
     """The JACK server's playback latency of system:playback_1 in frames (from jack_lsp -l)."""
     out = subprocess.run(["jack_lsp", "-l", "system:playback_1"], env=env, capture_output=True,
@@ -149,12 +306,20 @@ def main() -> int:
     parser.add_argument("--period", type=int, default=256, help="JACK period and synthd block (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ahead-blocks", type=int, default=2, help="synthd's --ahead-blocks for the chord "
-                        "series (default 2, synthd's default)")
+                        "series, and for --input's first series (default 2, synthd's default; --input also "
+                        "runs at 1)")
+    parser.add_argument("--input", action="store_true", help="time audio input to output instead (synthd run "
+                        "--input virtual)")
+    parser.add_argument("--model", help="model for --input (default: the tests' pitched model); it needs an encode")
     parser.add_argument("--dump", metavar="FILE.npz", help="save the recording and the send times to inspect")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so synthd and the JACK server are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rng = random.Random(args.seed)
+    if args.input:
+        return input_main(args, rng)
+    if args.model:
+        parser.error("--model is for --input (the other series play models of their own)")
 
     from support.nnmodels import build_frame_probe
 

@@ -259,7 +259,8 @@ def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path 
     written = 0
     try:
         with sf.SoundFile(tmp, "w", samplerate=OUT_RATE, channels=channels, subtype="PCM_24", format="WAV") as f:
-            chunk = int(CHUNK_S * engine.sample_rate)
+            # whole blocks, as live: the input path encodes what each block brings
+            chunk = max(1, int(CHUNK_S * engine.sample_rate) // block_frames) * block_frames
             done = 0
             while done < total:
                 n = min(chunk, total - done)
@@ -292,7 +293,10 @@ def parse_input_gain(text: str) -> str | float:
     """`--input-gain`: dB within -60..+40, or "auto"; ValueError otherwise."""
     if text == "auto":
         return text
-    gain = float(text)
+    try:
+        gain = float(text)
+    except ValueError:
+        raise ValueError(f"--input-gain {text!r} is neither a number of dB nor `auto`") from None
     if not (math.isfinite(gain) and -60.0 <= gain <= 40.0):
         raise ValueError(f"--input-gain {text} is outside -60..+40 dB")
     return gain
