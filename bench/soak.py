@@ -13,11 +13,23 @@ always sounding and every new note steals one still in its release.
 With `--web-clients N`, synthd also serves HTTP and N WebSocket clients LISTEN to every
 control and the gain the whole time (OSCQuery pushes, at most 60 per second and path).
 
+With `--input`, synthd plays live audio input (`--input virtual`): a JACK client of this
+script's loops a 30 s phrase into synthd's input port (tones of 0.15-1.5 s at pitches from A2 to
+A5 that glide at times, with vibrato, at levels from -36 to -6 dBFS that swell or fade within
+the tone, between 0.05-0.8 s of silence), the control stream runs at a modest 100 messages a
+second unless --osc-rate says otherwise, and a second OSC stream moves the input's settings
+(/synthd/input/transpose, gain_db, dry_wet, 10 a second in turn). It reports besides the input's
+underruns (blocks rendered without input) and overruns (input dropped), the render time's p99
+against half a period (the worst 22 s window seen at the reports), and the input's level and
+fault. The model is --model, else make demo's model, else the tests' pitched model (the real
+export's streaming encoder and pitch tracker, a tiny decoder).
+
 Targets: no underrun that synthd causes (a ring found empty while the server kept time;
 those right after a server xrun are the server's), memory growth < 5 MB.
 
     .venv/bin/python bench/soak.py                      # 10 minutes, make demo's model
     .venv/bin/python bench/soak.py --minutes 2 --model demo-out/demo.ts
+    .venv/bin/python bench/soak.py --input              # 10 minutes of live input
 """
 
 from __future__ import annotations
@@ -29,14 +41,22 @@ import math
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Callable
 
-from live_rig import LiveRig, vm_rss_mb
+import numpy as np
+
+from live_rig import DEMO_MODEL, LiveRig, vm_rss_mb
 
 WARMUP_S = 5.0
 REPORT_EVERY_S = 10.0
+PHRASE_S = 30.0  # --input: the phrase looped into synthd's input
+INPUT_OSC_RATE = 10.0  # --input: /synthd/input/* messages per second
+P99_CLEAN_S = 30.0  # from then on synthd's p99 window (its last 4096 renders, ~22 s) holds no warm-up
 
 
 def paced(rate: float, stop: threading.Event, sent: list[int], send: Callable[[int, float], None]) -> None:
@@ -92,6 +112,49 @@ def chord_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[in
         rig.midi.send_message([0x80, note, 0])
 
 
+def input_phrase(rate: int, seconds: float = PHRASE_S, seed: int = 0) -> np.ndarray:
+    """`seconds` of mono float32 to loop into synthd's input: tones of 0.15-1.5 s between gaps of
+    0.05-0.8 s of silence. Each tone has three harmonics (1, 0.4, 0.2), a pitch from MIDI 45 to 81
+    that glides up to 5 semitones in a third of them, a 5 Hz vibrato of +-1 %, a level from -36 to
+    -6 dBFS that moves by -12..+6 dB over the tone, and 10 ms cosine fades."""
+    rng = np.random.default_rng(seed)
+    total = int(seconds * rate)
+    out = np.zeros(total, dtype=np.float64)
+    pos = int(0.2 * rate)
+    while True:
+        n = int(rng.uniform(0.15, 1.5) * rate)
+        if pos + n > total:
+            break
+        t = np.arange(n) / rate
+        start = 440.0 * 2 ** ((rng.uniform(45, 81) - 69) / 12)
+        glide = rng.uniform(-5, 5) if rng.random() < 1 / 3 else 0.0
+        freq = start * 2 ** (glide * t / t[-1] / 12) * (1 + 0.01 * np.sin(2 * np.pi * 5.0 * t))
+        phase = 2 * np.pi * np.cumsum(freq) / rate
+        tone = (np.sin(phase) + 0.4 * np.sin(2 * phase) + 0.2 * np.sin(3 * phase)) / 1.6
+        level_db = rng.uniform(-36, -6) + rng.uniform(-12, 6) * t / t[-1]
+        fade = int(0.01 * rate)
+        ramp = 0.5 * (1 - np.cos(np.pi * np.arange(fade) / fade))
+        env = np.ones(n)
+        env[:fade], env[-fade:] = ramp, ramp[::-1]
+        out[pos:pos + n] = tone * env * 10 ** (level_db / 20)
+        pos += n + int(rng.uniform(0.05, 0.8) * rate)
+    return out.astype(np.float32)
+
+
+def input_osc_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[int]) -> None:
+    """The input's settings in turn, one message every 1/rate s: transpose (a 20 s sine over +-12
+    semitones), gain_db (a 7 s sine over +-3 dB), dry_wet (an 11 s sine over 0.8..1)."""
+    def send(i: int, t: float) -> None:
+        if i % 3 == 0:
+            rig.osc.send("/synthd/input/transpose", 12.0 * math.sin(2 * math.pi * t / 20.0))
+        elif i % 3 == 1:
+            rig.osc.send("/synthd/input/gain_db", 3.0 * math.sin(2 * math.pi * t / 7.0))
+        else:
+            rig.osc.send("/synthd/input/dry_wet", 0.9 + 0.1 * math.sin(2 * math.pi * t / 11.0))
+
+    paced(rate, stop, sent, send)
+
+
 def web_clients(url: str, paths: list[str], count: int, stop: threading.Event, received: list[int]) -> None:
     """`count` WebSocket clients LISTENing to `paths` until `stop`; `received[0]` counts pushes."""
     import aiohttp
@@ -127,33 +190,67 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="soak time (default 10)")
     parser.add_argument("--model", help="model file (default: demo-out/demo.ts from `make demo`)")
     parser.add_argument("--period", type=int, default=256, help="JACK period and synthd block (default 256)")
-    parser.add_argument("--osc-rate", type=float, default=1000.0, help="OSC messages per second (default 1000)")
+    parser.add_argument("--osc-rate", type=float, help="OSC control messages per second (default 1000; "
+                        "100 with --input)")
     parser.add_argument("--cc-rate", type=float, default=100.0, help="MIDI CCs per second (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="synthd's torch threads (default 1)")
     parser.add_argument("--chords", type=float, default=0.0, help="chord changes per second, 8 notes held "
                         "(default 0: no notes)")
     parser.add_argument("--web-clients", type=int, default=0, help="WebSocket clients listening to every "
                         "control (default 0: no HTTP)")
+    parser.add_argument("--input", action="store_true", help="live audio input: synthd run --input virtual, "
+                        "a phrase looped into it, its settings moved over OSC")
     args = parser.parse_args()
+    if args.osc_rate is None:
+        args.osc_rate = 100.0 if args.input else 1000.0
     # SIGTERM unwinds like Ctrl-C, so synthd and the JACK server are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    extra = ("--http-port", "0") if args.web_clients else ()
-    with LiveRig(args.model, period=args.period, threads=args.threads, extra_args=extra) as rig:
+    with ExitStack() as stack:
+        return soak(args, stack)
+
+
+def soak(args: argparse.Namespace, stack: ExitStack) -> int:
+    """The soak itself; `stack` holds what must outlive synthd (a model built here)."""
+    extra: tuple[str, ...] = ("--http-port", "0") if args.web_clients else ()
+    model = args.model
+    if args.input:
+        extra += ("--input", "virtual")
+        if model is None and DEMO_MODEL.exists():
+            model = str(DEMO_MODEL)
+        elif model is None:
+            from support.pitched_model import build_pitched_model
+
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="synthd-soak-")))
+            model = str(build_pitched_model(scratch / "pitched.ts"))
+            print(f"(no --model and no {DEMO_MODEL}: using the tests' pitched model)", file=sys.stderr)
+    with LiveRig(model, period=args.period, threads=args.threads, extra_args=extra) as rig, ExitStack() as live:
         rig.watchdog(args.minutes * 60.0 + WARMUP_S + 60.0)
         names = rig.controls()
         print(f"soak: {rig.model} ({len(names)} controls), JACK dummy {rig.server.rate} Hz / "
               f"{args.period} frames, OSC {args.osc_rate:g}/s, MIDI CC {args.cc_rate:g}/s, "
-              f"{args.minutes:g} min", file=sys.stderr)
+              + (f"input {rig.status()['input']} ({PHRASE_S:g} s phrase looped, /synthd/input/* "
+                 f"{INPUT_OSC_RATE:g}/s), " if args.input else "")
+              + f"{args.minutes:g} min", file=sys.stderr)
+        if args.input:
+            from support.jack import Player
+
+            player = live.enter_context(Player(rig.server.name, name="bench-player"))  # closed before synthd
+            player.connect_to(rig.status()["input"])
+            player.play(input_phrase(rig.server.rate), loop=True)
         time.sleep(WARMUP_S)
         pid = rig.synthd.proc.pid
         mem_start = vm_rss_mb(pid)
         before = rig.status()
         xruns_before = rig.xruns
         stop = threading.Event()
-        osc_sent, cc_sent, pushed, notes_sent = [0], [0], [0], [0]
+        osc_sent, cc_sent, pushed, notes_sent, input_sent = [0], [0], [0], [0], [0]
+        p99_worst = 0.0  # of the p99 windows (the last STATS_WINDOW renders) that hold soak time only
         workers = [threading.Thread(target=osc_stream, name="osc", args=(rig, names, args.osc_rate, stop, osc_sent), daemon=True),
                    threading.Thread(target=midi_stream, name="midi", args=(rig, args.cc_rate, stop, cc_sent), daemon=True)]
+        if args.input:
+            workers.append(threading.Thread(target=input_osc_stream, name="input-osc", daemon=True,
+                                            args=(rig, INPUT_OSC_RATE, stop, input_sent)))
         if args.chords:
             workers.append(threading.Thread(target=chord_stream, name="chords", daemon=True,
                                             args=(rig, args.chords, stop, notes_sent)))
@@ -171,10 +268,17 @@ def main() -> int:
                 time.sleep(min(REPORT_EVERY_S, total - elapsed))
                 elapsed = time.monotonic() - t0
                 status = rig.status()
+                if elapsed >= P99_CLEAN_S:
+                    p99_worst = max(p99_worst, status["render_ms_p99"])
+                inputs = (f", input under/overruns {status['input_underruns'] - before['input_underruns']}/"
+                          f"{status['input_overruns'] - before['input_overruns']}, level "
+                          f"{status['input_level_db']:.0f} dB" if args.input else "")
                 print(f"soak {fmt(elapsed)}/{fmt(total)} ETA {fmt(total - elapsed)}: underruns "
-                      f"{status['underruns'] - before['underruns']}, render load "
-                      f"{status['render_load_mean']:.3f} (peak {status['render_load_peak']:.2f}), "
-                      f"RSS {vm_rss_mb(pid):.1f} MB, OSC {osc_sent[0]}, CC {cc_sent[0]}", file=sys.stderr)
+                      f"{status['underruns'] - before['underruns']} (late "
+                      f"{status['late_underruns'] - before['late_underruns']}), render load "
+                      f"{status['render_load_mean']:.3f} (peak {status['render_load_peak']:.2f}, p99 "
+                      f"{status['render_ms_p99']:.2f} ms), RSS {vm_rss_mb(pid):.1f} MB, OSC {osc_sent[0]}, "
+                      f"CC {cc_sent[0]}{inputs}", file=sys.stderr)
         finally:
             stop.set()
             for w in workers:
@@ -211,6 +315,17 @@ def main() -> int:
     if args.chords:
         print(f"  notes               {notes_sent[0]} note-ons ({args.chords:g} chords of 8 a second), voices "
               f"{after['voices']}, stolen {after['voices_stolen'] - before['voices_stolen']}")
+    if args.input:
+        half_ms = block_ms / 2
+        p99_end = after["render_ms_p99"]
+        print(f"  input               {after['input']}: input underruns (blocks rendered without input) "
+              f"{after['input_underruns'] - before['input_underruns']}, input overruns (input dropped) "
+              f"{after['input_overruns'] - before['input_overruns']}, fault at the end "
+              f"{after['input_fault'] or 'none'}, level at the end {after['input_level_db']:.1f} dBFS, "
+              f"/synthd/input/* messages {input_sent[0]}")
+        worst = f"{p99_worst:.3f} ms ({p99_worst / half_ms:.2f}x)" if p99_worst else "n/a (a run under 30 s)"
+        print(f"  render p99 vs half a period ({half_ms:.2f} ms): last ~22 s {p99_end:.3f} ms "
+              f"({p99_end / half_ms:.2f}x); worst window seen at the reports {worst}")
     if args.web_clients:
         print(f"  WebSocket clients   {args.web_clients}, listening to {len(names) + 1} paths each: "
               f"{pushed[0]} pushes ({pushed[0] / elapsed / args.web_clients:.0f}/s per client)")
