@@ -185,7 +185,8 @@ class LiveOutput:
             self._render_one()
         if self.source is not None:
             self.source.on_data = self._wake.set
-            self.source.start()  # AudioError: refused before any output opens
+            if not self.source.opened:
+                self.source.start()  # AudioError: refused before any output opens
         self.engine.backlog = self._backlog
         self.engine.output_stats = self.stats
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -208,6 +209,8 @@ class LiveOutput:
             raise AudioError(f"cannot open audio device {self.device_name!r} at "
                              f"{self.sample_rate} Hz: {exc}") from None
         self._stream_latency_s = float(self._stream.latency)
+        if self._feeder is not None:  # what came in while the stream opened would add latency
+            self._feeder.resync()
         log.info("audio: %s at %d Hz%s, latency %.1f ms", self.device_name, self.sample_rate,
                  " (resampled)" if self._resampler is not None else "", self.latency_ms)
 
@@ -332,16 +335,13 @@ class LiveOutput:
             log.exception("render thread stopped")
 
     def _feed(self) -> None:
-        """With input: render as input arrives, keeping the ring at `target_fill`; without input
-        for a block past that, render silence rather than run dry."""
-        go, block = self._feeder.next_block(self._ring.fill, max(1, self.target_fill - self.block_frames))
-        if not go:
+        """With input: render as input arrives (see `InputFeeder`)."""
+        go, block = self._feeder.next_block(self._ring.fill, self.target_fill)
+        if go:
+            self._render_one(block)
+        elif not self.source.available() >= self.engine.block_frames:
             self._wake.wait(0.002)
             self._wake.clear()
-        elif self._ring.free < self.engine.block_frames * self._ratio + 1:
-            self.source.overruns += 1  # the device plays slower than the input comes: drop a block
-        else:
-            self._render_one(block)
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info, status) -> None:
         # real-time: copy, the output stage's few vector operations on one period, count, wake

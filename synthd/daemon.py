@@ -148,6 +148,8 @@ class Daemon:
             port = resumed.osc_port if resumed else self.cfg.osc_port
             self.osc = OscServer(self.surface, self, host=self.cfg.osc_host, port=port,
                                  layers={layer.name: layer.surface for layer in self.layers})
+            if self.output.source is not None:  # first: `--input virtual` takes the name synthd
+                self.output.source.start()
             if self.cfg.midi_in:
                 self.midi = MidiInput(self.router, self.cfg.midi_in, wait_for_port=resumed is not None)
             self.output.start(fade_in_s=FADE_IN_S if resumed else 0.0)
@@ -188,13 +190,14 @@ class Daemon:
         if source is None:
             return ""
         model = self.engine.model
-        rate = self.engine.sample_rate
         lag = model.encode_lag_samples
-        block_ms = 1000.0 * self.cfg.block_frames / rate
+        block_ms = 1000.0 * self.cfg.block_frames / self.engine.sample_rate
         lag_ms = 1000.0 * (lag or 0) / model.sample_rate
-        total = block_ms + lag_ms + self.output.engine.stats()["latency_ms"]
+        ring_ms = self.output.latency_ms
+        frame_ms = 1000.0 * model.latency_samples / model.sample_rate
         told = f"encoder look-ahead {lag_ms:.1f} ms" if lag is not None else "encoder look-ahead unknown (not counted)"
-        return f"; input {source.name}: {total:.1f} ms to the output ({told}, one block {block_ms:.1f} ms)"
+        return (f"; input {source.name}: {block_ms + lag_ms + ring_ms:.1f} ms to the output ({told}, one block "
+                f"{block_ms:.1f} ms, ring and device {ring_ms:.1f} ms; a frame has fully played {frame_ms:.1f} ms later)")
 
     def wait(self) -> None:
         """Serve until quit, watching the output (see the module's doc)."""

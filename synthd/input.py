@@ -45,6 +45,10 @@ class LiveInput:
         self._open = False
         self._mix = np.zeros((8192, 1), dtype=np.float32)
 
+    @property
+    def opened(self) -> bool:
+        return self._open
+
     def available(self) -> int:
         return self.ring.fill
 
@@ -190,24 +194,36 @@ def open_input(spec: str, channels: int, sample_rate: int) -> LiveInput:
 class InputFeeder:
     """The render thread's side of a live input: hands the engine one block of input per block it
     renders, as soon as the block has arrived, so input reaches the output after the ring's
-    blocks and no more; renders without input (counted) when none has come and the output would
-    otherwise run dry; drops input (counted) that piles up beyond two blocks."""
+    blocks and no more. Input that piled up while the render thread was held up is all rendered
+    (skipping it would break the signal the encoder hears) until the output ring holds a block
+    more than it should; what comes beyond that is dropped and counted (the output device runs
+    slower than the input, or the output ran dry and the ring's latency would grow). When no
+    input has come and the output is about to run dry, a block is rendered without input
+    (counted)."""
 
     def __init__(self, source: LiveInput, block_frames: int):
         self.source = source
         self.block = block_frames
+        self._resync = False
 
-    def next_block(self, output_fill: int, low_water: int) -> tuple[bool, np.ndarray | None]:
+    def resync(self) -> None:
+        """Forget the input that came before now (not counted): the output has just started, and
+        what came in while it opened would stay in the ring as latency."""
+        self._resync = True
+
+    def next_block(self, output_fill: int, target_fill: int) -> tuple[bool, np.ndarray | None]:
         """(render now?, the input block or None for silence), given the output ring's fill and the
-        fill below which a block must be rendered whatever the input does."""
+        fill the render thread keeps it at."""
         source = self.source
-        waiting = source.available()
-        if waiting > 3 * self.block:  # the render thread fell behind: keep the newest input
-            source.drop(waiting - self.block)
-            waiting = self.block
-        if waiting >= self.block:
+        if self._resync:
+            self._resync = False
+            source.read(max(0, source.available() - source.available() % self.block))
+        if source.available() >= self.block:
+            if output_fill >= target_fill + 2 * self.block:
+                source.drop(self.block)
+                return False, None
             return True, source.read(self.block)
-        if output_fill < low_water:
+        if output_fill < target_fill - self.block or (output_fill < target_fill and source.fault() is not None):
             source.underruns += 1
             return True, None
         return False, None

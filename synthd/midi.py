@@ -133,10 +133,26 @@ def _free_client_name(api: int) -> str:
         taken = {p.split(":", 1)[0] for p in probe.get_ports()}
     finally:
         probe.delete()
+    if api == rtmidi.API_UNIX_JACK:  # audio clients too: `--input virtual`'s ports are synthd:in_*
+        taken |= _jack_clients()
     n = 1
     while (name := CLIENT_NAME if n == 1 else f"{CLIENT_NAME}-{n}") in taken:
         n += 1
     return name
+
+
+def _jack_clients() -> set[str]:
+    """Names of the JACK clients with ports (empty when JACK cannot be asked)."""
+    try:
+        import jack
+
+        probe = jack.Client(f"{CLIENT_NAME}-probe", no_start_server=True)
+    except Exception:
+        return set()
+    try:
+        return {p.name.split(":", 1)[0] for p in probe.get_ports()}
+    finally:
+        probe.close()
 
 
 class MidiInput:
