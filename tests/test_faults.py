@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from support.jack import JackServer, record
@@ -73,6 +74,41 @@ def test_a_killed_server_is_reported_and_synthd_plays_again_when_it_returns(serv
     log = proc.log
     assert log.count("audio: lost") == 1 and "is back after" in log, log
     assert "Traceback" not in log
+
+
+def test_a_killed_server_takes_the_input_away_and_both_come_back(server, toy):
+    """With `--input virtual`: the input falls silent with the server, and when the server returns,
+    synthd's input ports are there again and what plays into them is heard."""
+    from support.jack import Player, Recorder
+
+    def through(seconds: float = 1.0) -> float:
+        """RMS (dB) of synthd's output while a tone plays into synthd:in_1."""
+        with Player(server.name) as player, Recorder(server.name, channels=1, seconds=seconds + 0.5) as rec:
+            player.connect_to("synthd:in_1")
+            rec.connect_from(rec.wait_for_ports("PortAudio.*:out", 1))
+            t = np.arange(int(seconds * 48000)) / 48000
+            player.play((0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32))
+            rec.start()
+            rec.wait_frames(int(seconds * 48000))
+            return rms_db(rec.data()[int(0.3 * 48000):, 0])
+
+    with SynthdProcess(server, "--model", str(toy), "--input", "virtual") as proc:
+        client = OscClient(proc.osc_address)
+        try:
+            before = through()
+            assert before > -55  # the toy's level follows its input's (about -41 dB here); silence is -inf
+            assert client.ask("/synthd/notify", 1, reply="/done") == ["/synthd/notify", 1]
+            server.kill()
+            assert wait_for(client, "/synthd/audio", 5.0)[0] == ["lost"]
+            server.start()
+            assert wait_for(client, "/synthd/audio", 30.0)[0] == ["ok"]
+            status = client.status()
+            assert status["input"] == "synthd:in_1" and status["input_fault"] == ""
+            assert through() == pytest.approx(before, abs=3.0)
+        finally:
+            client.close()
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.log
 
 
 @pytest.mark.parametrize("delay", [0.05, 1.5])
