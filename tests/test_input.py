@@ -208,3 +208,46 @@ def test_render_input_errors_name_the_file(models, tmp_path):
     assert result.returncode == 2 and "--input-gain" in result.stderr
     with pytest.raises(RenderError):
         render_performance(models["pitched"], tmp_path / "o.wav", input_path=tmp_path / "none.wav", progress=False)
+
+
+class _Source:
+    """A live input's ring, filled by hand (the feeder's logic alone)."""
+
+    def __init__(self):
+        from synthd.input import LiveInput
+
+        self.live = LiveInput("test", 1, RATE)
+        self.live._open = True
+        self.live._callback_at = __import__("time").monotonic()
+
+    def arrive(self, blocks: int) -> None:
+        self.live._take([np.arange(256 * blocks, dtype=np.float32)], 256 * blocks)
+
+
+def test_the_feeder_renders_input_as_it_comes_and_bounds_the_latency():
+    from synthd.input import InputFeeder
+
+    src = _Source()
+    feeder = InputFeeder(src.live, 256)
+    target = 512
+    assert feeder.next_block(target, target) == (False, None)  # nothing yet, the ring is full enough
+    src.arrive(3)  # the render thread was held up: every block is rendered, in order
+    got = [feeder.next_block(target - 512, target) for _ in range(3)]
+    assert all(go for go, _ in got)
+    np.testing.assert_array_equal(np.concatenate([b for _, b in got]), np.arange(768, dtype=np.float32))
+    src.arrive(1)  # the ring already holds two blocks over its fill: this one is dropped, counted
+    assert feeder.next_block(target + 512, target) == (False, None) and src.live.overruns == 1
+    go, block = feeder.next_block(target - 257, target)  # no input and the ring about to run dry
+    assert go and block is None and src.live.underruns == 1
+    src.arrive(2)
+    feeder.resync()  # the output just started: what came before is forgotten, uncounted
+    assert feeder.next_block(0, target) == (True, None) and src.live.available() == 0
+    assert src.live.overruns == 1
+
+
+def test_an_input_that_stops_calling_back_is_a_fault():
+    src = _Source()
+    assert src.live.fault() is None
+    src.live._callback_at -= 1.0
+    assert src.live.fault().startswith("no input for")
+    assert src.live.stats()["input_fault"].startswith("no input for")
