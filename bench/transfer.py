@@ -17,6 +17,10 @@ model and a folder of files it never saw). Then, for each held-out file:
               latency.encode_samples) plus the best envelope cross-correlation shift; render and
               forward distances should match within 1 % (target), since only the output stage,
               the gate and 24 bits separate them
+    chain     largest |render - forward through the chain the render documents| (input DC blocker
+              and gain, 256-sample calls, input gate, output DC blocker, soft limiter, 24-bit
+              rounding), rebuilt here from synthd.dsp: what is left is a fault of the render
+              (target: <= 2 steps of 24 bits, 2.4e-7)
 
 With a pitch input (the default architecture: decode's first input `pitch`, unit midi), the
 held-out notes are joined into one melody, rendered, and the one pitch tracker (training.pitch,
@@ -26,7 +30,7 @@ YIN) reads source and render; printed over the source's voiced frames:
     transpose +7     the melody again with a patch whose `[input]` has `transpose = 7.0`: the
                      median interval render - source in cents (target about +700)
 
-The whole bench takes about 15 minutes on 2 CPU cores with the default `--minutes`.
+The whole bench took 13 minutes on 2 shared CPU cores with the default `--minutes` (9 of training).
 
     .venv/bin/python bench/transfer.py
     .venv/bin/python bench/transfer.py --model M.ts --files HELD_OUT_DIR
@@ -55,6 +59,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.train_quality import build_gm  # noqa: E402
+from synthd import dsp  # noqa: E402
+from synthd.transfer import GATE_CLOSE_S, GATE_HYSTERESIS_DB, GATE_OPEN_S, SILENT_DB, frame_levels_db  # noqa: E402
 from training.pitch import VOICED_THRESHOLD, PitchTracker, track_long  # noqa: E402
 
 HOLD_OUT_EVERY = 6  # as bench/pitch_accuracy.py: 6 of the 40 notes, one or two per instrument
@@ -67,6 +73,9 @@ SEARCH_S = 0.05  # the envelope cross-correlation looks this far either side of 
 MIN_VOICED = 0.25  # a file joins the melody when at least this share of its frames is voiced
 TRANSPOSE = 7.0
 DISTANCE_MATCH = 0.01  # render and forward distances agree within this (relative)
+GATE_DB = -60.0  # the input gate of a patch without `[input] gate_db`
+LSB = 2.0 ** -23  # one step of a 24-bit file
+CHAIN_TOLERANCE = 2 * LSB
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -169,24 +178,16 @@ def envelope(x: np.ndarray) -> np.ndarray:
 
 def best_shift(y: np.ndarray, x: np.ndarray, lag: int, rate: int) -> int:
     """Samples of `y` before `x`'s first: `lag` plus the shift within ±SEARCH_S that best
-    correlates the envelopes."""
+    correlates the envelopes (every 8th shift, then to the sample around the best)."""
     reach = int(SEARCH_S * rate)
     ex = envelope(x)
-    ey = envelope(np.pad(y, (reach, reach)))  # negative and overlong shifts read silence
-    best, best_score = lag, -math.inf
-    for s in range(lag - reach, lag + reach + 1, 8):  # coarse, then to the sample around the best
-        best, best_score = _score(ey, ex, s, reach, best, best_score)
-    for s in range(best - 8, best + 9):
-        best, best_score = _score(ey, ex, s, reach, best, best_score)
-    return best
+    ey = envelope(np.pad(y, (reach, reach + len(x))))  # shifts past either end read silence
 
+    def score(s: int) -> float:
+        return float(np.dot(ey[s + reach:s + reach + len(ex)], ex))
 
-def _score(ey: np.ndarray, ex: np.ndarray, s: int, reach: int, best: int, best_score: float) -> tuple[int, float]:
-    seg = ey[s + reach:s + reach + len(ex)]
-    if len(seg) < len(ex):
-        seg = np.pad(seg, (0, len(ex) - len(seg)))
-    score = float(np.dot(seg, ex))
-    return (s, score) if score > best_score else (best, best_score)
+    coarse = max(range(lag - reach, lag + reach + 1, 8), key=score)
+    return max(range(coarse - 8, coarse + 9), key=score)
 
 
 def aligned(y: np.ndarray, shift: int, n: int) -> np.ndarray:
@@ -208,6 +209,8 @@ class FileFigures:
     name: str
     seconds: float
     chunk_diff: float  # forward in one call vs in CALL-sample calls
+    chain_diff: float  # render vs the documented chain around forward
+    chain_diff_at: float  # seconds into the render
     max_diff: float  # render vs forward
     max_diff_at: float  # seconds into the render
     corr: float
@@ -219,6 +222,41 @@ class FileFigures:
     @property
     def mismatch(self) -> float:
         return abs(self.d_render - self.d_forward) / max(self.d_forward, 1e-12)
+
+
+def input_gate(x: np.ndarray, hop: int, lag_frames: int, rate: int) -> np.ndarray:
+    """The render's input gate over its output `(samples,)`, from input `x` at the model's level, as
+    synthd/transfer.py documents it: output frame k is open while any input frame k - lag .. k is
+    above GATE_DB, closed once all are GATE_HYSTERESIS_DB below it; opens in GATE_OPEN_S, closes
+    over GATE_CLOSE_S."""
+    levels = [SILENT_DB] * lag_frames
+    ramp, is_open = dsp.Ramp(0.0), False
+    gate = np.zeros(len(x))
+    for k, level in enumerate(frame_levels_db(x, hop)):
+        levels = (levels + [float(level)])[-(lag_frames + 1):]
+        loudest = max(levels)
+        if loudest > GATE_DB:
+            is_open = True
+        elif loudest < GATE_DB - GATE_HYSTERESIS_DB:
+            is_open = False
+        target = 1.0 if is_open else 0.0
+        if ramp.target != target:
+            ramp.set(target, int((GATE_OPEN_S if is_open else GATE_CLOSE_S) * rate))
+        gate[k * hop:(k + 1) * hop] = ramp.process(hop)
+    return gate
+
+
+def chain(model: ModelFile, x: np.ndarray) -> np.ndarray:
+    """What the render should write for input `x` (the file as read, at its own level, padded to
+    the render's length): the documented chain around `forward`, 24-bit rounding included."""
+    # the engine cleans the input (a DC blocker) before its gain, in float32
+    x = (dsp.DCBlocker(1, model.sample_rate).process(x[:, None].astype(np.float64))[:, 0]
+         * 10.0 ** (model.gain_db / 20.0)).astype(np.float32)
+    y = model.forward(x, CALL).astype(np.float32)
+    gate = input_gate(x, model.hop, model.encode_lag // model.hop, model.sample_rate).astype(np.float32)
+    y = (y * gate).astype(np.float64)
+    out = dsp.soft_limit(dsp.DCBlocker(1, model.sample_rate).process(y[:, None]))[:, 0].astype(np.float32)
+    return np.clip(np.round(out.astype(np.float64) / LSB), -2 ** 23, 2 ** 23 - 1) * LSB
 
 
 def render(model_path: Path, source: Path, out: Path, patch: Path | None = None) -> list[str]:
@@ -233,17 +271,21 @@ def compare_file(model: ModelFile, model_path: Path, source: Path, work: Path) -
     out = work / f"render-{source.stem}.wav"
     cmd = render(model_path, source, out)
     y_render = read_render(out)
-    x = read_like_render(source, model.sample_rate) * 10.0 ** (model.gain_db / 20.0)
+    raw = read_like_render(source, model.sample_rate)
+    x = raw * 10.0 ** (model.gain_db / 20.0)
     # the render's length: the input, the encoder's lag and a tail; forward sees zeros there
     x_long = np.pad(x, (0, max(0, len(y_render) - len(x))))
+    expected = chain(model, np.pad(raw, (0, len(x_long) - len(raw))))
     y_forward = model.forward(x_long)
     y_chunked = model.forward(x_long, CALL)
     chunk_diff = float(np.abs(y_forward - y_chunked).max())
     diff = np.abs(y_render - y_forward)
+    chain_diff = np.abs(y_render - expected[:len(y_render)])
     shifts = [best_shift(y, x, model.encode_lag, model.sample_rate) for y in (y_render, y_forward)]
     distances = [log_stft_distance(aligned(y, s, len(x)), x.astype(np.float64))
                  for y, s in zip((y_render, y_forward), shifts)]
-    return FileFigures(source.name, len(x) / model.sample_rate, chunk_diff, float(diff.max()),
+    return FileFigures(source.name, len(x) / model.sample_rate, chunk_diff, float(chain_diff.max()),
+                       float(chain_diff.argmax()) / model.sample_rate, float(diff.max()),
                        float(diff.argmax()) / model.sample_rate, correlation(y_render, y_forward),
                        shifts[0], shifts[1], distances[0], distances[1]), cmd
 
@@ -333,6 +375,7 @@ def main() -> int:
     if (args.model is None) != (args.files is None):
         parser.error("--model and --files go together")
     torch.set_num_threads(1)  # as the render: one thread, and the same float paths
+    started = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
     commands: list[list[str]] = []
     if args.model is None:
@@ -344,13 +387,14 @@ def main() -> int:
     print(f"model {model_path}: {model.sample_rate} Hz, hop {model.hop}, encode lag {model.encode_lag} samples, "
           f"auto gain {model.gain_db:+.2f} dB, pitch input {'yes' if model.pitched else 'no'}", flush=True)
 
-    print(f"\n{'file':18s} {'sec':>5s} {'chunked':>8s} {'max diff':>9s} {'at s':>6s} {'corr':>7s} "
+    print(f"\n{'file':18s} {'sec':>5s} {'chunked':>8s} {'chain':>8s} {'at s':>6s} {'max diff':>9s} {'at s':>6s} {'corr':>7s} "
           f"{'shift r/f':>11s} {'dist render':>11s} {'dist fwd':>9s} {'mismatch':>9s}", flush=True)
     figures = []
     for f in files:
         fig, cmd = compare_file(model, model_path, f, args.work)
         figures.append(fig)
-        print(f"{fig.name:18s} {fig.seconds:5.2f} {fig.chunk_diff:8.1e} {fig.max_diff:9.4f} {fig.max_diff_at:6.2f} "
+        print(f"{fig.name:18s} {fig.seconds:5.2f} {fig.chunk_diff:8.1e} {fig.chain_diff:8.1e} {fig.chain_diff_at:6.2f} "
+              f"{fig.max_diff:9.4f} {fig.max_diff_at:6.2f} "
               f"{fig.corr:7.4f} {fig.shift_render:5d}/{fig.shift_forward:<5d} {fig.d_render:11.4f} "
               f"{fig.d_forward:9.4f} {100 * fig.mismatch:8.2f}%", flush=True)
     commands.append(cmd)
@@ -360,6 +404,9 @@ def main() -> int:
 
     summary = [f"files                      {len(figures)} held out ({files_dir})",
                f"forward 1 call vs {CALL}-sample calls  max |diff| {max(f.chunk_diff for f in figures):.2e}",
+               f"render vs chain            max |diff| {max(f.chain_diff for f in figures):.2e} "
+               f"(target <= {CHAIN_TOLERANCE:.1e}): {sum(f.chain_diff <= CHAIN_TOLERANCE for f in figures)}/"
+               f"{len(figures)} files",
                f"render vs forward          max |diff| {max(f.max_diff for f in figures):.4f}, "
                f"min corr {min(f.corr for f in figures):.4f}",
                f"log-STFT distance          render {d_render:.4f}, forward {d_forward:.4f}; "
@@ -391,7 +438,8 @@ def main() -> int:
 
     print("\nsummary")
     print("\n".join(f"  {line}" for line in summary))
-    print("commands")
+    print(f"commands (the render's for the last file; each held-out file is rendered alike), "
+          f"{(time.monotonic() - started) / 60:.1f} min in all")
     print("\n".join(f"  {shlex.join(c)}" for c in commands))
     return 0
 
