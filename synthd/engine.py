@@ -521,10 +521,10 @@ class Engine:
         """Clean the input block (non-finite samples to 0, clipped to ±4, DC removed, gain), hand it
         to every model instance, and return the dry signal, delayed as the active model's encoder
         lags, so that dry and wet line up."""
-        if x is None or x.shape[0] != frames:
-            x = np.zeros(frames, dtype=np.float32)
-        x = np.clip(np.nan_to_num(np.asarray(x, dtype=np.float32).reshape(frames), nan=0.0, posinf=0.0,
-                                  neginf=0.0), -4.0, 4.0)
+        x = np.zeros(0, np.float32) if x is None else np.asarray(x, dtype=np.float32).reshape(-1)[:frames]
+        if x.shape[0] < frames:  # the end of a file, or no input at all: silence after it
+            x = np.concatenate([x, np.zeros(frames - x.shape[0], np.float32)])
+        x = np.clip(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), -4.0, 4.0)
         x = self._input_dc.process(x[:, None])[:, 0] * self._input_gain.process(frames)
         x = x.astype(np.float32)
         peak = float(np.abs(x).max(initial=0.0))
@@ -533,7 +533,7 @@ class Engine:
             if instance.input is not None:
                 instance.input.push(x)
         active = self._active.input
-        delay = int(round(active.lag * active.hop * self.sample_rate / active.model.sample_rate)) if active else 0
+        delay = int(round(active.delay * self.sample_rate / active.model.sample_rate)) if active else 0
         line = np.concatenate([self._dry, x])
         if line.shape[0] < delay + frames:  # the delay grew (a model swap): silence first
             line = np.concatenate([np.zeros(delay + frames - line.shape[0], np.float32), line])

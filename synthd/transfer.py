@@ -65,6 +65,8 @@ class InputPath:
             prefill = self.need + int(math.ceil(block))
             self._resampler = soxr.ResampleStream(engine_rate, model.sample_rate, 1, dtype="float32", quality="HQ")
         self._buffer = np.zeros(prefill, dtype=np.float32)
+        # samples (model rate) from an input sample to the output sample that stands for it
+        self.delay = self.lag * model.hop + prefill
         self._levels: deque[float] = deque([SILENT_DB] * self.lag, maxlen=self.lag + 1)
         self._gate = dsp.Ramp(0.0)
         self._open = False

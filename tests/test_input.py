@@ -251,3 +251,14 @@ def test_an_input_that_stops_calling_back_is_a_fault():
     src.live._callback_at -= 1.0
     assert src.live.fault().startswith("no input for")
     assert src.live.stats()["input_fault"].startswith("no input for")
+
+
+def test_render_keeps_the_last_partial_block_and_a_click_shorter_than_one(models, tmp_path):
+    for n in (200, RATE + 200):
+        x = np.zeros(n, np.float32)
+        x[-200:] = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(200) / RATE)  # the input's last 200 samples
+        sf.write(tmp_path / "click.wav", x, RATE, subtype="FLOAT")
+        render_performance(models["rave"], tmp_path / "out.wav", input_path=tmp_path / "click.wav", channels=1,
+                           patch_path=None, progress=False)
+        y = sf.read(tmp_path / "out.wav")[0]
+        assert np.abs(y[n - 200:]).max() > 0.01, n  # the toy's level follows it: heard, not dropped
