@@ -250,7 +250,15 @@ class CentredBlock(nn.Module):
         frames before the newest (`(batch, dim, T)`) and the new cache. Chunked calls equal `forward`
         on the whole, delayed by `reach` frames."""
         full = torch.cat([cache, x], -1)
-        y = nn.functional.conv1d(full, self.dwconv.weight, self.dwconv.bias, 1, 0, 1, self.dim)
+        if x.shape[-1] > 16:
+            y = nn.functional.conv1d(full, self.dwconv.weight, self.dwconv.bias, 1, 0, 1, self.dim)
+        else:
+            # a few frames (live input): the taps' weighted sum, as the library convolution's set-up
+            # costs far more than the arithmetic at this size
+            bias = self.dwconv.bias
+            assert bias is not None
+            taps = full.unfold(-1, 2 * self.reach + 1, 1)  # (batch, dim, T, kernel)
+            y = (taps * self.dwconv.weight).sum(-1) + bias.unsqueeze(-1)
         centre = full[..., self.reach:self.reach + x.shape[-1]]
         return centre + self._residual(y), full[..., full.shape[-1] - 2 * self.reach:]
 
