@@ -162,20 +162,7 @@ def check_streaming(module: Any, u: Tensor, chunks: tuple[int, ...] = CHECK_CHUN
         expected = (u.shape[0], 1, u.shape[2] * int(module.decode_params[1]))
         if tuple(whole.shape) != expected:
             raise RuntimeError(f"decode returned {tuple(whole.shape)}, expected {expected}")
-        if not bool(torch.isfinite(whole).all()):
-            raise RuntimeError("decode returned NaN or infinity")
-        scale = max(float(whole.abs().max()), 1e-6)
-        worst = 0.0
-        for size in chunks:
-            module.reset()
-            parts = [module.decode(u[:, :, i:i + size]) for i in range(0, u.shape[2], size)]
-            error = float((torch.cat(parts, dim=2) - whole).abs().max()) / scale
-            worst = max(worst, error)
-            if error > tolerance:
-                raise RuntimeError(f"streaming decode in chunks of {size} frames differs from one whole "
-                                   f"decode by {error:.3g} of its peak (tolerance {tolerance:g})")
-        module.reset()
-    return worst
+    return _chunked_against_whole(module, module.decode, u, whole, 1, chunks, tolerance, "decode")
 
 
 def encode_lag(vae: VAE) -> int:
@@ -185,27 +172,31 @@ def encode_lag(vae: VAE) -> int:
 
 def check_encode_streaming(module: Any, x: Tensor, chunks: tuple[int, ...] = CHECK_CHUNKS,
                            tolerance: float = 1e-4) -> float:
-    """Encode `x` `(1, 1, samples)` in one call, then in chunks of each size in `chunks` frames (after
-    `reset()`); raise RuntimeError when any chunked encode differs from the one call by more than
-    `tolerance` relative to its largest value. Returns the largest relative difference. Leaves the
-    module reset."""
-    hop = int(module.encode_params[3])
+    """`check_streaming` for `encode`, on audio `x` `(1, 1, samples)` in chunks of whole frames."""
     with torch.no_grad():
         module.reset()
         whole = module.encode(x)
-        if not bool(torch.isfinite(whole).all()):
-            raise RuntimeError("encode returned NaN or infinity")
-        scale = max(float(whole.abs().max()), 1e-6)
-        worst = 0.0
+    return _chunked_against_whole(module, module.encode, x, whole, int(module.encode_params[3]), chunks, tolerance,
+                                  "encode")
+
+
+def _chunked_against_whole(module: Any, method: Any, x: Tensor, whole: Tensor, step: int, chunks: tuple[int, ...],
+                           tolerance: float, what: str) -> float:
+    """`method` on `x` in chunks of each size in `chunks` times `step` along the last axis (after
+    `reset()`) against `whole`, its one call: RuntimeError past `tolerance` of whole's largest value."""
+    if not bool(torch.isfinite(whole).all()):
+        raise RuntimeError(f"{what} returned NaN or infinity")
+    scale = max(float(whole.abs().max()), 1e-6)
+    worst = 0.0
+    with torch.no_grad():
         for size in chunks:
             module.reset()
-            step = size * hop
-            parts = [module.encode(x[..., i:i + step]) for i in range(0, x.shape[-1], step)]
+            parts = [method(x[..., i:i + size * step]) for i in range(0, x.shape[-1], size * step)]
             error = float((torch.cat(parts, dim=2) - whole).abs().max()) / scale
             worst = max(worst, error)
             if error > tolerance:
-                raise RuntimeError(f"streaming encode in chunks of {size} frames differs from one call "
-                                   f"by {error:.3g} of its largest value (tolerance {tolerance:g})")
+                raise RuntimeError(f"streaming {what} in chunks of {size} frames differs from one whole "
+                                   f"call by {error:.3g} of its largest value (tolerance {tolerance:g})")
         module.reset()
     return worst
 

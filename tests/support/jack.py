@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 
@@ -36,6 +37,7 @@ import numpy as np
 import pytest
 
 JACKD = shutil.which("jackd") or "/usr/bin/jackd"
+LOG_KEPT = 256 * 1024  # bytes of jackd's output kept for a failure's message
 
 
 def _die_with_parent() -> None:
@@ -95,6 +97,7 @@ class JackServer:
         self.period = period
         self.process: subprocess.Popen | None = None
         self._log = b""
+        self._reader: threading.Thread | None = None
         self._saved_env: dict[str, str | None] | None = None
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -113,6 +116,10 @@ class JackServer:
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, env=self.env(),
                                         preexec_fn=_die_with_parent)
+        # read what jackd prints as it prints it: a full pipe (it logs every xrun) would block the
+        # server in a write, and with it every client, minutes into a soak
+        self._reader = threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True)
+        self._reader.start()
         import jack
 
         deadline = time.monotonic() + timeout
@@ -133,6 +140,17 @@ class JackServer:
             jack.set_error_function(None)
         log = self.stop()
         raise RuntimeError(f"jackd -n {self.name} did not come up ({last_error}); its output:\n{log}")
+
+    def _drain(self, stream) -> None:
+        for line in iter(stream.readline, b""):
+            self._log = (self._log + line)[-LOG_KEPT:]
+
+    def _finish_log(self, proc: subprocess.Popen) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     def client(self, name: str):
         """A new, inactive jack.Client on this server (never starts another server)."""
@@ -176,9 +194,7 @@ class JackServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        if proc.stdout is not None:
-            self._log += proc.stdout.read() or b""
-            proc.stdout.close()
+        self._finish_log(proc)
         return self._log.decode(errors="replace")
 
     def kill(self) -> None:
@@ -188,9 +204,7 @@ class JackServer:
         if proc is not None:
             proc.kill()
             proc.wait(timeout=5)
-            if proc.stdout is not None:
-                self._log += proc.stdout.read() or b""
-                proc.stdout.close()
+            self._finish_log(proc)
 
     def __enter__(self) -> "JackServer":
         return self.start()
