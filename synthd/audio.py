@@ -21,10 +21,10 @@ import torch
 
 from synthd import dsp
 from synthd.engine import Engine
+from synthd.ringbuffer import RingBuffer
 
 if TYPE_CHECKING:
     from synthd.input import LiveInput
-from synthd.ringbuffer import RingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,12 @@ class LiveOutput:
         self.source = source
         self._feeder = None
         if source is not None:
+            if self.sample_rate != engine.sample_rate:
+                raise AudioError(f"audio input needs the output at the model's {engine.sample_rate} Hz; "
+                                 f"{self.device_name} plays {self.sample_rate} Hz")
             from synthd.input import InputFeeder  # the input module builds on this one
 
             self._feeder = InputFeeder(source, engine.block_frames)
-        if source is not None and self.sample_rate != engine.sample_rate:
-            raise AudioError(f"audio input needs the output at the model's {engine.sample_rate} Hz; "
-                             f"{self.device_name} plays {self.sample_rate} Hz")
         self._fade = dsp.Ramp(1.0)
         self._fading_out = False
         self._faded = threading.Event()
@@ -304,10 +304,7 @@ class LiveOutput:
         return True
 
     def _render_one(self, input: np.ndarray | None = None) -> None:
-        if self._feeder is not None:
-            block = self.engine.render(self.engine.block_frames, input)
-        else:
-            block = self.engine.render(self.engine.block_frames)
+        block = self.engine.render(self.engine.block_frames, input)
         if self._fading_out or self._fade.moving:
             block = block * self._fade.process(block.shape[0])[:, None].astype(np.float32)
             if self._fading_out and not self._fade.moving:
@@ -339,7 +336,7 @@ class LiveOutput:
         go, block = self._feeder.next_block(self._ring.fill, self.target_fill)
         if go:
             self._render_one(block)
-        elif not self.source.available() >= self.engine.block_frames:
+        elif self.source.available() < self.engine.block_frames:
             self._wake.wait(0.002)
             self._wake.clear()
 

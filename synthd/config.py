@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from synthd.patch import TomlError, TomlSource, TomlTable
+from synthd.patch import TomlError, TomlSource, TomlTable, parse_input_gain
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -114,14 +114,10 @@ class DaemonConfig:
             raise ConfigError(f"crossfade {self.crossfade} is outside 0..10 seconds")
         if not 1 <= self.input_channels <= 64:
             raise ConfigError(f"input_channels {self.input_channels} is outside 1..64")
-        if self.input_gain != "auto":
-            try:
-                gain = float(self.input_gain)
-            except ValueError:
-                raise ConfigError(f"input_gain {self.input_gain!r} is neither a number of dB nor \"auto\"") from None
-            if not -60.0 <= gain <= 40.0:
-                raise ConfigError(f"input_gain {gain} dB is outside -60..+40")
-            self.input_gain = gain
+        try:
+            self.input_gain = parse_input_gain(self.input_gain)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port {self.http_port} is not a TCP port")
         if self.http_token is not None and not 8 <= len(self.http_token) <= 256:

@@ -369,21 +369,18 @@ class ControlSurface:
                     self.engine.note_off(v, at=at)
             self._notify("gate", "gate", 1.0 if on else 0.0, origin)
 
-    INPUT_RANGES = {"gain_db": (-60.0, 40.0), "transpose": (-48.0, 48.0), "dry_wet": (0.0, 1.0),
-                    "gate_db": (-120.0, 0.0)}
-
     def set_input(self, key: str, value: float | str, label: str | None = None) -> None:
         """Change one `[input]` setting while playing (numbers clamped and counted, as controls are):
         gain_db, transpose, dry_wet, gate_db, pitch_source, or mode (of control `label`, or of all).
         ValueError when synthd has no input or the setting or value is not one."""
-        from synthd.patch import INPUT_MODES, PITCH_SOURCES
+        from synthd.patch import INPUT_MODES, INPUT_RANGES, PITCH_SOURCES
 
         with self._lock:
             if self.engine.input_settings is None:
                 raise ValueError("synthd plays without audio input (start it with --input)")
             current = self.patch.input
-            if key in self.INPUT_RANGES:
-                lo, hi = self.INPUT_RANGES[key]
+            if key in INPUT_RANGES:
+                lo, hi = INPUT_RANGES[key]
                 number = float(value)
                 if not math.isfinite(number):
                     raise ValueError(f"{key}: {value} is not a number")

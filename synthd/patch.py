@@ -177,6 +177,24 @@ class GateSettings:
 
 INPUT_MODES = ("follow", "offset", "knob", "scale")
 PITCH_SOURCES = ("input", "notes")
+# the numbers of [input]: (low, high), as a patch, OSC and --input-gain may set them
+INPUT_RANGES = {"gain_db": (-60.0, 40.0), "transpose": (-48.0, 48.0), "dry_wet": (0.0, 1.0),
+                "gate_db": (-120.0, 0.0)}
+
+
+def parse_input_gain(value: str | float | int) -> str | float:
+    """`--input-gain` (or the config's `input_gain`): dB within INPUT_RANGES["gain_db"], or "auto";
+    ValueError otherwise."""
+    if value == "auto":
+        return "auto"
+    try:
+        gain = float(value)
+    except ValueError:
+        raise ValueError(f"--input-gain {value!r} is neither a number of dB nor `auto`") from None
+    lo, hi = INPUT_RANGES["gain_db"]
+    if not (math.isfinite(gain) and lo <= gain <= hi):
+        raise ValueError(f"--input-gain {value} is outside {lo:+g}..{hi:+g} dB")
+    return gain
 
 
 @dataclass
@@ -486,10 +504,10 @@ def parse_patch(text: str, path: str | Path = "<patch>") -> Patch:
 
 
 def _read_input(t: TomlTable) -> InputSettings:
-    settings = InputSettings(gain_db=t.number("gain_db", 0.0, -60.0, 40.0), mode=t.get("mode", str, "offset"),
-                             transpose=t.number("transpose", 0.0, -48.0, 48.0),
-                             pitch_source=t.get("pitch_source", str, "input"), dry_wet=t.number("dry_wet", 1.0, 0.0, 1.0),
-                             gate_db=t.number("gate_db", -60.0, -120.0, 0.0))
+    defaults = InputSettings()
+    numbers = {key: t.number(key, getattr(defaults, key), lo, hi) for key, (lo, hi) in INPUT_RANGES.items()}
+    settings = InputSettings(mode=t.get("mode", str, "offset"), pitch_source=t.get("pitch_source", str, "input"),
+                             **numbers)
     if settings.mode not in INPUT_MODES:
         raise t.fail("mode", f"{settings.mode!r} is not one of {', '.join(INPUT_MODES)}")
     if settings.pitch_source not in PITCH_SOURCES:

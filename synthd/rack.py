@@ -93,8 +93,7 @@ class Rack:
         t0 = time.perf_counter()
         out = np.zeros((frames, self.channels))
         for layer in self.layers:
-            e = layer.engine
-            out += e.render(frames, input) if e.input_settings is not None else e.render(frames)
+            out += layer.engine.render(frames, input)
         out = out.astype(np.float32) if self.stage_deferred else self.stage.process(out)
         self.timer.add(time.perf_counter() - t0, frames)
         return out

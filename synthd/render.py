@@ -60,7 +60,8 @@ import torch
 from synthd.controls import ControlSurface, engine_for
 from synthd.midi import MidiRouter
 from synthd.model import ModelError, load_model
-from synthd.patch import PatchError, TomlError, TomlSource, TomlTable, default_patch, load_patch
+from synthd.patch import (PatchError, TomlError, TomlSource, TomlTable, default_patch, load_patch,
+                          parse_input_gain)
 
 log = logging.getLogger(__name__)
 
@@ -287,19 +288,6 @@ def _render(model_path: Path, out: Path, *, midi: Path | None, automation: Path 
     return {"seconds": written / OUT_RATE, "peak_dbfs": 20 * math.log10(max(peak, 1e-12)),
             "rms_dbfs": 20 * math.log10(max(rms, 1e-12)), "speed": speed, "events": float(len(cues)),
             "nan_blocks": float(engine.nan_blocks), "sysex": float(router.counters.sysex)}
-
-
-def parse_input_gain(text: str) -> str | float:
-    """`--input-gain`: dB within -60..+40, or "auto"; ValueError otherwise."""
-    if text == "auto":
-        return text
-    try:
-        gain = float(text)
-    except ValueError:
-        raise ValueError(f"--input-gain {text!r} is neither a number of dB nor `auto`") from None
-    if not (math.isfinite(gain) and -60.0 <= gain <= 40.0):
-        raise ValueError(f"--input-gain {text} is outside -60..+40 dB")
-    return gain
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -80,8 +80,9 @@ class InputPath:
         controls = self.model.controls
         self.modes = np.array([MODES[settings.mode_of(c.label, c.unit)] for c in controls])
         self.default = np.array([c.default for c in controls])
-        self.low = np.array([c.minimum for c in controls])
-        self.high = np.array([c.maximum for c in controls])
+        # scale mode: the knob's way from its default down to its minimum, or up to its maximum
+        self._below = np.maximum(self.default - np.array([c.minimum for c in controls]), 1e-9)
+        self._above = np.maximum(np.array([c.maximum for c in controls]) - self.default, 1e-9)
         pitched = [c.index for c in controls if c.unit == "midi"]
         self.pitch = pitched[0] if pitched else -1
         self.transpose = float(settings.transpose)
@@ -125,10 +126,8 @@ class InputPath:
         out[offset] += knob[offset] - self.default[offset]
         scale = self.modes == MODES["scale"]
         if scale.any():
-            below = np.maximum(self.default - self.low, 1e-9)
-            above = np.maximum(self.high - self.default, 1e-9)
             d = knob - self.default
-            factor = np.where(d <= 0, 1.0 + d / below, 1.0 + d / above)
+            factor = np.where(d <= 0, 1.0 + d / self._below, 1.0 + d / self._above)
             out[scale] = (self.default + (encoded - self.default) * factor)[scale]
         if self.pitch >= 0:
             if self.notes_override and note_held:

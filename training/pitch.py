@@ -132,7 +132,10 @@ class PitchTracker(nn.Module):
             padded = F.pad(x, (left, span))
         else:
             padded = F.pad(x[..., -left:], (0, span - left))
-        seg = padded.unfold(-1, span, self.hop)[:, :frames]
+        return self._estimate(padded.unfold(-1, span, self.hop)[:, :frames])
+
+    def _estimate(self, seg: Tensor) -> tuple[Tensor, Tensor]:
+        """f0 (Hz) and confidence of YIN spans `(batch, frames, span)`; silent spans get confidence 0."""
         f0, confidence = yin(seg, self.sample_rate, self.window, self.tau_min, self.tau_max, self.threshold,
                              self.n_fft)
         level = 10.0 * torch.log10(seg[..., :self.window].square().mean(-1) + 1e-20)
@@ -174,11 +177,7 @@ class PitchTracker(nn.Module):
         one call."""
         frames = x.shape[-1] // self.hop
         audio = torch.cat([state[0], x.reshape(x.shape[0], -1)[:, :frames * self.hop].float()], -1)
-        seg = audio.unfold(-1, self.span, self.hop)[:, :frames]
-        f0, confidence = yin(seg, self.sample_rate, self.window, self.tau_min, self.tau_max, self.threshold,
-                             self.n_fft)
-        level = 10.0 * torch.log10(seg[..., :self.window].square().mean(-1) + 1e-20)
-        confidence = confidence * ((level - self.silence_db) / self.silence_ramp_db).clamp(0.0, 1.0)
+        f0, confidence = self._estimate(audio.unfold(-1, self.span, self.hop)[:, :frames])
         # the last 4 frames of the previous call, then the new: the 5-frame median of each frame
         # whose 2 successors are known
         pitch = torch.cat([state[1], hz_to_midi(f0)], -1)
@@ -208,12 +207,9 @@ class PitchTracker(nn.Module):
     def _fill(self, pitch: Tensor, voiced: Tensor) -> Tensor:
         """Each unvoiced frame takes the last voiced frame's pitch (the first voiced one before it,
         `rest_pitch` in a row with none)."""
-        index = torch.arange(pitch.shape[-1], device=pitch.device).expand_as(pitch)
-        last = torch.cummax(torch.where(voiced, index, torch.full_like(index, -1)), -1).values
-        first = torch.argmax(voiced.to(torch.int8), -1, keepdim=True).expand_as(last)
-        source = torch.where(last >= 0, last, first)
-        filled = pitch.gather(-1, source)
-        return torch.where(voiced.any(-1, keepdim=True), filled, torch.full_like(filled, self.rest_pitch))
+        first = pitch.gather(-1, torch.argmax(voiced.to(torch.int8), -1, keepdim=True))
+        before = torch.where(voiced.any(-1, keepdim=True), first, torch.full_like(first, self.rest_pitch))
+        return self._fill_from(pitch, voiced, before)
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
