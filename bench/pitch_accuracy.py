@@ -36,7 +36,9 @@ from bench.train_quality import HeldOut, build_gm, latest  # noqa: E402
 from training.pitch import VOICED_THRESHOLD, PitchTracker  # noqa: E402
 
 HOLD_OUT_EVERY = 6
-RUNS = {"harmonic": "", "previous": "[model]\nharmonics = 0\n"}
+# harmonic: the defaults; previous: the decoder before the harmonic head; centred: the defaults with
+# the encoder's blocks centred (2 frames of look-ahead each, 6 in all), as before causal encoders
+RUNS = {"harmonic": "", "previous": "[model]\nharmonics = 0\n", "centred": "[model]\nencoder_causal = false\n"}
 
 
 @torch.no_grad()

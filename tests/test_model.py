@@ -69,6 +69,34 @@ def test_decoder_is_causal():
             assert not torch.allclose(out[..., k * 256:], base[..., k * 256:]), f"frame {k} changed nothing"
 
 
+@pytest.mark.parametrize("causal, ahead", [(True, 3), (False, 3 + 2 * 2)])
+def test_encoder_reads_exactly_its_look_ahead(causal, ahead):
+    """Frame t of the encoder depends on samples before (t + 1 + lookahead) * hop and on the last
+    of them: the look-ahead the model file states is the one it has (3 frames by default, its
+    analysis window's; centred blocks add kernel // 2 each)."""
+    model = tiny(encoder_blocks=2, encoder_causal=causal)
+    assert model.encoder.lookahead_frames == ahead
+    x = torch.randn(1, 1, 256 * 24)
+    t = 10
+    with torch.no_grad():
+        base = model.encode(x)[0]
+        later = x.clone()
+        later[..., (t + 1 + ahead) * 256:] += 1.0
+        assert torch.equal(model.encode(later)[0][..., :t + 1], base[..., :t + 1])
+        last = x.clone()
+        last[..., (t + 1 + ahead) * 256 - 64:(t + 1 + ahead) * 256] += 1.0  # the window's tail
+        assert not torch.equal(model.encode(last)[0][..., t], base[..., t])
+
+
+def test_a_checkpoint_from_before_causal_encoders_keeps_its_centred_blocks():
+    from training.config import checkpoint_config
+
+    old = checkpoint_config({"model": {"harmonics": 64}}, "old.pt")
+    assert old.model.encoder_causal is False
+    assert checkpoint_config({"model": {"encoder_causal": True}}, "new.pt").model.encoder_causal is True
+    assert ModelConfig().encoder_causal is True
+
+
 def test_latency_matches_the_reach_of_one_frame():
     model = tiny()
     assert model.latency_samples == ModelConfig().n_fft - ModelConfig().hop == 768

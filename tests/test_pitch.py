@@ -95,6 +95,22 @@ def test_tracker_in_chunks_equals_one_call_and_fills_gaps():
     assert torch.isfinite(whole).all() and 0.0 <= float(pitch.min()) and float(pitch.max()) <= 127.0
 
 
+def test_tracker_reads_three_frames_ahead_and_no_more():
+    """Frame t's pitch depends on samples up to (t + 4) * hop (its window's second half and the
+    octave check's next frame) and on none after: live input reaches the output 3 frames after it
+    arrives, as the model file says."""
+    tracker = PitchTracker()
+    assert tracker.lookahead_frames == 3
+    a, b = harmonic_note(57, 1.0), harmonic_note(64, 1.0)
+    t = 100
+    cut = (t + 1 + tracker.lookahead_frames) * 256
+    base = tracker(torch.from_numpy(a)[None, None])[0]
+    switched = tracker(torch.from_numpy(np.concatenate([a[:cut], b[cut:]]))[None, None])[0]
+    assert torch.equal(switched[:, :t + 1], base[:, :t + 1])
+    # the new note is read from its first whole window on
+    assert abs(float(switched[0, t + 6]) - 64.0) < 0.1
+
+
 def test_tracker_scripts_and_matches_itself():
     tracker = PitchTracker()
     with warnings.catch_warnings():
@@ -122,7 +138,7 @@ def test_decode_at_pitch_69_is_440_hz_and_encode_reads_it_back(tmp_path):
     pitch = meta["controls"][0]
     assert (pitch["label"], pitch["source"], pitch["unit"], pitch["min"], pitch["max"]) == ("pitch", "f0", "midi", 0, 127)
     assert meta["controls"][1]["label"] == "voicing"
-    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256, "encode_samples": 9 * 256}
+    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256, "encode_samples": 3 * 256}
     frames = 200
     u = torch.zeros(1, int(module.decode_params[0]), frames)
     u[:, 0], u[:, 1] = 69.0, 1.0

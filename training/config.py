@@ -371,8 +371,9 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
 
 def checkpoint_config(values: dict[str, Any], source: str) -> TrainConfig:
     """The config a checkpoint holds. One written before the harmonic head existed names no
-    `model.harmonics`: its decoder had none, which is 0, not today's default."""
-    model = {"harmonics": 0, **values.get("model", {})}
+    `model.harmonics`: its decoder had none, which is 0, not today's default; one written before
+    causal encoders names no `model.encoder_causal`: its encoder's blocks were centred."""
+    model = {"harmonics": 0, "encoder_causal": False, **values.get("model", {})}
     return config_from_dict({**values, "model": model}, source)
 
 

@@ -8,11 +8,12 @@ decoder's pitch inputs per latent frame: pitch in MIDI note units and a voicing 
 
 Frame convention: value `t` describes the signal at sample `(t + 1) * hop`, the end of output
 block `t`, because the decoder's harmonic path glides from frame `t - 1`'s pitch to frame `t`'s
-across that block. The YIN window is centred there (so the tracker looks `window / 2` samples
-ahead, as the encoder does).
+across that block. The YIN window is centred there and compared with the signal before it (lags
+reach back, not ahead), so the tracker looks only `window / 2` samples ahead: live input reaches
+the output sooner than with lags that reach forward.
 
 Clean-up, so that a phase accumulator driven by the result never jumps: octave errors (a frame
-12 semitones off the 5-frame median of its neighbourhood) are snapped back, and unvoiced frames
+12 semitones off the 3-frame median of its neighbourhood) are snapped back, and unvoiced frames
 hold the pitch of the last voiced frame (the first voiced one before any; `rest_pitch` where the
 call has none). Voicing stays the raw confidence: the decoder gates its harmonics with it.
 """
@@ -35,6 +36,9 @@ VOICED_THRESHOLD = 0.5
 SILENCE_DB = -70.0
 SILENCE_RAMP_DB = 10.0
 REST_PITCH = 60.0
+# frames either side of the median the octave check compares with: each frame of look-ahead here
+# is a frame of latency for live input
+OCTAVE_REACH = 1
 
 
 def correlation_size(span: int, window: int) -> int:
@@ -92,7 +96,8 @@ class PitchTracker(nn.Module):
     (zero beyond them). Scriptable; no parameters."""
 
     __constants__ = ["sample_rate", "hop", "window", "tau_min", "tau_max", "span", "n_fft", "threshold",
-                     "voiced_threshold", "rest_pitch", "silence_db", "silence_ramp_db", "yin_lag", "history"]
+                     "voiced_threshold", "rest_pitch", "silence_db", "silence_ramp_db", "yin_lag", "history",
+                     "before", "reach"]
 
     def __init__(self, sample_rate: int = 48000, hop: int = 256) -> None:
         super().__init__()
@@ -103,11 +108,15 @@ class PitchTracker(nn.Module):
         self.n_fft = correlation_size(self.span, self.window)
         self.threshold, self.voiced_threshold, self.rest_pitch = YIN_THRESHOLD, VOICED_THRESHOLD, REST_PITCH
         self.silence_db, self.silence_ramp_db = SILENCE_DB, SILENCE_RAMP_DB
-        # streaming: frame t's span starts at (t + 1) * hop - window / 2, so it is complete
-        # `yin_lag` frames after block t arrived; `history` samples before a call's new block
-        # are kept for it
-        self.yin_lag = -(-(self.span - self.window // 2) // hop)
-        self.history = (self.yin_lag - 1) * hop + self.window // 2
+        self.reach = OCTAVE_REACH
+        # frame t's span ends at (t + 1) * hop + window / 2, the end of its YIN window: it starts
+        # `before` samples before block t, and streaming has it `yin_lag` frames after block t
+        # arrived, keeping `history` samples before a call's new blocks for it
+        self.before = self.span - self.window // 2 - hop
+        if self.before < 0:
+            raise ValueError(f"a hop of {hop} is longer than the YIN span allows")
+        self.yin_lag = -(-(self.window // 2) // hop)
+        self.history = self.before + self.yin_lag * hop
 
     @torch.jit.unused
     def parameters_dict(self) -> dict[str, object]:
@@ -115,27 +124,24 @@ class PitchTracker(nn.Module):
         return {"estimator": "yin (synthd, torch)", "f0_min_hz": F0_MIN_HZ, "f0_max_hz": F0_MAX_HZ,
                 "window": YIN_WINDOW, "threshold": YIN_THRESHOLD, "voiced_threshold": VOICED_THRESHOLD,
                 "silence_dbfs": SILENCE_DB, "frame": "value t at sample (t + 1) * hop",
-                "unvoiced": "holds the last voiced pitch", "octave_fix": "snapped to the 5-frame median",
+                "lags": "backward from the window", "unvoiced": "holds the last voiced pitch",
+                "octave_fix": f"snapped to the {2 * OCTAVE_REACH + 1}-frame median",
                 "hop": self.hop, "sample_rate": self.sample_rate}
 
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unprocessed f0 (Hz) and confidence per frame, `(batch, frames)`, from `x`
         `(batch, samples)`; silent frames get confidence 0."""
         frames = x.shape[-1] // self.hop
-        span = self.span
-        # centre the YIN window (the head and its first lags) on sample (t + 1) * hop
-        left = self.window // 2 - self.hop
         # float32: within 2e-5 semitones and 5e-7 of voicing of float64 on tones, glides and
         # noise, at a third of the time
-        x = x.float()
-        if left >= 0:
-            padded = F.pad(x, (left, span))
-        else:
-            padded = F.pad(x[..., -left:], (0, span - left))
-        return self._estimate(padded.unfold(-1, span, self.hop)[:, :frames])
+        padded = F.pad(x.float(), (self.before, self.window // 2))
+        return self._estimate(padded.unfold(-1, self.span, self.hop)[:, :frames])
 
     def _estimate(self, seg: Tensor) -> tuple[Tensor, Tensor]:
-        """f0 (Hz) and confidence of YIN spans `(batch, frames, span)`; silent spans get confidence 0."""
+        """f0 (Hz) and confidence of YIN spans `(batch, frames, span)` whose window is their last
+        `window` samples; silent spans get confidence 0."""
+        # reversed, the window comes first and the lags reach back in time
+        seg = seg.flip(-1)
         f0, confidence = yin(seg, self.sample_rate, self.window, self.tau_min, self.tau_max, self.threshold,
                              self.n_fft)
         level = 10.0 * torch.log10(seg[..., :self.window].square().mean(-1) + 1e-20)
@@ -147,8 +153,10 @@ class PitchTracker(nn.Module):
         pitch = hz_to_midi(f0)
         voiced = confidence > self.voiced_threshold
         filled = self._fill(pitch, voiced)
-        if pitch.shape[-1] >= 3:
-            median = F.pad(filled.unsqueeze(1), (2, 2), mode="replicate").squeeze(1).unfold(-1, 5, 1).median(-1).values
+        reach = self.reach
+        if pitch.shape[-1] >= 2 * reach + 1:
+            median = F.pad(filled.unsqueeze(1), (reach, reach), mode="replicate").squeeze(1)
+            median = median.unfold(-1, 2 * reach + 1, 1).median(-1).values
             octaves = torch.round((pitch - median) / 12.0)
             off = (octaves != 0) & ((pitch - median - 12.0 * octaves).abs() < 1.0)
             pitch = torch.where(off, pitch - 12.0 * octaves, pitch)
@@ -158,15 +166,17 @@ class PitchTracker(nn.Module):
     @property
     def lookahead_frames(self) -> int:
         """Streaming gives frame t this many frames after its own block arrived: the YIN span's
-        reach and the octave check's two frames."""
-        return self.yin_lag + 2
+        reach past its window's centre and the octave check's `reach` frames."""
+        return self.yin_lag + self.reach
 
     def initial_state(self, batch: int) -> list[Tensor]:
-        """The start of a stream: silence before it, four unvoiced frames, `rest_pitch` held (the
-        last voiced pitch before and after the octave check), the count of frames received."""
+        """The start of a stream: silence before it, the octave check's `2 * reach` unvoiced frames,
+        `rest_pitch` held (the last voiced pitch before and after the octave check), the count of
+        frames received."""
         rest = torch.full((batch, 1), self.rest_pitch)
-        return [torch.zeros(batch, self.history), torch.full((batch, 4), self.rest_pitch), torch.zeros(batch, 4),
-                rest, rest.clone(), torch.zeros(1, dtype=torch.long)]
+        kept = 2 * self.reach
+        return [torch.zeros(batch, self.history), torch.full((batch, kept), self.rest_pitch),
+                torch.zeros(batch, kept), rest, rest.clone(), torch.zeros(1, dtype=torch.long)]
 
     def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Streaming: `x` `(batch, 1, samples)` continuing the stream of `state` -> `(batch, 2,
@@ -178,19 +188,20 @@ class PitchTracker(nn.Module):
         frames = x.shape[-1] // self.hop
         audio = torch.cat([state[0], x.reshape(x.shape[0], -1)[:, :frames * self.hop].float()], -1)
         f0, confidence = self._estimate(audio.unfold(-1, self.span, self.hop)[:, :frames])
-        # the last 4 frames of the previous call, then the new: the 5-frame median of each frame
-        # whose 2 successors are known
+        # the last 2 * reach frames of the previous call, then the new: the median of each frame
+        # whose `reach` successors are known
+        reach = self.reach
         pitch = torch.cat([state[1], hz_to_midi(f0)], -1)
         confidence = torch.cat([state[2], confidence], -1)
         voiced = confidence > self.voiced_threshold
         filled = self._fill_from(pitch, voiced, state[3])
-        median = filled.unfold(-1, 5, 1).median(-1).values
-        centre = pitch[:, 2:2 + frames]
+        median = filled.unfold(-1, 2 * reach + 1, 1).median(-1).values
+        centre = pitch[:, reach:reach + frames]
         octaves = torch.round((centre - median) / 12.0)
         off = (octaves != 0) & ((centre - median - 12.0 * octaves).abs() < 1.0)
         centre = torch.where(off, centre - 12.0 * octaves, centre)
-        fixed = self._fill_from(centre, voiced[:, 2:2 + frames], state[4])
-        out = torch.stack([fixed.clamp(0.0, 127.0), confidence[:, 2:2 + frames]], 1)
+        fixed = self._fill_from(centre, voiced[:, reach:reach + frames], state[4])
+        out = torch.stack([fixed.clamp(0.0, 127.0), confidence[:, reach:reach + frames]], 1)
         new_state = [audio[:, audio.shape[1] - self.history:], pitch[:, frames:], confidence[:, frames:],
                      filled[:, frames - 1:frames] if frames > 0 else state[3],
                      fixed[:, frames - 1:frames] if frames > 0 else state[4], state[5] + frames]
@@ -223,22 +234,14 @@ def track_long(tracker: PitchTracker, x: Tensor, chunk_frames: int = 2048) -> Te
     hop = tracker.hop
     frames = x.shape[-1] // hop
     f0s, confs = [], []
-    reach = tracker.window + tracker.tau_max + 1 + tracker.window  # samples past a chunk its frames read
+    padded = F.pad(x.float(), (tracker.before, tracker.window // 2))
     with torch.no_grad():
-        for start in range(0, max(frames, 1), chunk_frames):
+        for start in range(0, frames, chunk_frames):
             count = min(chunk_frames, frames - start)
-            if count <= 0:
-                break
-            lo = start * hop
-            piece = x[lo:lo + count * hop + reach]
-            # the first frame of a chunk reads window/2 - hop samples before it
-            left = max(0, tracker.window // 2 - hop)
-            before = x[max(0, lo - left):lo]
-            piece = torch.cat([before.new_zeros(left - before.shape[-1]), before, piece])
-            f0, conf = tracker.raw(piece[None])
-            skip = left // hop
-            f0s.append(f0[:, skip:skip + count])
-            confs.append(conf[:, skip:skip + count])
+            piece = padded[start * hop:(start + count - 1) * hop + tracker.span]
+            f0, conf = tracker._estimate(piece[None].unfold(-1, tracker.span, hop))
+            f0s.append(f0)
+            confs.append(conf)
         if not f0s:
             return torch.zeros(2, 0)
         return tracker.finish(torch.cat(f0s, -1), torch.cat(confs, -1))[0]
