@@ -153,6 +153,19 @@ def test_a_set_prepared_differently_is_refused(grown, tmp_path):
     assert "-23.0" in result.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_set_tracked_by_an_earlier_pitch_tracker_still_grows_a_run(grown, tmp_path):
+    # an earlier version's tracker (forward lags, a 5-frame octave median) in the set's manifest:
+    # no prepare option chooses it and training tracks every crop itself, so the run still grows
+    other = tmp_path / "earlier-tracker"
+    shutil.copytree(grown["grown_set"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    pitch = manifest["preprocessing"]["pitch"]
+    pitch.pop("lags")
+    pitch["octave_fix"] = "snapped to the 5-frame median"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    _ok("train", str(other), str(tmp_path / "run"), "--from", str(grown["old"]), "--steps", "1")
+
+
 def test_a_set_that_lost_every_old_file_is_a_new_run(grown, tmp_path):
     _ok("demo-data", str(tmp_path / "others"), "--count", "4", "--seed", "7")
     _ok("prepare", str(tmp_path / "others"), str(tmp_path / "set"))

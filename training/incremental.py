@@ -36,9 +36,11 @@ if TYPE_CHECKING:
     from training.dataset import PreparedFile, PreparedSet
 
 # the preprocessing parameters that decide what samples the model hears; the set gain itself is
-# not among them: prepare sets it from the median of the files, so it moves when the set grows
+# not among them: prepare sets it from the median of the files, so it moves when the set grows.
+# Nor is the pitch tracker: no option of prepare chooses it, and training tracks every crop with
+# the tracker of the code that trains, so a set tracked by an earlier version still grows a run.
 PREPROCESSING_KEYS = ("sample_rate", "target_lufs", "peak_ceiling_dbfs", "channels", "downmix", "resampler",
-                      "resample_quality", "dtype", "pipeline_version", "pitch")
+                      "resample_quality", "dtype", "pipeline_version")
 # a run whose old-file validation distance rises more than this above where it started is told
 FORGETTING_TOLERANCE = 0.05
 LISTED = 8   # files named in the report before "and N more"
