@@ -295,8 +295,11 @@ def test_interrupted_run_leaves_the_previous_set_readable(tmp_path: Path) -> Non
     for i in range(30):  # slow enough to interrupt: 44.1 kHz files need resampling
         af.write(src / f"more/m_{i:02d}.wav", af.tone(100.0 + 13 * i, 1.0, rate=44100), rate=44100)
     for sig in (signal.SIGKILL, signal.SIGINT):
+        # SIGINT as a terminal's Ctrl-C delivers it: a job a shell started in the background
+        # ignores SIGINT, and the children of such a test run would inherit that
         proc = subprocess.Popen([sys.executable, "-m", "training", "prepare", str(src), str(out)],
-                                cwd=af.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=af.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert "prepare: 1/33" in proc.stderr.readline()  # the run is under way
         proc.send_signal(sig)
         proc.communicate(timeout=60)
