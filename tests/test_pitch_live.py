@@ -52,6 +52,16 @@ def pitch_between(x: np.ndarray, start: float, stop: float) -> np.ndarray:
     return frames[0][clean].numpy()
 
 
+def assert_in_tune(pitch: np.ndarray, note: float) -> None:
+    """Nine frames in ten of `pitch` (MIDI) within 5 cents of `note`: a period the dummy server
+    drops can leave a frame confidently voiced at a wrong pitch (a 440 Hz sine with one period
+    cut out: 4 trials in 10 read a voiced frame 5 cents off or more), and synthd out of tune would
+    be off on every frame."""
+    cents = np.abs((pitch - note) * 100)
+    assert np.percentile(cents, 90) < 5.0, f"{note}: read {np.median(cents):.2f} cents off (90 % within " \
+        f"{np.percentile(cents, 90):.2f}, worst {cents.max():.2f})"
+
+
 def test_a_played_a4_is_440_hz_and_bends_by_the_patch_range(jack_server, synthd, midi_out):  # noqa: F811
     # the patch maps `pitch` through a curve and a range, and note_low/high would scale a learned
     # control: a pitch input in MIDI units ignores all of that and plays the note itself
@@ -61,11 +71,8 @@ def test_a_played_a4_is_440_hz_and_bends_by_the_patch_range(jack_server, synthd,
         (1.8, lambda: midi_out.send_message([0x80, 69, 0])),
     ])
     assert rms_db(x[:int(0.25 * RATE)]) < -80  # the gate starts closed
-    a4 = pitch_between(x, 0.45, 0.95)
-    cents = (a4 - 69.0) * 100
-    assert np.abs(cents).max() < 5.0, f"A4 read {np.median(cents):+.2f} cents (worst {np.abs(cents).max():.2f})"
-    bent = pitch_between(x, 1.15, 1.75)
-    assert np.abs((bent - 71.0) * 100).max() < 5.0
+    assert_in_tune(pitch_between(x, 0.45, 0.95), 69.0)
+    assert_in_tune(pitch_between(x, 1.15, 1.75), 71.0)  # bent
     assert rms_db(x[int(2.0 * RATE):]) < -80  # released
 
 
