@@ -132,10 +132,14 @@ class PitchTracker(nn.Module):
         """Unprocessed f0 (Hz) and confidence per frame, `(batch, frames)`, from `x`
         `(batch, samples)`; silent frames get confidence 0."""
         frames = x.shape[-1] // self.hop
+        return self._estimate(self.pad(x).unfold(-1, self.span, self.hop)[:, :frames])
+
+    def pad(self, x: Tensor) -> Tensor:
+        """`x` `(..., samples)` as float32 with the zeros either side that its frames' spans read:
+        frame t's span is then samples t * hop .. t * hop + span of the result."""
         # float32: within 2e-5 semitones and 5e-7 of voicing of float64 on tones, glides and
         # noise, at a third of the time
-        padded = F.pad(x.float(), (self.before, self.window // 2))
-        return self._estimate(padded.unfold(-1, self.span, self.hop)[:, :frames])
+        return F.pad(x.float(), (self.before, self.window // 2))
 
     def _estimate(self, seg: Tensor) -> tuple[Tensor, Tensor]:
         """f0 (Hz) and confidence of YIN spans `(batch, frames, span)` whose window is their last
@@ -155,11 +159,8 @@ class PitchTracker(nn.Module):
         filled = self._fill(pitch, voiced)
         reach = self.reach
         if pitch.shape[-1] >= 2 * reach + 1:
-            median = F.pad(filled.unsqueeze(1), (reach, reach), mode="replicate").squeeze(1)
-            median = median.unfold(-1, 2 * reach + 1, 1).median(-1).values
-            octaves = torch.round((pitch - median) / 12.0)
-            off = (octaves != 0) & ((pitch - median - 12.0 * octaves).abs() < 1.0)
-            pitch = torch.where(off, pitch - 12.0 * octaves, pitch)
+            padded = F.pad(filled.unsqueeze(1), (reach, reach), mode="replicate").squeeze(1)
+            pitch = self._snap_octaves(pitch, padded.unfold(-1, 2 * reach + 1, 1).median(-1).values)
             filled = self._fill(pitch, voiced)
         return torch.stack([filled.clamp(0.0, 127.0), confidence], 1).float()
 
@@ -196,16 +197,20 @@ class PitchTracker(nn.Module):
         voiced = confidence > self.voiced_threshold
         filled = self._fill_from(pitch, voiced, state[3])
         median = filled.unfold(-1, 2 * reach + 1, 1).median(-1).values
-        centre = pitch[:, reach:reach + frames]
-        octaves = torch.round((centre - median) / 12.0)
-        off = (octaves != 0) & ((centre - median - 12.0 * octaves).abs() < 1.0)
-        centre = torch.where(off, centre - 12.0 * octaves, centre)
+        centre = self._snap_octaves(pitch[:, reach:reach + frames], median)
         fixed = self._fill_from(centre, voiced[:, reach:reach + frames], state[4])
         out = torch.stack([fixed.clamp(0.0, 127.0), confidence[:, reach:reach + frames]], 1)
         new_state = [audio[:, audio.shape[1] - self.history:], pitch[:, frames:], confidence[:, frames:],
                      filled[:, frames - 1:frames] if frames > 0 else state[3],
                      fixed[:, frames - 1:frames] if frames > 0 else state[4], state[5] + frames]
         return out, new_state
+
+    def _snap_octaves(self, pitch: Tensor, median: Tensor) -> Tensor:
+        """`pitch` with each frame a whole number of octaves (within a semitone) off `median`
+        moved back onto it."""
+        octaves = torch.round((pitch - median) / 12.0)
+        off = (octaves != 0) & ((pitch - median - 12.0 * octaves).abs() < 1.0)
+        return torch.where(off, pitch - 12.0 * octaves, pitch)
 
     def _fill_from(self, pitch: Tensor, voiced: Tensor, before: Tensor) -> Tensor:
         """Each unvoiced frame of `pitch` `(batch, frames)` takes the last voiced frame's pitch, or
@@ -234,7 +239,7 @@ def track_long(tracker: PitchTracker, x: Tensor, chunk_frames: int = 2048) -> Te
     hop = tracker.hop
     frames = x.shape[-1] // hop
     f0s, confs = [], []
-    padded = F.pad(x.float(), (tracker.before, tracker.window // 2))
+    padded = tracker.pad(x)
     with torch.no_grad():
         for start in range(0, frames, chunk_frames):
             count = min(chunk_frames, frames - start)
