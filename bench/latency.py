@@ -18,8 +18,9 @@ constant |x| makes the change visible at the exact sample. Target: <= 15 ms in a
 A fourth series plays a model with a pitch input (8 voices, the tests' pitched model: a sine
 at the pitch) and times a note-on in a busy chord: seven low notes held, then a high note
 (C7), whose onset is read after a zero-phase high-pass that leaves the chord out. A voice's
-envelope acts before the ring (it must wait for the frame that carries its pitch), so this
-path is the control step's plus up to one latent frame. Target: <= 15 ms too.
+envelope acts before the ring, so this path is the control step's: the voice restarts on the
+frame that carries its pitch and its envelope opens at the note (a model file without
+`restart` waits for the end of that frame). Target: <= 15 ms too.
 
 With `--input`, the script times audio input instead (`synthd run --input virtual --channels
 1`): a JACK client of its own plays a tone burst into synthd's input port, and a recorder

@@ -13,7 +13,7 @@ import math
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import soxr
@@ -116,6 +116,9 @@ class LiveOutput:
             from synthd.input import InputFeeder  # the input module builds on this one
 
             self._feeder = InputFeeder(source, engine.block_frames)
+        # called on the render thread just before each block (MIDI input hands over what has
+        # arrived, so it plays in this block); each must return quickly and never wait
+        self.before_render: list[Callable[[], object]] = []
         self._fade = dsp.Ramp(1.0)
         self._fading_out = False
         self._faded = threading.Event()
@@ -304,6 +307,11 @@ class LiveOutput:
         return True
 
     def _render_one(self, input: np.ndarray | None = None) -> None:
+        for hook in self.before_render:
+            try:
+                hook()
+            except Exception:  # a hook never stops the sound
+                log.debug("render hook %r failed", hook, exc_info=True)
         block = self.engine.render(self.engine.block_frames, input)
         if self._fading_out or self._fade.moving:
             block = block * self._fade.process(block.shape[0])[:, None].astype(np.float32)

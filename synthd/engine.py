@@ -225,6 +225,7 @@ class _Instance:
                            if model.sample_rate != engine_rate else None)
         self._pending = np.zeros((0, voices, model.channels), dtype=np.float32)
         self._z = np.zeros((voices, model.latent_size, frames_per_call), dtype=np.float32)
+        self.fresh = np.zeros(voices, dtype=bool)  # voices whose stream starts afresh on the next call
 
     @property
     def pending(self) -> int:
@@ -247,9 +248,11 @@ class _Instance:
         self.target[voice, index] = value
         self._step[voice, index] = (value - self.value[voice, index]) / frames
 
-    def start_note(self, voice: int, values: dict[int, float], glide_frames: float) -> None:
+    def start_note(self, voice: int, values: dict[int, float], glide_frames: float, fresh: bool = False) -> None:
         """A new note on `voice`: the last note's own values go back to the shared ones, and
-        `values` (index -> model units) become its own."""
+        `values` (index -> model units) become its own. With `fresh`, the voice's decode stream
+        starts afresh on the next call (the model's `restart`): silent voices only."""
+        self.fresh[voice] |= fresh
         own = self.own[voice]
         if own.any():
             self.target[voice, own] = self.shared[own]
@@ -281,7 +284,7 @@ class _Instance:
             encoded, gate = self.input.encode() if self.input is not None else (None, None)
             for j in range(self.frames_per_call):
                 if engine._active is self:
-                    engine._apply_latent_events(self, frame_start + (j + 1) * self.frame_len)
+                    engine._apply_latent_events(self, frame_start + (j + 1) * self.frame_len, first=j == 0)
                 self._advance()
                 if self.input is None:
                     self._z[:, :, j] = self.value
@@ -294,7 +297,8 @@ class _Instance:
                 chunk = np.zeros((self.frames_per_call * self.model.hop, self._z.shape[0] * self.model.channels),
                                  dtype=np.float32)
             else:
-                chunk = engine._decode(self.model, self._z)
+                chunk = engine._decode(self.model, self._z, self.fresh if self.fresh.any() else None)
+                self.fresh[:] = False
             if gate is not None:
                 chunk *= gate[:, None].astype(np.float32)
             if self._resampler is not None:
@@ -314,8 +318,10 @@ class Engine:
     With one voice the engine plays the model as one instrument whose gate acts in the output
     stage (within one device period, live). With several, each voice is a note: its own latent
     row in one batched decode per block (batch = voices), its own envelope applied before the
-    mix; a note's envelope opens at the end of the latent frame that carries its pitch, so the
-    note starts at its pitch, and a block in which no voice sounds is not decoded at all.
+    mix. A note starts at its pitch: with a model that can restart one voice's stream, its voice
+    starts afresh on the frame that carries the pitch and its envelope opens at the note's time;
+    without, the envelope opens once that frame has played. A block in which no voice sounds is
+    not decoded at all.
     """
 
     def __init__(self, model: Model, *, channels: int = 2, block_frames: int = 256,
@@ -449,7 +455,8 @@ class Engine:
                 steal: bool = False, at: int | None = None) -> None:
         """Start a note on `voice`: its own latent values `values` (index -> model units, e.g. its
         pitch) reach the decoder on the frame that contains `at`, and its envelope opens to
-        `velocity` (0..1) at the end of that frame. With `steal`, the voice is still sounding
+        `velocity` (0..1) at `at` (with a model that can restart a voice) or at the end of that
+        frame (without: see `_apply_latent_events`). With `steal`, the voice is still sounding
         another note: it fades out over STEAL_S first, then plays the new one."""
         if not 0 <= voice < self.voices or self.voices == 1:
             raise ValueError(f"voice {voice} is outside 0..{self.voices - 1} (note_on needs several voices)")
@@ -587,13 +594,21 @@ class Engine:
         frames = max(0.0, math.ceil((at - first) / instance.frame_len - 1e-9))
         return int(math.ceil(first + frames * instance.frame_len))
 
-    def _apply_latent_events(self, instance: _Instance, until: float) -> None:
-        """Apply latent and note events dated before `until` (the end of the frame being built) to
-        the active instance (older generations' events are stale).
+    def _apply_latent_events(self, instance: _Instance, until: float, first: bool = True) -> None:
+        """Apply latent and note events dated before `until` (the end of the frame being built;
+        `first`: the first frame of its decode call) to the active instance (older generations'
+        events are stale).
 
-        A note's envelope opens at `until`, when the frame carrying its pitch has played. Of the
-        notes a voice gets within one frame only the last is heard (a flood of notes costs one
-        envelope event per voice and frame); a release that follows it in the same frame waits
+        A note starts at its pitch. With a model that can start one voice afresh (`restart`), the
+        voice's stream restarts on this frame, which then plays the note's pitch from its first
+        sample, and its envelope opens at the note's own time; the voice is silent before it (a
+        free voice, or a stolen one whose fade is over). Without, the envelope opens at `until`,
+        when the frame carrying the pitch (across which the voice glides from its last note) has
+        played. A stolen voice restarts only on a call's first frame: a restart acts on a whole
+        call, and the frames before the note in it still play the old note's fade.
+
+        Of the notes a voice gets within one frame only the last is heard (a flood of notes costs
+        one envelope event per voice and frame); a release that follows it in the same frame waits
         one frame more, so even the shortest note sounds.
         """
         events = self._latent_events
@@ -609,14 +624,19 @@ class Engine:
             note, _ = last.get(voice, (None, None))
             last[voice] = (ev, None) if ev.kind == "note" else (note, ev)  # "off" or "cut"
         at = int(math.ceil(until))
+        frame_start = int(math.ceil(until - instance.frame_len))
         for voice, (note, off) in last.items():
             if note is not None:
+                opens = at
                 # a note outlives a model swap (its envelope); its values do not, as their indices
                 # are the old model's: the control surface sends them again for the new one
                 if note.args[0] == instance.generation:
-                    _, _, _, values, glide_frames, _ = note.args
-                    instance.start_note(voice, values, glide_frames)
-                self._note_events.push(_Event(at, note.seq, "note", (voice, note.args[2])))
+                    _, _, _, values, glide_frames, stolen = note.args
+                    fresh = self.voices > 1 and instance.model.restartable and (first or not stolen)
+                    instance.start_note(voice, values, glide_frames, fresh)
+                    if fresh:
+                        opens = max(frame_start, note.at)
+                self._note_events.push(_Event(opens, note.seq, "note", (voice, note.args[2])))
             if off is not None:  # never lost, or a note would hang
                 later = int(math.ceil(instance.frame_len)) if note is not None else 0
                 kind = "fade" if off.kind == "cut" else "off"
@@ -706,9 +726,9 @@ class Engine:
             return int(self._gate_on)
         return sum(env.sounding for env in self._envelopes)
 
-    def _decode(self, model: Model, z: np.ndarray) -> np.ndarray:
+    def _decode(self, model: Model, z: np.ndarray, fresh: np.ndarray | None = None) -> np.ndarray:
         """Decode latents (voices, latent_size, frames) -> (frames * hop, voices * channels) float32,
-        each voice's channels side by side.
+        each voice's channels side by side; the voices `fresh` marks (voices,) start afresh first.
 
         A block with NaN/Inf (or a decode that raises) becomes silence, is counted, and the
         model's state is reset so that one bad block does not poison the ones after it.
@@ -716,6 +736,8 @@ class Engine:
         batch = z.shape[0]
         expected = z.shape[2] * model.hop
         try:
+            if fresh is not None:
+                model.restart(fresh)
             with torch.inference_mode():
                 y = model.module.decode(torch.from_numpy(z))
             ok = tuple(y.shape) == (batch, model.channels, expected)

@@ -33,6 +33,9 @@ PORT_NAME = "midi_in"
 # rtmidi's queue between its JACK thread and our reader: room for 8192 messages between two drains
 QUEUE_SIZE = 8192
 POLL_INTERVAL_S = 0.001
+# messages the render thread takes from rtmidi's queue before each block (see `MidiInput.drain`):
+# a chord's worth, so a flood leaves its rest to the reader instead of delaying the block
+RENDER_DRAIN_LIMIT = 32
 RESCAN_S = 1.0  # how often a port found by name is looked for
 CLOSE_TIMEOUT_S = 1.0  # closing a client of a JACK server that died can block
 
@@ -202,6 +205,7 @@ class MidiInput:
             self._port.delete()
             raise
         self._stop = threading.Event()
+        self._port_lock = threading.Lock()  # one reader of rtmidi's queue at a time; the port stays open
         self._thread = threading.Thread(target=self._poll, name="synthd-midi", daemon=True)
         self._thread.start()
 
@@ -229,12 +233,44 @@ class MidiInput:
 
         next_scan = time.monotonic() + RESCAN_S
         while not self._stop.is_set():
-            while (event := self._port.get_message()) is not None:
-                self._handle(event[0])
+            self.drain()
             if self.spec != VIRTUAL and time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + RESCAN_S
-                self._rescan()
+                with self._port_lock:
+                    self._rescan()
             self._stop.wait(POLL_INTERVAL_S)
+
+    def drain(self, limit: int | None = None, *, wait: bool = True) -> int:
+        """Hand the messages waiting in rtmidi's queue to the router now (at most `limit`); how
+        many. The render thread calls it without `wait` just before each block, so a note that
+        reached the port by then plays in that block rather than the next (the reader's poll
+        would come up to a millisecond later, after the block began). Without `wait` it does
+        nothing when the reader or a control surface is busy (a model swap, a preset being
+        written): the render thread never waits for them, and the reader takes the message."""
+        if not self._port_lock.acquire(blocking=wait):
+            return 0
+        held: list[threading.RLock] = []
+        try:
+            if not wait:
+                for surface in self.router.surfaces:
+                    if not surface.lock.acquire(blocking=False):
+                        return 0
+                    held.append(surface.lock)
+            count = 0
+            while not self._closed and (limit is None or count < limit):
+                event = self._port.get_message()
+                if event is None:
+                    break
+                self._handle(event[0])
+                count += 1
+            return count
+        except Exception:  # a port closing under us: the reader counts and reconnects
+            log.debug("MIDI drain failed", exc_info=True)
+            return 0
+        finally:
+            for lock in reversed(held):
+                lock.release()
+            self._port_lock.release()
 
     def _rescan(self) -> None:
         try:
@@ -270,7 +306,8 @@ class MidiInput:
         """Stop the reader and close the port, within CLOSE_TIMEOUT_S (else `abandoned`)."""
         if self._closed:
             return
-        self._closed = True
+        with self._port_lock:  # a drain under way finishes first; none starts after
+            self._closed = True
         self._stop.set()
         self._thread.join(timeout=2.0)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,15 @@ RECOVERY_FRAMES = 64
 
 class ModelError(Exception):
     """A model file that cannot be played; the message names the file and the fault."""
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why a model file's code failed: TorchScript puts its own heading and a
+    traceback before the error the file raised, which comes last."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith("The following operation failed in the TorchScript") else lines[0]
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class Model:
     metadata: dict[str, Any] = field(default_factory=dict)
     # the file's bytes as loaded: a file without `reset()` (a RAVE export) is reset by reloading them
     source: bytes = field(default=b"", repr=False)
+    # the file's `restart(rows)` starts single voices afresh (ours since voices; found by the probe)
+    restartable: bool = False
 
     @property
     def encode_lag_samples(self) -> int | None:
@@ -92,8 +104,7 @@ class Model:
             with torch.inference_mode():
                 out = self.module.encode(torch.zeros(1, in_channels, 2 * self.hop))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.path}: encode fails on two frames of silence: {first}") from None
+            raise ModelError(f"{self.path}: encode fails on two frames of silence: {reason(exc)}") from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, self.latent_size, 2):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(f"{self.path}: encode returned {got} for two frames, expected {(1, self.latent_size, 2)}")
@@ -118,6 +129,12 @@ class Model:
             self.module.reset()
         else:
             self.module = _load_torchscript(self.path, self.source)
+
+    def restart(self, rows: np.ndarray) -> None:
+        """Start the decode streams of the voices where `rows` `(voices,)` is true afresh on the next
+        `decode` (the file's `restart`; only when `restartable`)."""
+        with torch.inference_mode():
+            self.module.restart(torch.from_numpy(np.ascontiguousarray(rows, dtype=bool)))
 
     def control(self, label: str) -> ControlInfo:
         """The control called `label`; KeyError when the model has none."""
@@ -167,8 +184,7 @@ def _load_torchscript(path: Path, source: bytes) -> torch.jit.ScriptModule:
             warnings.simplefilter("ignore")  # TorchScript is deprecated but is our format
             module = torch.jit.load(io.BytesIO(source), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, ValueError or zip errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a TorchScript model file ({first})") from None
+        raise ModelError(f"{path}: not a TorchScript model file ({reason(exc)})") from None
     module.eval()
     return module
 
@@ -310,9 +326,8 @@ def _probe(model: Model) -> None:
         with torch.inference_mode():
             out = model.module.decode(z)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: decode fails on a ({model.latent_size}, {PROBE_FRAMES})-frame "
-                         f"probe: {first}") from None
+                         f"probe: {reason(exc)}") from None
     expected = (1, model.channels, PROBE_FRAMES * model.hop)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -321,7 +336,24 @@ def _probe(model: Model) -> None:
     if not torch.isfinite(out).all():
         raise ModelError(f"{path}: decode returned NaN or Inf on a probe at the controls' "
                          "defaults and range ends")
+    if hasattr(model.module, "restart"):
+        model.restartable = _probe_restart(model, z)
     _reset(model)
+
+
+def _probe_restart(model: Model, z: torch.Tensor) -> bool:
+    """Whether the file's `restart` takes a row mask and leaves a stream that still decodes; a file
+    whose `restart` fails plays as one without it (each note then waits a frame for its pitch)."""
+    try:
+        model.restart(np.ones(1, dtype=bool))
+        with torch.inference_mode():
+            out = model.module.decode(z[..., :1])
+        if not torch.isfinite(out).all():
+            raise ValueError("decode after it returned NaN or Inf")
+    except Exception as exc:
+        log.warning("%s: restart() fails (%s); notes wait a latent frame for their pitch", model.path, reason(exc))
+        return False
+    return True
 
 
 def _reset(model: Model) -> None:

@@ -230,6 +230,33 @@ def test_file_streams_in_chunks_and_resets(exported, size):
     assert not torch.allclose(continued, fresh)
 
 
+def test_restart_starts_the_rows_it_names_afresh_and_leaves_the_others(exported):
+    """`restart(rows)`: a synth voice's new note decodes as a fresh stream would (on the stream's
+    own frame count, which dates the residual's noise), and the other voices go on untouched."""
+    model = _load(exported[2])
+    meta = json.loads(model.metadata())
+    lo = torch.tensor([c["min"] for c in meta["controls"]]).view(1, -1, 1)
+    hi = torch.tensor([c["max"] for c in meta["controls"]]).view(1, -1, 1)
+    g = torch.Generator().manual_seed(5)
+    before, after = (lo + (hi - lo) * torch.rand(2, INPUTS, n, generator=g) for n in (11, 7))
+    with torch.no_grad():
+        model.reset()
+        model.decode(before)
+        model.restart(torch.tensor([True, False]))
+        restarted = model.decode(after)
+        model.reset()
+        model.decode(before)
+        model.restart(torch.tensor([True]))  # another batch size: nothing changes
+        went_on = model.decode(after)
+        model.reset()
+        model.decode(before)
+        model.state = [torch.zeros_like(t) for t in model.state[:-1]] + [model.state[-1]]
+        fresh = model.decode(after)
+    torch.testing.assert_close(restarted[1], went_on[1], rtol=0, atol=0)
+    torch.testing.assert_close(restarted[0], fresh[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(restarted[0], went_on[0], atol=1e-3)
+
+
 def test_file_decodes_what_the_trained_decoder_decodes(exported):
     """The file's inference-only rearrangements (scales folded into weights, the control basis
     applied in the decoder's layout) change no sample."""

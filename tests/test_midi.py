@@ -153,3 +153,60 @@ def test_virtual_port(jack_server, tmp_path):
             osc = OscClient(proc.osc_address)
             assert settled(osc, lambda v: v["brightness"] == 0.0)["brightness"] == 0.0
             osc.close()
+
+
+def test_the_render_thread_takes_waiting_midi_but_never_waits_for_a_busy_surface(jack_server, tmp_path,
+                                                                                monkeypatch):
+    """`MidiInput.drain` as the render thread calls it before each block (`wait=False`): it hands
+    over what has reached the port, at most `limit` messages, and gives up at once while a control
+    surface is held (a model swap, a preset being written) instead of holding up the block."""
+    import threading
+
+    from synthd.controls import ControlSurface
+    from synthd.engine import Engine
+    from synthd.midi import MidiInput, MidiRouter
+    from synthd.model import load_model
+    from synthd.patch import parse_patch
+
+    for key, value in jack_server.env({}).items():
+        monkeypatch.setenv(key, value)
+    engine = Engine(load_model(build_toy_model(tmp_path / "toy.ts", latent_size=4)), channels=1)
+    surface = ControlSurface(engine, parse_patch(PATCH))
+    with jack_midi_out(jack_server, "d2drain") as out:
+        midi = MidiInput(MidiRouter(surface), "d2drain")
+        try:
+            midi._stop.set()  # the reader stops: only the drains below hand messages over
+            midi._thread.join(timeout=2.0)
+            time.sleep(0.2)  # the JACK connection is made asynchronously
+            loudness = lambda: next(c for c in surface.controls if c.info.label == "loudness").wire  # noqa: E731
+
+            out.send_message([0xB0, 7, 0])
+            time.sleep(0.1)
+            assert midi.drain(32, wait=False) == 1 and loudness() == 0.0
+
+            held, done = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                with surface.lock:
+                    held.set()
+                    done.wait(5.0)
+
+            holder = threading.Thread(target=hold)
+            holder.start()
+            held.wait(5.0)
+            out.send_message([0xB0, 7, 127])
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            assert midi.drain(32, wait=False) == 0
+            assert time.perf_counter() - t0 < 0.05 and loudness() == 0.0
+            done.set()
+            holder.join()
+            assert midi.drain(32, wait=False) == 1 and loudness() == 1.0
+
+            for value in range(40):
+                out.send_message([0xB0, 7, value])
+            time.sleep(0.1)
+            assert midi.drain(32, wait=False) == 32 and midi.drain(32, wait=False) == 8
+            assert loudness() == pytest.approx(39 / 127)
+        finally:
+            midi.close()

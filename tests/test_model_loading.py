@@ -48,6 +48,20 @@ def test_probe_leaves_state_reset(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_a_file_that_can_restart_voices_is_found_and_a_failing_restart_is_not_used(tmp_path, caplog):
+    from support.pitched_model import build_pitched_model
+
+    assert load_model(build_pitched_model(tmp_path / "ours.ts")).restartable
+    assert not load_model(build_toy_model(tmp_path / "toy.ts")).restartable
+    model = load_model(build_toy_model(tmp_path / "broken.ts", fault="restart"))
+    assert not model.restartable
+    assert "restart() fails (builtins.RuntimeError: no restart here)" in caplog.text
+    engine = Engine(model, voices=2, channels=1)
+    engine.note_on(0, 1.0, {0: 1.0})
+    assert np.abs(np.concatenate([engine.render(256) for _ in range(4)])).max() > 0.01  # it plays
+    assert engine.stats()["decode_errors"] == 0
+
+
 def _refused(path, *fragments):
     with pytest.raises(ModelError) as info:
         load_model(path)

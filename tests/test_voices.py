@@ -123,10 +123,42 @@ def test_a_chord_plays_every_note_in_tune_and_only_while_held(pitched):
     assert_plays(x[seconds(0.2):seconds(1.1)], RATE, chord)
     # released: the DC blocker's own tail is all that is left
     assert engine.stats()["voices_sounding"] == 0 and np.abs(x[seconds(1.3):]).max() < 1e-4
-    # each note starts at its pitch: its envelope opens after the frame that carries the pitch
+    # each note starts at its own time, its voice afresh on the frame that carries its pitch
     onset = np.flatnonzero(np.abs(x) > 0)[0]
-    assert seconds(0.1) <= onset <= seconds(0.1) + 256 + 1
+    assert seconds(0.1) <= onset <= seconds(0.1) + 8
     assert engine.stats()["skipped_calls"] > 0
+
+
+def upward_crossings(x: np.ndarray) -> np.ndarray:
+    """Where `x` crosses zero going up, to a fraction of a sample."""
+    k = np.flatnonzero((x[:-1] <= 0.0) & (x[1:] > 0.0))
+    return k + x[k] / (x[k] - x[k + 1])
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_free_voice_plays_its_new_note_at_its_pitch_from_the_first_sample(pitched, restart):
+    engine, surface, _ = rig(pitched, KEYS.replace("[gate]", "voices = 2\n[gate]").replace("attack = 0.005",
+                                                                                           "attack = 0.0"))
+    engine.model.restartable = restart  # False: a file without `restart` (a RAVE export, an older file)
+    surface.note_on(48, 100, at=seconds(0.05))  # C3 on voice 0 ...
+    surface.note_off(48, at=seconds(0.2))
+    surface.note_on(52, 100, at=seconds(0.25))  # ... E3 on voice 1 ...
+    surface.note_off(52, at=seconds(0.4))
+    frame = seconds(0.6) - seconds(0.6) % 256
+    at = frame + 4  # ... and A4 on voice 0 again, early in a frame: its old pitch would glide across it
+    surface.note_on(69, 100, at=at)
+    x = play(engine, 0.8)
+    onset = at + np.flatnonzero(np.abs(x[at:]) > 1e-4)[0]
+    periods = np.diff(upward_crossings(x[onset:onset + 512]))
+    if restart:
+        # the voice starts afresh: 440 Hz from its first period, heard from the note's own sample
+        assert onset - at < 24, onset - at
+        assert np.abs(periods - RATE / 440.0).max() < 0.5, periods
+    else:
+        # it waits for the frame that carries its pitch (its voice glides from C3 across it)
+        assert onset == frame + 256, (onset, at)
+        assert np.abs(periods - RATE / 440.0).max() < 0.5, periods
+    assert_plays(x[at + 2048:], RATE, [69])
 
 
 def test_a_ninth_note_steals_the_oldest_without_a_click_and_is_heard(pitched):
@@ -311,8 +343,8 @@ def test_an_mpe_controller_configures_its_zone_and_bend_range_over_rpn(pitched):
 
 def test_all_sound_off_before_a_note_has_started_still_silences_it(pitched):
     engine, surface, router = rig(pitched)
-    router.handle_bytes([0x90, 60, 100], at=4800)  # its envelope opens at the end of its frame ...
-    router.handle_bytes([0xB0, 120, 0], at=4810)  # ... after the cut comes
+    router.handle_bytes([0x90, 60, 100], at=4800)  # its release waits for the end of its frame ...
+    router.handle_bytes([0xB0, 120, 0], at=4810)  # ... and the cut comes within it
     play(engine, 0.3)
     assert engine.stats()["voices_sounding"] == 0
 

@@ -104,6 +104,26 @@ class StreamingModel(nn.Module):
         self.state = self.decoder.initial_state(self.state[0].shape[0])
         self._reset_encode(self.encoder_delay.shape[0])
 
+    @torch.jit.export
+    def restart(self, rows: Tensor) -> None:
+        """Start the decode streams of the batch rows where `rows` `(batch,)` is true afresh, as
+        `reset()` would, and leave the other rows as they are: a synth voice's new note then starts
+        from silence at its own pitch on its first frame, instead of gliding from the voice's last
+        note across it. `rows` of another batch size than the stream's change nothing (a call of
+        another size starts every row afresh anyway)."""
+        if rows.shape[0] != self.state[0].shape[0]:
+            return
+        fresh = rows.to(torch.bool)
+        state: list[Tensor] = []
+        last = len(self.state) - 1
+        for i, s in enumerate(self.state):
+            if i == last:  # the frame count dates the noise table: the stream's, not a row's
+                state.append(s)
+            else:
+                shape = [s.shape[0]] + [1 for _ in range(s.dim() - 1)]
+                state.append(torch.where(fresh.view(shape), torch.zeros_like(s), s))
+        self.state = state
+
     def _tracker_state(self, batch: int) -> list[Tensor]:
         if self.pitched:
             return self.tracker.initial_state(batch)
@@ -241,10 +261,10 @@ def freeze(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """The scripted model frozen for inference: weights and settings become constants of the code
     and submodules are inlined, which takes a tenth off each streaming call (most of a one-frame
     call is per-operation overhead). What a host reads stays: the nn~ methods, their `_params`
-    buffers and labels, `reset`, `metadata`, the streaming state, and the map from controls to
+    buffers and labels, `reset`, `restart`, `metadata`, the streaming state, and the map from controls to
     latents (`offset + basis @ controls`)."""
     methods = list(scripted.get_methods())
-    keep = methods + ["reset", "metadata", "get_methods", "get_attributes", "state", "offset", "basis",
+    keep = methods + ["reset", "restart", "metadata", "get_methods", "get_attributes", "state", "offset", "basis",
                       "encoder_state", "tracker_state", "encoder_delay", "tracker_delay"]
     keep += [f"{m}_{part}" for m in methods for part in ("params", "input_labels", "output_labels")]
     return torch.jit.freeze(scripted.eval(), preserved_attrs=[name for name in keep if hasattr(scripted, name)])

@@ -92,6 +92,14 @@ class RaveLikeSynth(ToySynth):
         return ""
 
 
+class BrokenRestartSynth(ToySynth):
+    """The same synthesiser with a `restart` that fails, as a faulty file's would."""
+
+    @torch.jit.export
+    def restart(self, rows: torch.Tensor) -> None:
+        raise RuntimeError("no restart here")
+
+
 def toy_metadata(latent_size: int = 4, hop: int = 256, sample_rate: int = 48000,
                  labels: list[str] | None = None) -> dict:
     """Metadata in the README's schema for a ToySynth."""
@@ -123,7 +131,7 @@ def build_toy_model(path: str | Path, *, latent_size: int = 4, hop: int = 256,
     if metadata is None:
         metadata = toy_metadata(latent_size, hop, sample_rate) if with_metadata else None
     meta = json.dumps(metadata) if metadata is not None else ""
-    cls = ToySynth if with_metadata else RaveLikeSynth
+    cls = BrokenRestartSynth if fault == "restart" else ToySynth if with_metadata else RaveLikeSynth
     module = cls(latent_size, hop, sample_rate, meta, fault)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
