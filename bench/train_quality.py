@@ -5,7 +5,8 @@ on which the defaults were tuned, or another with `--kit`; notes of several inst
 rendered from FluidR3_GM.sf2 with fluidsynth), holds every fifth file out, prepares the rest,
 and trains with the default config (and, with `--augment both`, again with every augmentation
 off) for a wall-clock budget. Every `--every` minutes it loads the run's latest checkpoint and
-prints, over the held-out files:
+prints, over the held-out files (and at the end the same for the best checkpoint on the run's
+own validation files, which is what `synthd-train export` writes):
 
     model   multi-resolution STFT distance (spectral convergence + log magnitude, FFT 64..4096)
             between each held-out file and the model's reconstruction of it
@@ -146,11 +147,12 @@ class HeldOut:
         return out
 
 
-def latest(run_dir: Path, held: list[Path], cache: dict) -> tuple[dict, torch.nn.Module, HeldOut] | None:
-    """(checkpoint, model, held-out files) of the run's latest checkpoint, None before the first;
-    the held-out files are read (and their noise measured) once, into `cache`."""
+def latest(run_dir: Path, held: list[Path], cache: dict, which: str = "last") -> tuple[dict, torch.nn.Module, HeldOut] | None:
+    """(checkpoint, model, held-out files) of the run's `which` checkpoint ("last": the latest;
+    "best": the best on the run's own validation files, which `export` writes), None before the
+    first; the held-out files are read (and their noise measured) once, into `cache`."""
     try:
-        ckpt, model = load_run(run_dir, "last")
+        ckpt, model = load_run(run_dir, which)
     except (FileNotFoundError, ValueError):
         return None
     if "held" not in cache:
@@ -158,10 +160,11 @@ def latest(run_dir: Path, held: list[Path], cache: dict) -> tuple[dict, torch.nn
     return ckpt, model, cache["held"]
 
 
-def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, float, tuple[str, float]] | None:
-    """(step, model distance, noise distance, (worst file, its ratio)) of the run's latest
-    checkpoint, None before the first."""
-    found = latest(run_dir, held, cache)
+def measure(run_dir: Path, held: list[Path], cache: dict,
+            which: str = "last") -> tuple[int, float, float, tuple[str, float]] | None:
+    """(step, model distance, noise distance, (worst file, its ratio)) of the run's `which`
+    checkpoint (see `latest`), None before the first."""
+    found = latest(run_dir, held, cache, which)
     if found is None:
         return None
     ckpt, model, h = found
@@ -170,7 +173,9 @@ def measure(run_dir: Path, held: list[Path], cache: dict) -> tuple[int, float, f
 
 
 def run_one(name: str, prepared: Path, held: list[Path], work: Path, minutes: float, every: float,
-            config: Path | None, seed: int) -> float:
+            config: Path | None, seed: int) -> tuple[float, float]:
+    """Train one run, measuring its latest checkpoint every `every` minutes; (the last measured
+    held-out ratio, the best checkpoint's)."""
     run_dir = work / f"run-{name.split('/')[-1]}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "training", "train", str(prepared), str(run_dir), "--minutes", f"{minutes:g}",
@@ -199,7 +204,13 @@ def run_one(name: str, prepared: Path, held: list[Path], work: Path, minutes: fl
         time.sleep(2)
     if proc.returncode != 0:
         raise SystemExit(f"[{name}] training failed (exit {proc.returncode}); see {log_path}")
-    return ratio
+    best = measure(run_dir, held, cache, "best")
+    if best is not None:
+        step, model_d, noise_d, (worst, worst_ratio) = best
+        print(f"[{name}] best checkpoint (what `export` writes): step {step}  held-out ratio "
+              f"{model_d / noise_d:.3f}  worst file {worst} {worst_ratio:.3f}", flush=True)
+        return ratio, model_d / noise_d
+    return ratio, float("nan")
 
 
 def main() -> int:
@@ -243,8 +254,9 @@ def main() -> int:
             off.write_text("".join(f"[augment.{a.name}]\nenabled = false\n" for a in dataclasses.fields(AugmentConfig)))
             runs.append(("augment-off", off))
         for name, config in runs:
-            ratio = run_one(f"{set_name}/{name}", prepared, held, work, args.minutes, args.every, config, args.seed)
-            summary.append(f"{set_name:6s} {name:12s} final ratio {ratio:.3f}")
+            ratio, best = run_one(f"{set_name}/{name}", prepared, held, work, args.minutes, args.every, config,
+                                  args.seed)
+            summary.append(f"{set_name:6s} {name:12s} final ratio {ratio:.3f}, best checkpoint {best:.3f}")
     print("\n".join(summary))
     return 0
 

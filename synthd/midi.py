@@ -306,8 +306,12 @@ class MidiInput:
         """Stop the reader and close the port, within CLOSE_TIMEOUT_S (else `abandoned`)."""
         if self._closed:
             return
-        with self._port_lock:  # a drain under way finishes first; none starts after
-            self._closed = True
+        # a drain under way finishes first and none starts after; a rescan stuck in a dead JACK
+        # server's call keeps the lock, so the wait is bounded
+        locked = self._port_lock.acquire(timeout=CLOSE_TIMEOUT_S)
+        self._closed = True
+        if locked:
+            self._port_lock.release()
         self._stop.set()
         self._thread.join(timeout=2.0)
 
