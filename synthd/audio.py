@@ -355,13 +355,17 @@ class LiveOutput:
         if status.output_underflow:
             self.output_underflows += 1
             self._xrun_at = now
-        if self._ring.read_into(outdata) < frames and not self._faded.is_set():
+        got = self._ring.read_into(outdata)
+        if got < frames and not self._faded.is_set():
             self.ring_underruns += 1
             if now - self._xrun_at < XRUN_GRACE_S:
                 self.xrun_underruns += 1
             else:
                 self.late_underruns += 1
         if self.engine.stage_deferred:
+            # the stage's clock counts rendered samples played, so an event dated on the render
+            # clock (a note's gate, with its frame) lands on its sample after an underrun too
+            self.engine.stage.position -= frames - got
             outdata[:] = self.engine.stage.process(outdata)
         self.callbacks += 1
         self._wake.set()

@@ -182,6 +182,7 @@ class ControlSurface:
         settings = engine.input_settings
         self.input_trim_db = settings.gain_db - patch.input.gain_db if settings is not None else 0.0
         self.gate_open = False
+        self._gate_closed_at: int | None = None  # one voice: the clock when its gate last closed
         engine.set_gain_db(self.gain_db)
         if self.voices is None:
             self.gate_open = patch.gate.open
@@ -355,10 +356,17 @@ class ControlSurface:
         `pitch` knob, not a note), as one voice's open gate is; closing it releases every voice."""
         with self._lock:
             g = self.patch.gate
-            self.gate_open = bool(on)
+            was_open, self.gate_open = self.gate_open, bool(on)
             if self.voices is None:
+                # one voice of a model with a pitch input: its gate moves with the latent frames
+                # (see Engine.set_gate), so a note opens on its own pitch, never on the last one's;
+                # it starts afresh when its last note's release is surely over
+                closed_at = self._gate_closed_at
+                silent = not was_open and (closed_at is None or self._now(at) >= closed_at + self._release_samples())
+                if was_open and not on:
+                    self._gate_closed_at = self._now(at)
                 self.engine.set_gate(self.gate_open, velocity=velocity, attack_s=g.attack, release_s=g.release,
-                                     at=at)
+                                     at=at, with_frame=self._pitch_input() is not None, fresh=silent)
             elif on:
                 self._start_voice(GATE_KEY, None, None, velocity, at)
             else:

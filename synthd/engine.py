@@ -352,6 +352,7 @@ class Engine:
         self._requested = np.array(model.defaults(), dtype=np.float64)
         self._gain_db = float(gain_db)
         self._gate_on = gate_open
+        self._gate_opened_at = -1  # one voice: when its gate last opened with a frame (engine samples)
         self.envelope = envelope or EnvelopeSettings()
         self._envelopes = [dsp.Envelope(*self._envelope_samples()) for _ in range(voices)] if voices > 1 else []
         self.stage = OutputStage(self.sample_rate, channels, gain=dsp.db_to_amplitude(gain_db),
@@ -426,11 +427,18 @@ class Engine:
         self.stage.post(self._event("gain", at, (dsp.db_to_amplitude(db),)))
 
     def set_gate(self, on: bool, *, velocity: float = 1.0, attack_s: float = 0.005,
-                 release_s: float = 0.25, at: int | None = None) -> None:
+                 release_s: float = 0.25, at: int | None = None, with_frame: bool = False,
+                 fresh: bool = False) -> None:
         """One voice: open the gate to `velocity` (0..1) over `attack_s`, or close it over
         `release_s`. (Several voices each have a note's envelope: see `note_on`.) With audio
         input the input's own level gates the sound: an open gate here is a held note, which takes
-        over a pitch input when the patch's `pitch_source` is "notes"."""
+        over a pitch input when the patch's `pitch_source` is "notes".
+
+        The gate acts in the output stage, within a device period, unless `with_frame` (a model
+        with a pitch input, whose note values go through the render-ahead ring): then it moves
+        on the latent frame that carries the values posted with it, as a voice's envelope does
+        (see `_apply_latent_events`), so a note is never heard at the last note's pitch. With
+        `fresh` (the voice is silent: its last release is over) an opening restarts the voice."""
         if self.input_settings is not None:
             self._post("hold", at, (bool(on),))
             return
@@ -438,7 +446,10 @@ class Engine:
         self._gate_on = bool(on)
         seconds = attack_s if on else release_s
         samples = int(round(max(0.0, float(seconds)) * self.sample_rate))
-        self.stage.post(self._event("gate", at, (velocity if on else 0.0, samples)))
+        if with_frame:
+            self._post("gate", at, (velocity if on else 0.0, samples, bool(on and fresh)))
+        else:
+            self.stage.post(self._event("gate", at, (velocity if on else 0.0, samples)))
 
     def set_input(self, settings: InputSettings) -> None:
         """New `[input]` settings (a patch reload or an OSC change); gain and dry/wet glide over 10 ms."""
@@ -613,6 +624,7 @@ class Engine:
         """
         events = self._latent_events
         last: dict[int, tuple[_Event | None, _Event | None]] = {}  # voice -> (its last note, a release after it)
+        gates: list[_Event] = []  # one voice's gate moving with the frames (`set_gate`'s with_frame)
         while events and events.first() < until:
             ev = events.pop()
             if ev.kind == "latent":
@@ -620,11 +632,16 @@ class Engine:
                     _, voice, index, value, glide_frames = ev.args
                     instance.set_target(voice, index, value, glide_frames)
                 continue
+            if ev.kind == "gate":
+                gates.append(ev)
+                continue
             voice = ev.args[1]
             note, _ = last.get(voice, (None, None))
             last[voice] = (ev, None) if ev.kind == "note" else (note, ev)  # "off" or "cut"
         at = int(math.ceil(until))
         frame_start = int(math.ceil(until - instance.frame_len))
+        for ev in gates:
+            self._gate_with_frame(instance, ev, frame_start, at, first)
         for voice, (note, off) in last.items():
             if note is not None:
                 opens = at
@@ -641,6 +658,28 @@ class Engine:
                 later = int(math.ceil(instance.frame_len)) if note is not None else 0
                 kind = "fade" if off.kind == "cut" else "off"
                 self._note_events.push(_Event(at + later, off.seq, kind, (voice,)))
+
+    def _gate_with_frame(self, instance: _Instance, ev: _Event, frame_start: int, frame_end: int,
+                         first: bool) -> None:
+        """Date one voice's gate event `ev` on the frame being built (`frame_start`..`frame_end`)
+        and hand it to the output stage, which applies it when that sample plays: an opening on a
+        silent voice restarts the voice on this frame and opens at its own time (a model that
+        can restart), else at the frame's end, once the frame carrying the note's pitch has
+        played; a closing never comes before the opening it follows (a frame after it, when both
+        fall in one frame, so the shortest note sounds)."""
+        level, samples, fresh = ev.args
+        if level > 0.0:
+            if fresh and first and instance.model.restartable:
+                instance.fresh[0] = True
+                when = max(frame_start, ev.at)
+            else:
+                when = frame_end
+            self._gate_opened_at = when
+        else:
+            when = max(frame_start, ev.at)
+            if self._gate_opened_at >= frame_start:
+                when = max(when, self._gate_opened_at + int(math.ceil(instance.frame_len)))
+        self.stage.post(_Event(when, ev.seq, "gate", (level, samples)))
 
     def silent_until(self, end: float) -> bool:
         """Whether no voice sounds from now up to engine position `end` (several voices only)."""

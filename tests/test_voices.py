@@ -161,6 +161,29 @@ def test_a_free_voice_plays_its_new_note_at_its_pitch_from_the_first_sample(pitc
     assert_plays(x[at + 2048:], RATE, [69])
 
 
+def test_one_voice_opens_its_gate_on_its_own_pitch_and_glides_legato(pitched):
+    """`voices = 1` with a pitch input: a note after silence is heard from its own sample at its
+    own pitch (its gate moves with the frame that carries the pitch, and the voice restarts);
+    a legato note glides from the held one without opening the gate again."""
+    engine, surface, _ = rig(pitched, KEYS.replace("[gate]", "voices = 1\n[gate]").replace("attack = 0.005",
+                                                                                           "attack = 0.0"))
+    frame = seconds(0.3) - seconds(0.3) % 256
+    surface.note_on(48, 100, at=seconds(0.05))  # C3, released ...
+    surface.note_off(48, at=seconds(0.2))
+    surface.note_on(69, 100, at=frame + 4)  # ... and A4 after its release, early in a frame
+    surface.note_on(76, 100, at=seconds(0.5))  # E5, legato: a glide from A4, no new attack
+    x = play(engine, 0.7)
+    assert np.abs(x[seconds(0.25):frame]).max() < 1e-3  # silent between the notes (the DC blocker's tail)
+    onset = frame + 4 + np.flatnonzero(np.abs(x[frame + 4:]) > 1e-3)[0]
+    assert onset - (frame + 4) < 24, onset - frame
+    periods = np.diff(upward_crossings(x[onset:onset + 512]))
+    assert np.abs(periods - RATE / 440.0).max() < 0.5, periods
+    assert_plays(x[seconds(0.35):seconds(0.5)], RATE, [69])
+    assert_plays(x[seconds(0.6):], RATE, [76])
+    # legato: no gap in any 5 ms around the change
+    assert np.abs(x[seconds(0.48):seconds(0.56)]).reshape(-1, 240).max(1).min() > 0.05
+
+
 def test_a_ninth_note_steals_the_oldest_without_a_click_and_is_heard(pitched):
     engine, surface, _ = rig(pitched, KEYS + "[output]\ngain_db = -24.0\n")  # eight notes, below the limiter
     notes = [48, 50, 52, 53, 55, 57, 59, 60]
