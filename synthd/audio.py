@@ -52,6 +52,19 @@ def bounded(job, timeout: float, name: str) -> bool:
     return not thread.is_alive()
 
 
+def release_portaudio(timeout: float = CLOSE_TIMEOUT_S) -> bool:
+    """Terminate PortAudio within `timeout`; whether it finished. sounddevice would otherwise
+    do it at exit, unbounded: with JACK that is where PortAudio's client leaves the server,
+    and a busy or dying server can hold the exit there for good."""
+    import sounddevice as sd
+
+    def terminate() -> None:
+        while sd._initialized:
+            sd._terminate()
+
+    return bounded(terminate, timeout, "synthd-portaudio-exit")
+
+
 class AudioError(Exception):
     """The audio device cannot be opened as asked; the message says which and why."""
 

@@ -20,6 +20,7 @@ READY once its first block has played and pings the watchdog while its render lo
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ import torch
 
 from synthd import config as config_mod
 from synthd import recovery
-from synthd.audio import AudioError, LiveOutput
+from synthd.audio import AudioError, LiveOutput, release_portaudio
 from synthd.config import ConfigError, DaemonConfig, LayerSpec, in_folder
 from synthd.controls import ControlSurface, engine_for, input_trim_db
 from synthd.input import open_input
@@ -51,6 +52,9 @@ FADE_IN_S = 0.05  # when the sound resumes after its device came back
 WATCH_S = 0.1  # how often the main thread looks at the output
 RETRY_S = 1.0  # how often a lost device is looked for
 SUMMARY_S = 10.0  # how often the service manager's status line is refreshed
+# every step of a stop is bounded (about 9 s when all of them time out); past this a stop that
+# hangs anyway prints every thread's stack and exits 1 rather than outlive its SIGTERM
+EXIT_GUARD_S = 12.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -477,13 +481,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemon.wait()
     finally:
+        faulthandler.dump_traceback_later(EXIT_GUARD_S, exit=True)
         status = daemon.status()
         notifier.send(STOPPING=1)
         log.info("stopping%s", ": fading out" if status["audio"] == "ok" else " (the audio device is lost: no fade)")
         daemon.shutdown()
     log.info("stopped; underruns %d, NaN blocks %d, invalid messages %d, audio losses %d",
              status.get("underruns", 0), status.get("nan_blocks", 0), status["invalid"], status["audio_losses"])
-    if daemon.abandoned:
+    if not release_portaudio() or daemon.abandoned:
         # PortAudio's and libjack's clean-up at exit would block or abort on the client left
         # open: leave without it, threads and all
         for handler in logging.getLogger().handlers:

@@ -39,7 +39,7 @@ def test_no_steady_partial_at_the_band_edge_on_full_band_hits(tmp_path):
     full_band_hits(tmp_path / "hits")
     synthd_train("prepare", str(tmp_path / "hits"), str(tmp_path / "prepared"))
     (tmp_path / "tiny.toml").write_text(TINY_CONFIG)
-    synthd_train("train", str(tmp_path / "prepared"), str(tmp_path / "run"), "--steps", "400", "--seed", "0",
+    synthd_train("train", str(tmp_path / "prepared"), str(tmp_path / "run"), "--steps", "200", "--seed", "0",
                  "--config", str(tmp_path / "tiny.toml"))
     _, vae = load_run(tmp_path / "run")
     dataset = PreparedSet.open(tmp_path / "prepared")

@@ -70,7 +70,7 @@ def test_a_killed_server_is_reported_and_synthd_plays_again_when_it_returns(serv
             assert after == pytest.approx(before, abs=1.5)  # where it was: same controls, same gain
         finally:
             client.close()
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.log
     log = proc.log
     assert log.count("audio: lost") == 1 and "is back after" in log, log
     assert "Traceback" not in log
@@ -107,7 +107,7 @@ def test_a_killed_server_takes_the_input_away_and_both_come_back(server, toy):
             assert through() == pytest.approx(before, abs=3.0)
         finally:
             client.close()
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.log
     assert "Traceback" not in proc.log
 
 
@@ -155,7 +155,7 @@ def test_a_midi_port_that_goes_away_is_connected_again_when_it_returns(server, t
         assert (status["midi_losses"], status["midi_reconnects"]) == (1, 1)
     finally:
         client.close()
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.log
     assert "MIDI: connected again to keys:out" in proc.log, proc.log
 
 

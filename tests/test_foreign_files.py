@@ -98,5 +98,5 @@ def test_synthd_run_plays_it_and_swaps_between_rave_files_over_osc(jack_server, 
             assert client.status()["decode_errors"] == 0
         finally:
             client.close()
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.log
     assert "Traceback" not in proc.log and "has no reset()" in proc.log

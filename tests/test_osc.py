@@ -216,7 +216,7 @@ def test_config_file_and_sigterm(jack_server, models, tmp_path):
     cfg.write_text(f'model = "{models / "four.ts"}"\nlog_level = "warning"\nchannels = 1\n')
     with SynthdProcess(jack_server, "--config", str(cfg), "--log-level", "info") as proc:
         assert "toy" in proc.startup  # the model from the file
-        assert proc.stop() == 0  # SIGTERM: fade out, exit 0
+        assert proc.stop() == 0, proc.log  # SIGTERM: fade out, exit 0
         assert "stopping: fading out" in proc.log and "Traceback" not in proc.log  # --log-level beat the file
     cfg.write_text('model = "x.ts"\nosc_prot = 9000\n')
     run = subprocess.run([sys.executable, "-m", "synthd", "run", "--config", str(cfg)], cwd=REPO,

@@ -65,14 +65,19 @@ class SynthdProcess:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait; the exit status (SIGKILL after `timeout`, status then -9)."""
+        """SIGTERM, wait; the exit status. Past `timeout` SIGABRT, so that the log holds every
+        thread's stack (PYTHONFAULTHANDLER), then SIGKILL; the status is then negative."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         self._reader.join(timeout=5)
         return self.proc.returncode
 
