@@ -165,3 +165,33 @@ def test_ports_lists_jack_midi_ports(portaudio_on_jack):
     assert "MIDI API: Jack" in result.stdout
     inputs = result.stdout.split("MIDI outputs")[0]
     assert "d1-keyboard" in inputs
+
+
+def test_portaudio_is_released_within_its_bound(portaudio_on_jack, monkeypatch):
+    """The daemon's exit terminates PortAudio itself: on a live server it finishes, and a
+    terminate that hangs (a busy or dying JACK server) is given up after the bound."""
+    import threading
+
+    import sounddevice as sd
+
+    from synthd.audio import release_portaudio
+
+    try:
+        assert release_portaudio(timeout=5.0) and sd._initialized == 0
+    finally:
+        sd._initialize()
+    held = threading.Event()
+
+    def hang() -> None:
+        held.wait(10)
+        sd._initialized = 0
+
+    monkeypatch.setattr(sd, "_initialized", 1)
+    monkeypatch.setattr(sd, "_terminate", hang)
+    started = time.monotonic()
+    assert not release_portaudio(timeout=0.2)
+    assert time.monotonic() - started < 1.0
+    held.set()
+    for thread in threading.enumerate():  # the stuck call ends before the real PortAudio is put back
+        if thread.name == "synthd-portaudio-exit":
+            thread.join(5)
