@@ -198,6 +198,8 @@ def main() -> int:
                         "(default 0: no notes)")
     parser.add_argument("--web-clients", type=int, default=0, help="WebSocket clients listening to every "
                         "control (default 0: no HTTP)")
+    parser.add_argument("--ahead-blocks", type=int, help="synthd's --ahead-blocks (default: synthd's, 2); "
+                        "1 is the low-latency setting for --input")
     parser.add_argument("--input", action="store_true", help="live audio input: synthd run --input virtual, "
                         "a phrase looped into it, its settings moved over OSC")
     args = parser.parse_args()
@@ -213,6 +215,8 @@ def main() -> int:
 def soak(args: argparse.Namespace, stack: ExitStack) -> int:
     """The soak itself; `stack` holds what must outlive synthd (a model built here)."""
     extra: tuple[str, ...] = ("--http-port", "0") if args.web_clients else ()
+    if args.ahead_blocks is not None:
+        extra += ("--ahead-blocks", str(args.ahead_blocks))
     model = args.model
     if args.input:
         extra += ("--input", "virtual")
@@ -228,7 +232,7 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
         rig.watchdog(args.minutes * 60.0 + WARMUP_S + 60.0)
         names = rig.controls()
         print(f"soak: {rig.model} ({len(names)} controls), JACK dummy {rig.server.rate} Hz / "
-              f"{args.period} frames, OSC {args.osc_rate:g}/s, MIDI CC {args.cc_rate:g}/s, "
+              f"{args.period} frames, ahead {args.ahead_blocks or 'default'}, OSC {args.osc_rate:g}/s, MIDI CC {args.cc_rate:g}/s, "
               + (f"input {rig.status()['input']} ({PHRASE_S:g} s phrase looped, /synthd/input/* "
                  f"{INPUT_OSC_RATE:g}/s), " if args.input else "")
               + f"{args.minutes:g} min", file=sys.stderr)
