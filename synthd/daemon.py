@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -55,6 +56,17 @@ SUMMARY_S = 10.0  # how often the service manager's status line is refreshed
 # every step of a stop is bounded (about 9 s when all of them time out); past this a stop that
 # hangs anyway prints every thread's stack and exits 1 rather than outlive its SIGTERM
 EXIT_GUARD_S = 12.0
+
+
+def freeze_heap(collect: bool = False) -> None:
+    """Take every object alive now out of the cyclic collector's sight (reference counting
+    still frees them). A full collection over a loaded model and its libraries walks about
+    180 000 objects (70 ms on 2 cores) holding the GIL, a stall of a dozen blocks for the render
+    thread; frozen, the collector only walks what is new. `collect` first (only while nothing
+    plays) so that frozen garbage is not kept."""
+    if collect:
+        gc.collect()
+    gc.freeze()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +170,7 @@ class Daemon:
                 self.midi = MidiInput(self.router, self.cfg.midi_in, wait_for_port=resumed is not None)
                 midi = self.midi
                 self.output.before_render.append(lambda: midi.drain(RENDER_DRAIN_LIMIT, wait=False))
+            freeze_heap(collect=True)
             self.output.start(fade_in_s=FADE_IN_S if resumed else 0.0)
             self.osc.start()
             if self.cfg.http_port is not None:
@@ -170,6 +183,7 @@ class Daemon:
         except BaseException:
             self.shutdown()
             raise
+        freeze_heap()  # what the servers imported and built
         if resumed:
             self.audio_reconnects += 1
             self.osc.resubscribe(resumed.subscribers)
@@ -375,6 +389,7 @@ class Daemon:
         with self._swap, layer.surface.lock:
             layer.engine.swap_model(model, crossfade_s=self.cfg.crossfade)
             layer.surface.rebind(model=model)
+        freeze_heap()
         log.info("model %s loaded from %s%s (crossfade %.0f ms)", model.name, path,
                  f" into layer {layer.name}" if self.rack else "", 1000 * self.cfg.crossfade)
         return model.name

@@ -229,3 +229,19 @@ def test_quit_message_fades_out_and_exits_cleanly(synthd, client):
     assert client.ask("/synthd/quit", reply="/done") == ["/synthd/quit"]
     assert synthd.proc.wait(timeout=30) == 0
     assert "stopping: fading out" in synthd.log and "Traceback" not in synthd.log
+
+
+def test_the_daemon_freezes_its_heap_so_a_full_collection_walks_only_new_objects():
+    import gc
+
+    from synthd.daemon import freeze_heap
+
+    try:
+        freeze_heap(collect=True)
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # torch, the tests' modules: everything alive now
+        fresh = [[i] for i in range(100)]
+        freeze_heap()
+        assert gc.get_freeze_count() >= frozen + len(fresh)
+    finally:
+        gc.unfreeze()
