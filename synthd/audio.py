@@ -58,11 +58,18 @@ def release_portaudio(timeout: float = CLOSE_TIMEOUT_S) -> bool:
     and a busy or dying server can hold the exit there for good."""
     import sounddevice as sd
 
-    def terminate() -> None:
-        while sd._initialized:
-            sd._terminate()
+    done: list[bool] = []
 
-    return bounded(terminate, timeout, "synthd-portaudio-exit")
+    def terminate() -> None:
+        try:
+            while sd._initialized:
+                sd._terminate()
+        except sd.PortAudioError as exc:
+            log.info("audio: PortAudio's clean-up failed: %s", exc)
+            return
+        done.append(True)
+
+    return bounded(terminate, timeout, "synthd-portaudio-exit") and bool(done)
 
 
 class AudioError(Exception):

@@ -11,7 +11,9 @@ get `/synthd/audio lost`, and OSC keeps answering. Each second a child process l
 device; once it is back the daemon resumes where it was (synthd.recovery) and says `ok`.
 
 SIGTERM, SIGINT and `/synthd/quit` stop within two seconds whatever the device does: a
-fade-out when it plays, none when it does not, and exit status 0. SIGHUP reads the config
+fade-out when it plays, none when it does not, and exit status 0. Each step of a stop, and
+PortAudio's clean-up, is bounded; a stop that hangs anyway is cut after EXIT_GUARD_S with every
+thread's stack on stderr and exit status 1. SIGHUP reads the config
 again and crossfades to its model and patch. Under systemd's `Type=notify` the daemon says
 READY once its first block has played and pings the watchdog while its render loop moves
 (synthd.service).
@@ -53,17 +55,18 @@ FADE_IN_S = 0.05  # when the sound resumes after its device came back
 WATCH_S = 0.1  # how often the main thread looks at the output
 RETRY_S = 1.0  # how often a lost device is looked for
 SUMMARY_S = 10.0  # how often the service manager's status line is refreshed
-# every step of a stop is bounded (about 9 s when all of them time out); past this a stop that
-# hangs anyway prints every thread's stack and exits 1 rather than outlive its SIGTERM
-EXIT_GUARD_S = 12.0
+# every step of a stop is bounded (about 18 s if all of them time out, 2 s when the device is
+# gone); past this a stop that hangs anyway prints every thread's stack and exits 1
+EXIT_GUARD_S = 20.0
 
 
 def freeze_heap(collect: bool = False) -> None:
     """Take every object alive now out of the cyclic collector's sight (reference counting
     still frees them). A full collection over a loaded model and its libraries walks about
     180 000 objects (70 ms on 2 cores) holding the GIL, a stall of a dozen blocks for the render
-    thread; frozen, the collector only walks what is new. `collect` first (only while nothing
-    plays) so that frozen garbage is not kept."""
+    thread; frozen, the collector only walks what is new. `collect` first so that no cyclic
+    garbage is frozen for good (a full collection only while nothing plays, or once the heap
+    has been frozen)."""
     if collect:
         gc.collect()
     gc.freeze()
@@ -160,6 +163,7 @@ class Daemon:
         """Open OSC and MIDI first (imports and sockets cost the main thread time it would
         otherwise share with the render thread), then start the sound and serve."""
         resumed = self.resumed
+        freeze_heap(collect=True)  # before anything plays: a full collection holds the GIL
         try:
             port = resumed.osc_port if resumed else self.cfg.osc_port
             self.osc = OscServer(self.surface, self, host=self.cfg.osc_host, port=port,
@@ -170,7 +174,6 @@ class Daemon:
                 self.midi = MidiInput(self.router, self.cfg.midi_in, wait_for_port=resumed is not None)
                 midi = self.midi
                 self.output.before_render.append(lambda: midi.drain(RENDER_DRAIN_LIMIT, wait=False))
-            freeze_heap(collect=True)
             self.output.start(fade_in_s=FADE_IN_S if resumed else 0.0)
             self.osc.start()
             if self.cfg.http_port is not None:
@@ -389,7 +392,7 @@ class Daemon:
         with self._swap, layer.surface.lock:
             layer.engine.swap_model(model, crossfade_s=self.cfg.crossfade)
             layer.surface.rebind(model=model)
-        freeze_heap()
+        freeze_heap(collect=True)  # cheap once the libraries are frozen: it walks what is new
         log.info("model %s loaded from %s%s (crossfade %.0f ms)", model.name, path,
                  f" into layer {layer.name}" if self.rack else "", 1000 * self.cfg.crossfade)
         return model.name
@@ -463,6 +466,19 @@ def _look_again(state: recovery.ResumeState, cfg: DaemonConfig, notifier: Notifi
     return 0
 
 
+def _leave(code: int, abandoned: bool = False) -> int:
+    """`code`, once PortAudio is cleaned up within its bound. When that hangs, or a stream or MIDI
+    client was left open (its clean-up at exit would block or abort), exit at once without
+    the interpreter's clean-up, threads and all."""
+    if abandoned or not release_portaudio():
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.resolve(args)
@@ -472,20 +488,22 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level)
     resumed = recovery.take_resume_state()
     notifier = Notifier()
+    daemon: Daemon | None = None
     try:
         daemon = Daemon(cfg, resumed, args, notifier)
         daemon.start()
     except AudioError as exc:
+        left_open = daemon is not None and daemon.abandoned
         if resumed is None:
             log.error("%s", exc)
             notifier.send(STATUS=f"failed: {exc}")
-            return 1
+            return _leave(1, left_open)
         # the device went away again between the look that found it and this start
-        return _look_again(resumed, cfg, notifier, str(exc))
+        return _leave(_look_again(resumed, cfg, notifier, str(exc)), left_open)
     except (ModelError, PatchError, MidiError, OSError) as exc:
         log.error("%s", exc)
         notifier.send(STATUS=f"failed: {exc}")
-        return 1
+        return _leave(1, daemon is not None and daemon.abandoned)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.quit())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
@@ -503,12 +521,4 @@ def run(args: argparse.Namespace) -> int:
         daemon.shutdown()
     log.info("stopped; underruns %d, NaN blocks %d, invalid messages %d, audio losses %d",
              status.get("underruns", 0), status.get("nan_blocks", 0), status["invalid"], status["audio_losses"])
-    if not release_portaudio() or daemon.abandoned:
-        # PortAudio's and libjack's clean-up at exit would block or abort on the client left
-        # open: leave without it, threads and all
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(0)
-    return 0
+    return _leave(0, daemon.abandoned)
