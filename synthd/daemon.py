@@ -70,6 +70,7 @@ def freeze_heap(collect: bool = False) -> None:
     if collect:
         gc.collect()
     gc.freeze()
+    log.debug("heap: %d objects frozen", gc.get_freeze_count())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
