@@ -493,18 +493,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemon = Daemon(cfg, resumed, args, notifier)
         daemon.start()
-    except AudioError as exc:
+    except (AudioError, ModelError, PatchError, MidiError, OSError) as exc:
         left_open = daemon is not None and daemon.abandoned
-        if resumed is None:
-            log.error("%s", exc)
-            notifier.send(STATUS=f"failed: {exc}")
-            return _leave(1, left_open)
-        # the device went away again between the look that found it and this start
-        return _leave(_look_again(resumed, cfg, notifier, str(exc)), left_open)
-    except (ModelError, PatchError, MidiError, OSError) as exc:
+        if isinstance(exc, AudioError) and resumed is not None:
+            # the device went away again between the look that found it and this start
+            return _leave(_look_again(resumed, cfg, notifier, str(exc)), left_open)
         log.error("%s", exc)
         notifier.send(STATUS=f"failed: {exc}")
-        return _leave(1, daemon is not None and daemon.abandoned)
+        return _leave(1, left_open)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.quit())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
