@@ -206,6 +206,8 @@ class LiveOutput:
         self.engine.stage_deferred = self._resampler is None
         while self._ring.fill < self.target_fill:
             self._render_one()
+        if self._feeder is not None:
+            self._feeder.hold()
         if self.source is not None:
             self.source.on_data = self._wake.set
             if not self.source.opened:
@@ -232,8 +234,6 @@ class LiveOutput:
             raise AudioError(f"cannot open audio device {self.device_name!r} at "
                              f"{self.sample_rate} Hz: {exc}") from None
         self._stream_latency_s = float(self._stream.latency)
-        if self._feeder is not None:  # what came in while the stream opened would add latency
-            self._feeder.resync()
         log.info("audio: %s at %d Hz%s, latency %.1f ms", self.device_name, self.sample_rate,
                  " (resampled)" if self._resampler is not None else "", self.latency_ms)
 
@@ -375,6 +375,8 @@ class LiveOutput:
         if status.output_underflow:
             self.output_underflows += 1
             self._xrun_at = now
+        if self._feeder is not None:
+            self._feeder.playing()
         got = self._ring.read_into(outdata)
         if got < frames and not self._faded.is_set():
             self.ring_underruns += 1

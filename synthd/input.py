@@ -205,16 +205,27 @@ class InputFeeder:
         self.source = source
         self.block = block_frames
         self._resync = False
+        self._holding = True
 
-    def resync(self) -> None:
-        """Forget the input that came before now (not counted): the output has just started, and
-        what came in while it opened would stay in the ring as latency."""
-        self._resync = True
+    def hold(self) -> None:
+        """Let input go, uncounted, until the output plays (`playing`): rendered meanwhile, it
+        would pile up in the ring as latency, and be dropped as overruns once the ring was full."""
+        self._holding = True
+
+    def playing(self) -> None:
+        """The output has called for its first block since `hold`: input from now on is rendered,
+        what came before is forgotten (not counted). Cheap enough for the audio callback."""
+        if self._holding:
+            self._resync = True
+            self._holding = False
 
     def next_block(self, output_fill: int, target_fill: int) -> tuple[bool, np.ndarray | None]:
         """(render now?, the input block or None for silence), given the output ring's fill and the
         fill the render thread keeps it at."""
         source = self.source
+        if self._holding:
+            source.read(source.available() - source.available() % self.block)
+            return False, None
         if self._resync:
             self._resync = False
             source.read(max(0, source.available() - source.available() % self.block))

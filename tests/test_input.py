@@ -230,6 +230,10 @@ def test_the_feeder_renders_input_as_it_comes_and_bounds_the_latency():
     src = _Source()
     feeder = InputFeeder(src.live, 256)
     target = 512
+    src.arrive(20)  # before the output plays, input goes, uncounted: it would pile up as latency
+    assert feeder.next_block(target, target) == (False, None)
+    assert src.live.available() == 0 and src.live.overruns == 0
+    feeder.playing()  # the output's first callback
     assert feeder.next_block(target, target) == (False, None)  # nothing yet, the ring is full enough
     src.arrive(3)  # the render thread was held up: every block is rendered, in order
     got = [feeder.next_block(target - 512, target) for _ in range(3)]
@@ -240,7 +244,9 @@ def test_the_feeder_renders_input_as_it_comes_and_bounds_the_latency():
     go, block = feeder.next_block(target - 257, target)  # no input and the ring about to run dry
     assert go and block is None and src.live.underruns == 1
     src.arrive(2)
-    feeder.resync()  # the output just started: what came before is forgotten, uncounted
+    feeder.hold()  # the output restarts (its device came back)
+    src.arrive(2)
+    feeder.playing()  # and plays: what came before is forgotten, uncounted
     assert feeder.next_block(0, target) == (True, None) and src.live.available() == 0
     assert src.live.overruns == 1
 
