@@ -37,8 +37,11 @@ from training.pitch import VOICED_THRESHOLD, PitchTracker  # noqa: E402
 
 HOLD_OUT_EVERY = 6
 # harmonic: the defaults; previous: the decoder before the harmonic head; centred: the defaults with
-# the encoder's blocks centred (2 frames of look-ahead each, 6 in all), as before causal encoders
-RUNS = {"harmonic": "", "previous": "[model]\nharmonics = 0\n", "centred": "[model]\nencoder_causal = false\n"}
+# the encoder's blocks centred (2 frames of look-ahead each, 6 in all), as before causal encoders;
+# fft-1024: the defaults with analysis and synthesis windows of 1024 (a frame more look-ahead and
+# residual latency), as before windows of 768
+RUNS = {"harmonic": "", "previous": "[model]\nharmonics = 0\n", "centred": "[model]\nencoder_causal = false\n",
+        "fft-1024": "[model]\nn_fft = 1024\n"}
 
 
 @torch.no_grad()

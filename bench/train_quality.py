@@ -2,7 +2,8 @@
 
 Builds each set from sounds installed on this machine (a Hydrogen drum kit: ElectricEmpireKit,
 on which the defaults were tuned, or another with `--kit`; notes of several instruments
-rendered from FluidR3_GM.sf2 with fluidsynth), holds every fifth file out, prepares the rest,
+rendered from FluidR3_GM.sf2 with fluidsynth; triads of the same instruments with `--set
+chords`), holds every fifth file out, prepares the rest,
 and trains with the default config (and, with `--augment both`, again with every augmentation
 off) for a wall-clock budget. Every `--every` minutes it loads the run's latest checkpoint and
 prints, over the held-out files (and at the end the same for the best checkpoint on the run's
@@ -16,6 +17,7 @@ own validation files, which is what `synthd-train export` writes):
 
     .venv/bin/python bench/train_quality.py --set drums --minutes 20
     .venv/bin/python bench/train_quality.py --set drums --kit "circAfrique v4" --minutes 20
+    .venv/bin/python bench/train_quality.py --set chords --augment on --minutes 12
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 # General MIDI programs: piano, vibraphone, nylon guitar, violin, cello, trumpet, flute, synth lead
 GM_PROGRAMS = (0, 11, 24, 40, 42, 56, 73, 81)
 GM_PITCHES = (43, 52, 60, 67, 76)
+# --set chords: major, minor, first inversion, minor in open voicing, on four roots
+CHORD_ROOTS = (48, 55, 60, 64)
+CHORD_SHAPES = ((0, 4, 7), (0, 3, 7), (0, 3, 8), (0, 7, 15))
 HOLD_OUT_EVERY = 5
 NOISE_FFT = 2048
 
@@ -65,37 +70,49 @@ def build_drums(folder: Path, kit: str = DEFAULT_KIT) -> list[Path]:
     return out
 
 
-def build_gm(folder: Path, kit: str = "") -> list[Path]:
-    """One WAV per (program, pitch): a 1.2 s note and its release, rendered by fluidsynth."""
+def render_notes(wav: Path, program: int, notes: tuple[int, ...]) -> Path:
+    """`notes` struck together on General MIDI `program`: held 1.2 s, then their release (0.8 s),
+    rendered by fluidsynth into `wav` (kept when it exists)."""
     import mido
 
+    if wav.exists():
+        return wav
     if not SOUNDFONT.exists():
         raise SystemExit(f"{SOUNDFONT}: no soundfont (Debian package fluid-soundfont-gm)")
+    song = mido.MidiFile(ticks_per_beat=480)
+    track = mido.MidiTrack()
+    song.tracks.append(track)
+    track.append(mido.MetaMessage("set_tempo", tempo=500000))  # 1 beat = 0.5 s
+    track.append(mido.Message("program_change", program=program, time=0))
+    for note in notes:
+        track.append(mido.Message("note_on", note=note, velocity=100, time=0))
+    for i, note in enumerate(notes):
+        track.append(mido.Message("note_off", note=note, velocity=0, time=int(1.2 * 960) if i == 0 else 0))
+    track.append(mido.MetaMessage("end_of_track", time=int(0.8 * 960)))
+    with tempfile.TemporaryDirectory() as tmp:
+        mid = Path(tmp) / "notes.mid"
+        song.save(mid)
+        subprocess.run(["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.6", "-r", "48000", "-F", str(wav),
+                        str(SOUNDFONT), str(mid)], check=True, capture_output=True)
+    return wav
+
+
+def build_gm(folder: Path, kit: str = "") -> list[Path]:
+    """One WAV per (program, pitch): a 1.2 s note and its release, rendered by fluidsynth."""
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for program in GM_PROGRAMS:
-        for pitch in GM_PITCHES:
-            wav = folder / f"gm{program:03d}_{pitch}.wav"
-            out.append(wav)
-            if wav.exists():
-                continue
-            song = mido.MidiFile(ticks_per_beat=480)
-            track = mido.MidiTrack()
-            song.tracks.append(track)
-            track.append(mido.MetaMessage("set_tempo", tempo=500000))  # 1 beat = 0.5 s
-            track.append(mido.Message("program_change", program=program, time=0))
-            track.append(mido.Message("note_on", note=pitch, velocity=100, time=0))
-            track.append(mido.Message("note_off", note=pitch, velocity=0, time=int(1.2 * 960)))
-            track.append(mido.MetaMessage("end_of_track", time=int(0.8 * 960)))
-            with tempfile.TemporaryDirectory() as tmp:
-                mid = Path(tmp) / "note.mid"
-                song.save(mid)
-                subprocess.run(["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.6", "-r", "48000", "-F", str(wav),
-                                str(SOUNDFONT), str(mid)], check=True, capture_output=True)
-    return out
+    return [render_notes(folder / f"gm{program:03d}_{pitch}.wav", program, (pitch,))
+            for program in GM_PROGRAMS for pitch in GM_PITCHES]
 
 
-SETS = {"drums": build_drums, "gm": build_gm}
+def build_chords(folder: Path, kit: str = "") -> list[Path]:
+    """One WAV per (program, chord): a triad in root position or an inversion, major or minor
+    (what the residual path plays: the harmonic head follows one pitch)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [render_notes(folder / f"chord{program:03d}_{root}.wav", program, tuple(root + i for i in shape))
+            for program in GM_PROGRAMS for root, shape in zip(CHORD_ROOTS, CHORD_SHAPES)]
+
+
+SETS = {"drums": build_drums, "gm": build_gm, "chords": build_chords}
 
 
 def shaped_noise(x: np.ndarray, seed: int) -> np.ndarray:

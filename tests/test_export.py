@@ -130,8 +130,8 @@ def test_metadata_follows_the_contract(exported):
     meta = json.loads(_load(out).metadata())
     assert meta["format"] == "synthd-model" and meta["format_version"] == 1
     assert (meta["sample_rate"], meta["channels"], meta["latent_size"], meta["hop"]) == (48000, 1, INPUTS, 256)
-    assert meta["latency_samples"] == 768
-    assert meta["latency"] == {"residual_samples": 768, "harmonic_samples": 256, "encode_samples": 3 * 256}
+    assert meta["latency_samples"] == 512
+    assert meta["latency"] == {"residual_samples": 512, "harmonic_samples": 256, "encode_samples": 2 * 256}
     assert meta["pitch"]["estimator"].startswith("yin") and meta["run"]["model"]["vae_latent_size"] == 4
     labels = [c["label"] for c in meta["controls"]]
     assert len(set(labels)) == INPUTS and all(re.fullmatch(r"[a-z0-9_]+", label) for label in labels)
@@ -156,9 +156,9 @@ def test_encode_returns_control_coordinates_deterministically(exported):
     meta = json.loads(model.metadata())
     # encode streams: output frame k describes input frame k - lag
     lag = meta["latency"]["encode_samples"] // 256
-    # the encoder's analysis window and the pitch tracker each reach 3 frames ahead (the window's
-    # centre 2, the octave check 1); the encoder's causal blocks none
-    assert lag == 3
+    # the encoder's analysis window (768) and the pitch tracker's (half a window of 1024) each
+    # reach 2 frames ahead; the encoder's causal blocks and the octave check none
+    assert lag == 2
     us = []
     with torch.no_grad():
         for f in dataset.files:
@@ -176,7 +176,7 @@ def test_encode_returns_control_coordinates_deterministically(exported):
             torch.testing.assert_close(u[0, 1], stored[1], rtol=0, atol=1e-4)
             voiced = torch.nonzero(stored[1] > 0.5).flatten()
             if len(voiced):
-                first = int(voiced[0]) + 1  # the octave check reads one frame either side
+                first = int(voiced[0])
                 torch.testing.assert_close(u[0, 0, first:], stored[0, first:], rtol=0, atol=1e-4)
             # offset + basis @ u is the VAE's posterior mean: the file's dimensions are its controls
             z = model.offset + torch.matmul(model.basis, u[:, 2:])

@@ -15,6 +15,7 @@ from support.jack import Player, Recorder, jack_server  # noqa: F401  (fixture)
 from support.pitched_model import build_pitched_model
 from support.spectrum import assert_plays, note_hz
 from support.synthd_proc import OscClient, SynthdProcess
+from synthd.model import load_model
 from synthd.render import render_performance
 
 RATE = 48000
@@ -69,7 +70,8 @@ def test_a_tone_comes_out_at_its_pitch_within_the_latency_synthd_prints(rig):
     start = onset(played, 0.01)
     delay_ms = 1000.0 * (onset(out, 0.01) - start) / RATE
     printed = float(re.search(r"input synthd:in_1: ([\d.]+) ms to the output", rig["proc"].startup).group(1))
-    lag_ms = 1000.0 * 3 * 256 / RATE  # the encoder's and the tracker's look-ahead in the model's metadata
+    # the encoder's and the tracker's look-ahead, as the model's metadata states it
+    lag_ms = 1000.0 * load_model(rig["model"]).encode_lag_samples / RATE
     assert lag_ms - 5 < delay_ms < printed + 10, (delay_ms, printed)
     assert_plays(out[start + RATE // 4:start + 3 * RATE // 4], RATE, [57], cents=5.0, window_s=0.1)
     # the input stops: the output falls silent, no drone
@@ -100,7 +102,7 @@ def test_osc_changes_transpose_and_modes_while_it_plays(rig):
 def test_status_reports_the_input(rig):
     status = rig["osc"].status()
     assert status["input"] == "synthd:in_1" and status["input_fault"] == ""
-    assert status["input_lag_ms"] == pytest.approx(16.0)  # 3 frames of 256 at 48 kHz
+    assert status["input_lag_ms"] == pytest.approx(1000.0 * 2 * 256 / RATE)  # 2 frames of 256 at 48 kHz
     assert status["input_level_db"] <= 0.0 and status["input_underruns"] >= 0 and status["input_overruns"] >= 0
 
 

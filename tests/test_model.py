@@ -69,12 +69,13 @@ def test_decoder_is_causal():
             assert not torch.allclose(out[..., k * 256:], base[..., k * 256:]), f"frame {k} changed nothing"
 
 
-@pytest.mark.parametrize("causal, ahead", [(True, 3), (False, 3 + 2 * 2)])
-def test_encoder_reads_exactly_its_look_ahead(causal, ahead):
+@pytest.mark.parametrize("causal, n_fft, ahead", [(True, 768, 2), (True, 1024, 3), (False, 768, 2 + 2 * 2)])
+def test_encoder_reads_exactly_its_look_ahead(causal, n_fft, ahead):
     """Frame t of the encoder depends on samples before (t + 1 + lookahead) * hop and on the last
-    of them: the look-ahead the model file states is the one it has (3 frames by default, its
-    analysis window's; centred blocks add kernel // 2 each)."""
-    model = tiny(encoder_blocks=2, encoder_causal=causal)
+    of them: the look-ahead the model file states is the one it has (2 frames by default, its
+    analysis window's, as the pitch tracker's; 3 with a window of 1024; centred blocks add
+    kernel // 2 each)."""
+    model = tiny(encoder_blocks=2, encoder_causal=causal, n_fft=n_fft)
     assert model.encoder.lookahead_frames == ahead
     x = torch.randn(1, 1, 256 * 24)
     t = 10
@@ -99,7 +100,7 @@ def test_a_checkpoint_from_before_causal_encoders_keeps_its_centred_blocks():
 
 def test_latency_matches_the_reach_of_one_frame():
     model = tiny()
-    assert model.latency_samples == ModelConfig().n_fft - ModelConfig().hop == 768
+    assert model.latency_samples == ModelConfig().n_fft - ModelConfig().hop == 512
     z = torch.randn(1, 4, 40)
     changed = z.clone()
     changed[:, :, 10] += 3.0  # one frame only; the decoder's convolutions spread it over later frames
@@ -285,7 +286,9 @@ def test_control_space_validation():
 def test_running_phase_gives_a_steady_partial_at_the_predicted_frequency(deviation):
     """One bin with a constant phase deviation d per frame is a pure sinusoid at the bin frequency
     plus d / (2 pi hop) cycles per sample, continuous across frames and calls. (Off the bin
-    centre a single bin loses a little level to the overlap; neighbouring bins make it up.)"""
+    centre a single bin loses a little level to the overlap and ripples at the frame rate: with
+    three windows overlapping (768 / 256), -34 dB at 3/8 of a bin off, against -50 dB with four;
+    neighbouring bins make it up.)"""
     cfg = ModelConfig(noise_branch=False, magnitude_gain=1.0, phase_gain=1.0)  # biases are the outputs
     head = VAE(cfg).decoder.head
     k, bins = 64, head.bins
@@ -309,7 +312,7 @@ def test_running_phase_gives_a_steady_partial_at_the_predicted_frequency(deviati
     residual = steady - basis @ coef
     amplitude = np.hypot(*coef)
     assert amplitude == pytest.approx(0.5, rel=0.02 if deviation == 0 else 0.15)
-    assert np.sqrt(np.mean(residual ** 2)) < 0.01 * amplitude
+    assert np.sqrt(np.mean(residual ** 2)) < (1e-4 if deviation == 0 else 0.025) * amplitude
 
 
 def test_the_harmonic_sum_by_recurrence_equals_the_table_of_sines():

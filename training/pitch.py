@@ -12,10 +12,17 @@ across that block. The YIN window is centred there and compared with the signal 
 reach back, not ahead), so the tracker looks only `window / 2` samples ahead: live input reaches
 the output sooner than with lags that reach forward.
 
-Clean-up, so that a phase accumulator driven by the result never jumps: octave errors (a frame
-12 semitones off the 3-frame median of its neighbourhood) are snapped back, and unvoiced frames
-hold the pitch of the last voiced frame (the first voiced one before any; `rest_pitch` where the
-call has none). Voicing stays the raw confidence: the decoder gates its harmonics with it.
+Clean-up, so that a phase accumulator driven by the result never jumps: octave errors (a voiced
+frame a whole number of octaves off the median of itself and the `OCTAVE_BEFORE` frames before it,
+when those are voiced too) are snapped back, and unvoiced frames hold the pitch of the last voiced
+frame (the first voiced one before any; `rest_pitch` where the call has none). Voicing stays the
+raw confidence: the decoder gates its harmonics with it.
+
+The octave check reads only frames before its own, so it adds no look-ahead: live input reaches
+the output a frame (5.3 ms) sooner than with a median centred on the frame. The price is a legato
+leap of exactly an octave, which is read one frame late (its first frame looks like an error of
+the notes before it); a note that starts after a rest or a breath is read at once, as the check
+trusts only voiced frames.
 """
 
 from __future__ import annotations
@@ -36,9 +43,9 @@ VOICED_THRESHOLD = 0.5
 SILENCE_DB = -70.0
 SILENCE_RAMP_DB = 10.0
 REST_PITCH = 60.0
-# frames either side of the median the octave check compares with: each frame of look-ahead here
-# is a frame of latency for live input
-OCTAVE_REACH = 1
+# frames before each frame that the octave check's median takes in beside it (none after it: a frame
+# of look-ahead here would be a frame of latency for live input)
+OCTAVE_BEFORE = 2
 
 
 def correlation_size(span: int, window: int) -> int:
@@ -97,7 +104,7 @@ class PitchTracker(nn.Module):
 
     __constants__ = ["sample_rate", "hop", "window", "tau_min", "tau_max", "span", "n_fft", "threshold",
                      "voiced_threshold", "rest_pitch", "silence_db", "silence_ramp_db", "yin_lag", "history",
-                     "before", "reach"]
+                     "before", "octave_before"]
 
     def __init__(self, sample_rate: int = 48000, hop: int = 256) -> None:
         super().__init__()
@@ -108,7 +115,7 @@ class PitchTracker(nn.Module):
         self.n_fft = correlation_size(self.span, self.window)
         self.threshold, self.voiced_threshold, self.rest_pitch = YIN_THRESHOLD, VOICED_THRESHOLD, REST_PITCH
         self.silence_db, self.silence_ramp_db = SILENCE_DB, SILENCE_RAMP_DB
-        self.reach = OCTAVE_REACH
+        self.octave_before = OCTAVE_BEFORE
         # frame t's span ends at (t + 1) * hop + window / 2, the end of its YIN window: it starts
         # `before` samples before block t, and streaming has it `yin_lag` frames after block t
         # arrived, keeping `history` samples before a call's new blocks for it
@@ -125,7 +132,7 @@ class PitchTracker(nn.Module):
                 "window": YIN_WINDOW, "threshold": YIN_THRESHOLD, "voiced_threshold": VOICED_THRESHOLD,
                 "silence_dbfs": SILENCE_DB, "frame": "value t at sample (t + 1) * hop",
                 "lags": "backward from the window", "unvoiced": "holds the last voiced pitch",
-                "octave_fix": f"snapped to the {2 * OCTAVE_REACH + 1}-frame median",
+                "octave_fix": f"snapped to the median of the frame and the {OCTAVE_BEFORE} before it, when voiced",
                 "hop": self.hop, "sample_rate": self.sample_rate}
 
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,61 +163,58 @@ class PitchTracker(nn.Module):
         """Raw estimates `(batch, frames)` -> `(batch, 2, frames)` float32 pitch and voicing."""
         pitch = hz_to_midi(f0)
         voiced = confidence > self.voiced_threshold
-        filled = self._fill(pitch, voiced)
-        reach = self.reach
-        if pitch.shape[-1] >= 2 * reach + 1:
-            padded = F.pad(filled.unsqueeze(1), (reach, reach), mode="replicate").squeeze(1)
-            pitch = self._snap_octaves(pitch, padded.unfold(-1, 2 * reach + 1, 1).median(-1).values)
-            filled = self._fill(pitch, voiced)
-        return torch.stack([filled.clamp(0.0, 127.0), confidence], 1).float()
+        # before the signal: unvoiced frames, which the octave check does not trust
+        before = self.octave_before
+        pitch = self._snap_octaves(torch.cat([torch.full_like(pitch[:, :before], self.rest_pitch), pitch], -1),
+                                   torch.cat([torch.zeros_like(voiced[:, :before]), voiced], -1))
+        return torch.stack([self._fill(pitch, voiced).clamp(0.0, 127.0), confidence], 1).float()
 
     @property
     def lookahead_frames(self) -> int:
         """Streaming gives frame t this many frames after its own block arrived: the YIN span's
-        reach past its window's centre and the octave check's `reach` frames."""
-        return self.yin_lag + self.reach
+        reach past its window's centre (the octave check reads no frame after its own)."""
+        return self.yin_lag
 
     def initial_state(self, batch: int) -> list[Tensor]:
-        """The start of a stream: silence before it, the octave check's `2 * reach` unvoiced frames,
-        `rest_pitch` held (the last voiced pitch before and after the octave check), the count of
-        frames received."""
-        rest = torch.full((batch, 1), self.rest_pitch)
-        kept = 2 * self.reach
+        """The start of a stream: silence before it, the octave check's `octave_before` unvoiced
+        frames, `rest_pitch` held (the last voiced pitch before the stream)."""
+        kept = self.octave_before
         return [torch.zeros(batch, self.history), torch.full((batch, kept), self.rest_pitch),
-                torch.zeros(batch, kept), rest, rest.clone(), torch.zeros(1, dtype=torch.long)]
+                torch.zeros(batch, kept), torch.full((batch, 1), self.rest_pitch)]
 
     def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Streaming: `x` `(batch, 1, samples)` continuing the stream of `state` -> `(batch, 2,
         samples // hop)` pitch and voicing, and the new state. Output k is frame k - lookahead_frames
         of the stream, as `forward` reads it on the whole, except that unvoiced frames before the
-        first voiced one hold `rest_pitch` (a stream cannot know its first note in advance) and the
-        octave check near the start sees the unvoiced frames before the signal. Chunked calls equal
-        one call."""
+        first voiced one hold `rest_pitch` (a stream cannot know its first note in advance).
+        Chunked calls equal one call."""
         frames = x.shape[-1] // self.hop
         audio = torch.cat([state[0], x.reshape(x.shape[0], -1)[:, :frames * self.hop].float()], -1)
         f0, confidence = self._estimate(audio.unfold(-1, self.span, self.hop)[:, :frames])
-        # the last 2 * reach frames of the previous call, then the new: the median of each frame
-        # whose `reach` successors are known
-        reach = self.reach
+        # the previous call's last `octave_before` frames, then the new ones
         pitch = torch.cat([state[1], hz_to_midi(f0)], -1)
         confidence = torch.cat([state[2], confidence], -1)
         voiced = confidence > self.voiced_threshold
-        filled = self._fill_from(pitch, voiced, state[3])
-        median = filled.unfold(-1, 2 * reach + 1, 1).median(-1).values
-        centre = self._snap_octaves(pitch[:, reach:reach + frames], median)
-        fixed = self._fill_from(centre, voiced[:, reach:reach + frames], state[4])
-        out = torch.stack([fixed.clamp(0.0, 127.0), confidence[:, reach:reach + frames]], 1)
+        before = self.octave_before
+        fixed = self._fill_from(self._snap_octaves(pitch, voiced), voiced[:, before:], state[3])
+        out = torch.stack([fixed.clamp(0.0, 127.0), confidence[:, before:]], 1)
         new_state = [audio[:, audio.shape[1] - self.history:], pitch[:, frames:], confidence[:, frames:],
-                     filled[:, frames - 1:frames] if frames > 0 else state[3],
-                     fixed[:, frames - 1:frames] if frames > 0 else state[4], state[5] + frames]
+                     fixed[:, frames - 1:frames] if frames > 0 else state[3]]
         return out, new_state
 
-    def _snap_octaves(self, pitch: Tensor, median: Tensor) -> Tensor:
-        """`pitch` with each frame a whole number of octaves (within a semitone) off `median`
-        moved back onto it."""
-        octaves = torch.round((pitch - median) / 12.0)
-        off = (octaves != 0) & ((pitch - median - 12.0 * octaves).abs() < 1.0)
-        return torch.where(off, pitch - 12.0 * octaves, pitch)
+    def _snap_octaves(self, pitch: Tensor, voiced: Tensor) -> Tensor:
+        """Raw pitch and voicing `(batch, octave_before + frames)` -> the last `frames` frames of
+        `pitch`, each moved back onto the median of itself and the `octave_before` frames before it
+        where it lies a whole number of octaves (within a semitone) off that median and those
+        frames are voiced (a note after a rest may lie an octave from the last one)."""
+        before = self.octave_before
+        window = pitch.unfold(-1, before + 1, 1)
+        trusted = voiced.unfold(-1, before + 1, 1)[..., :before].all(-1)
+        median = window.median(-1).values
+        own = pitch[:, before:]
+        octaves = torch.round((own - median) / 12.0)
+        off = trusted & (octaves != 0) & ((own - median - 12.0 * octaves).abs() < 1.0)
+        return torch.where(off, own - 12.0 * octaves, own)
 
     def _fill_from(self, pitch: Tensor, voiced: Tensor, before: Tensor) -> Tensor:
         """Each unvoiced frame of `pitch` `(batch, frames)` takes the last voiced frame's pitch, or
