@@ -127,6 +127,11 @@ def test_octave_check_fixes_an_octave_error_and_reads_new_notes_without_look_ahe
     assert read([a3] * 5 + [a4] * 5, [0.9] * 10) == [57.0] * 6 + [69.0] * 4
     # a real interval is never moved
     assert read([a3] * 5 + [a3 * 2 ** (7 / 12)] * 5, [0.9] * 10) == [57.0] * 5 + [64.0] * 5
+    # shorter than the check's reach: a one-frame file, and none
+    assert read([a4], [0.9]) == [69.0] and read([], []) == []
+    state = tracker.initial_state(1)
+    out, state = tracker.step(torch.zeros(1, 1, 100), state)  # less than a hop: no frame yet
+    assert out.shape == (1, 2, 0) and len(state) == len(tracker.initial_state(1))
 
 
 def test_tracker_scripts_and_matches_itself():

@@ -162,11 +162,14 @@ class PitchTracker(nn.Module):
     def finish(self, f0: Tensor, confidence: Tensor) -> Tensor:
         """Raw estimates `(batch, frames)` -> `(batch, 2, frames)` float32 pitch and voicing."""
         pitch = hz_to_midi(f0)
+        if pitch.shape[-1] == 0:  # shorter than a frame
+            return torch.stack([pitch, confidence], 1).float()
         voiced = confidence > self.voiced_threshold
         # before the signal: unvoiced frames, which the octave check does not trust
         before = self.octave_before
-        pitch = self._snap_octaves(torch.cat([torch.full_like(pitch[:, :before], self.rest_pitch), pitch], -1),
-                                   torch.cat([torch.zeros_like(voiced[:, :before]), voiced], -1))
+        rest = torch.full((pitch.shape[0], before), self.rest_pitch, dtype=pitch.dtype, device=pitch.device)
+        unvoiced = torch.zeros((voiced.shape[0], before), dtype=torch.bool, device=voiced.device)
+        pitch = self._snap_octaves(torch.cat([rest, pitch], -1), torch.cat([unvoiced, voiced], -1))
         return torch.stack([self._fill(pitch, voiced).clamp(0.0, 127.0), confidence], 1).float()
 
     @property
@@ -189,6 +192,8 @@ class PitchTracker(nn.Module):
         first voiced one hold `rest_pitch` (a stream cannot know its first note in advance).
         Chunked calls equal one call."""
         frames = x.shape[-1] // self.hop
+        if frames == 0:  # shorter than a frame: samples past a whole frame are not used
+            return torch.zeros(x.shape[0], 2, 0), state
         audio = torch.cat([state[0], x.reshape(x.shape[0], -1)[:, :frames * self.hop].float()], -1)
         f0, confidence = self._estimate(audio.unfold(-1, self.span, self.hop)[:, :frames])
         # the previous call's last `octave_before` frames, then the new ones
@@ -199,7 +204,7 @@ class PitchTracker(nn.Module):
         fixed = self._fill_from(self._snap_octaves(pitch, voiced), voiced[:, before:], state[3])
         out = torch.stack([fixed.clamp(0.0, 127.0), confidence[:, before:]], 1)
         new_state = [audio[:, audio.shape[1] - self.history:], pitch[:, frames:], confidence[:, frames:],
-                     fixed[:, frames - 1:frames] if frames > 0 else state[3]]
+                     fixed[:, frames - 1:frames]]
         return out, new_state
 
     def _snap_octaves(self, pitch: Tensor, voiced: Tensor) -> Tensor:
@@ -208,10 +213,12 @@ class PitchTracker(nn.Module):
         where it lies a whole number of octaves (within a semitone) off that median and those
         frames are voiced (a note after a rest may lie an octave from the last one)."""
         before = self.octave_before
+        own = pitch[:, before:]
+        if own.shape[-1] == 0:  # a call shorter than a frame
+            return own
         window = pitch.unfold(-1, before + 1, 1)
         trusted = voiced.unfold(-1, before + 1, 1)[..., :before].all(-1)
         median = window.median(-1).values
-        own = pitch[:, before:]
         octaves = torch.round((own - median) / 12.0)
         off = trusted & (octaves != 0) & ((own - median - 12.0 * octaves).abs() < 1.0)
         return torch.where(off, own - 12.0 * octaves, own)
