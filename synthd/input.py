@@ -223,12 +223,11 @@ class InputFeeder:
         """(render now?, the input block or None for silence), given the output ring's fill and the
         fill the render thread keeps it at."""
         source = self.source
-        if self._holding:
+        if self._holding or self._resync:  # forget the whole blocks that came before now
             source.read(source.available() - source.available() % self.block)
-            return False, None
-        if self._resync:
+            if self._holding:
+                return False, None
             self._resync = False
-            source.read(max(0, source.available() - source.available() % self.block))
         if source.available() >= self.block:
             if output_fill >= target_fill + 2 * self.block:
                 source.drop(self.block)

@@ -208,14 +208,12 @@ class PitchTracker(nn.Module):
         return out, new_state
 
     def _snap_octaves(self, pitch: Tensor, voiced: Tensor) -> Tensor:
-        """Raw pitch and voicing `(batch, octave_before + frames)` -> the last `frames` frames of
-        `pitch`, each moved back onto the median of itself and the `octave_before` frames before it
-        where it lies a whole number of octaves (within a semitone) off that median and those
-        frames are voiced (a note after a rest may lie an octave from the last one)."""
+        """Raw pitch and voicing `(batch, octave_before + frames)`, frames >= 1 -> the last `frames`
+        frames of `pitch`, each moved back onto the median of itself and the `octave_before` frames
+        before it where it lies a whole number of octaves (within a semitone) off that median and
+        those frames are voiced (a note after a rest may lie an octave from the last one)."""
         before = self.octave_before
         own = pitch[:, before:]
-        if own.shape[-1] == 0:  # a call shorter than a frame
-            return own
         window = pitch.unfold(-1, before + 1, 1)
         trusted = voiced.unfold(-1, before + 1, 1)[..., :before].all(-1)
         median = window.median(-1).values
