@@ -21,6 +21,7 @@ import torch
 
 from synthd import dsp
 from synthd.engine import Engine
+from synthd.priority import DEFAULT_PRIORITY, MAX_PRIORITY, Scheduling, lift_if_normal, make_realtime
 from synthd.ringbuffer import RingBuffer
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ class LiveOutput:
     """Plays an engine on an audio device until stopped."""
 
     def __init__(self, engine: Engine, *, device: str | int | None = None, channels: int = 2,
-                 block_frames: int = 256, ahead_blocks: int = 2, source: "LiveInput | None" = None):
+                 block_frames: int = 256, ahead_blocks: int = 2, source: "LiveInput | None" = None,
+                 render_priority: int = DEFAULT_PRIORITY):
         import sounddevice as sd
 
         if channels != engine.channels:
@@ -148,6 +150,10 @@ class LiveOutput:
         self._stream = None
         self._graveyard: list[Any] = []
         self._switch_interval = sys.getswitchinterval()
+        self.render_priority = render_priority  # SCHED_FIFO priority the render thread asks for; 0: none
+        self.scheduling: Scheduling | None = None  # what the render thread got, once it runs
+        self.callback_scheduling: Scheduling | None = None  # the device's callback thread's
+        self._callback_scheduled = False
         self.output_underflows = 0  # PortAudio's own output_underflow flags (server xruns with JACK)
         self.ring_underruns = 0  # callbacks that found the ring short, split into:
         self.late_underruns = 0  # ... while the server kept time: synthd rendered late
@@ -189,7 +195,9 @@ class LiveOutput:
                 "ring_underruns": self.ring_underruns, "late_underruns": self.late_underruns,
                 "xrun_underruns": self.xrun_underruns, "device": self.device_name,
                 "device_rate": self.sample_rate, "resampling": self._resampler is not None,
-                "latency_ms": self.latency_ms, "callbacks": self.callbacks}
+                "latency_ms": self.latency_ms, "callbacks": self.callbacks,
+                "render_scheduling": self.scheduling.describe() if self.scheduling else "",
+                "callback_scheduling": self.callback_scheduling.describe() if self.callback_scheduling else ""}
 
     # ---------------------------------------------------------------- start / stop
 
@@ -215,6 +223,7 @@ class LiveOutput:
         self.engine.backlog = self._backlog
         self.engine.output_stats = self.stats
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._callback_scheduled = False  # a new stream may call back on a new thread
         self._thread = threading.Thread(target=self._run, name="synthd-render", daemon=True)
         self._thread.start()
         try:
@@ -343,6 +352,15 @@ class LiveOutput:
 
     def _run(self) -> None:
         torch.set_num_threads(self.engine.threads)  # intra-op threads are set per thread
+        # before this thread's first model call: threads it starts (torch's pool) inherit it
+        first = self.scheduling is None
+        self.scheduling = make_realtime(self.render_priority)
+        if first and self.scheduling.refused:
+            log.warning("render thread at normal priority: realtime scheduling refused (%s). Blocks may come "
+                        "late on a busy machine; give this user an rtprio limit (the `audio` group on most "
+                        "systems) or set render_priority = 0 to not ask", self.scheduling.refused)
+        elif first:
+            log.info("render thread: %s", self.scheduling.describe())
         try:
             while not self._stop.is_set():
                 if self._faded.is_set():
@@ -372,6 +390,12 @@ class LiveOutput:
         # real-time: copy, the output stage's few vector operations on one period, count, wake
         # the renderer; no model call, no logging, no torch
         now = self._callback_at = time.monotonic()
+        if not self._callback_scheduled:
+            # once per stream: above the render thread, which must never delay the copy out of
+            # the ring (one system call, in the first callback only)
+            self._callback_scheduled = True
+            if self.render_priority:
+                self.callback_scheduling = lift_if_normal(min(self.render_priority + 1, MAX_PRIORITY))
         if status.output_underflow:
             self.output_underflows += 1
             self._xrun_at = now

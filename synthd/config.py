@@ -11,6 +11,7 @@ A config file uses the option names with underscores, all at the top level:
     block_frames = 256
     ahead_blocks = 2                     # blocks rendered ahead of the device (1: less latency, less margin)
     threads = 1
+    render_priority = 1                  # render thread's realtime (SCHED_FIFO) priority; 0: normal
     osc_host = "0.0.0.0"
     osc_port = 9000
     midi_in = "nanoKONTROL2"             # or "virtual"; empty for none
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from synthd.patch import TomlError, TomlSource, TomlTable, parse_input_gain
+from synthd.priority import DEFAULT_PRIORITY, MAX_PRIORITY
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -71,6 +73,7 @@ class DaemonConfig:
     block_frames: int = 256
     ahead_blocks: int = 2
     threads: int = 1
+    render_priority: int = DEFAULT_PRIORITY
     osc_host: str = "127.0.0.1"
     osc_port: int = 9000
     midi_in: str | None = None
@@ -106,6 +109,8 @@ class DaemonConfig:
             raise ConfigError(f"ahead_blocks {self.ahead_blocks} is outside 1..16")
         if not 1 <= self.threads <= 64:
             raise ConfigError(f"threads {self.threads} is outside 1..64")
+        if not 0 <= self.render_priority <= MAX_PRIORITY:
+            raise ConfigError(f"render_priority {self.render_priority} is outside 0..{MAX_PRIORITY}")
         if not 0 <= self.osc_port <= 65535:
             raise ConfigError(f"osc_port {self.osc_port} is not a UDP port")
         if self.log_level not in LOG_LEVELS:
@@ -136,7 +141,7 @@ class DaemonConfig:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_dir": (str,), "patch": (str,), "patch_dir": (str,), "device": (str, int),
-    "channels": (int,), "block_frames": (int,), "ahead_blocks": (int,), "threads": (int,), "osc_host": (str,), "osc_port": (int,),
+    "channels": (int,), "block_frames": (int,), "ahead_blocks": (int,), "threads": (int,), "render_priority": (int,), "osc_host": (str,), "osc_port": (int,),
     "midi_in": (str,), "input": (str,), "input_channels": (int,), "input_gain": (str, float, int), "log_level": (str,), "crossfade": (float,),
     "http_port": (int,), "http_host": (str,), "http_token": (str,), "zeroconf": (bool,),
 }
@@ -159,6 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 2; 1 takes a block off the latency of notes and controls, and leaves "
                         "less margin for a slow render)")
     parser.add_argument("--threads", type=int, help="torch threads of the render thread (default 1)")
+    parser.add_argument("--render-priority", type=int,
+                        help=f"realtime (SCHED_FIFO) priority of the render thread, 1..{MAX_PRIORITY}, or 0 for "
+                             f"normal scheduling (default {DEFAULT_PRIORITY}: the lowest realtime one, below the "
+                             "audio server's; needs an rtprio limit, else it plays at normal priority and says so)")
     parser.add_argument("--osc-host", help="OSC host to listen on (default 127.0.0.1)")
     parser.add_argument("--osc-port", type=int, help="OSC UDP port (default 9000; 0 picks a free one)")
     parser.add_argument("--midi-in", metavar="NAME|virtual", help="MIDI input: part of a port name, or `virtual`")

@@ -108,7 +108,8 @@ class Daemon:
         self.rack = Rack(self.layers) if len(self.layers) > 1 else None
         source = open_input(cfg.input, cfg.input_channels, self.engine.sample_rate) if cfg.input else None
         self.output = LiveOutput(self.rack or self.engine, device=cfg.device, channels=cfg.channels,
-                                 block_frames=cfg.block_frames, ahead_blocks=cfg.ahead_blocks, source=source)
+                                 block_frames=cfg.block_frames, ahead_blocks=cfg.ahead_blocks, source=source,
+                                 render_priority=cfg.render_priority)
         self._input_lost: str | None = None  # why the input gives nothing; None while it plays
         self._next_input_look = 0.0
         self.router = MidiRouter(*(layer.surface for layer in self.layers))

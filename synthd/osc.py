@@ -90,7 +90,8 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("late_underruns", int), ("xrun_underruns", int), ("web_clients", int), ("web_refused", int),
     ("voices", int), ("voices_sounding", int), ("voices_stolen", int), ("layers", int),
     ("input", str), ("input_underruns", int), ("input_overruns", int), ("input_level_db", float),
-    ("input_lag_ms", float), ("input_fault", str),
+    ("input_lag_ms", float), ("input_fault", str), ("render_scheduling", str),
+    ("callback_scheduling", str),
 )
 # (field of synthd.rack.Layer.summary(), OSC type) in the order /synthd/layers.reply sends them
 LAYER_FIELDS: tuple[tuple[str, type], ...] = (

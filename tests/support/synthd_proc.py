@@ -28,9 +28,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class SynthdProcess:
-    def __init__(self, server, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None):
+    def __init__(self, server, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None,
+                 wrap: tuple[str, ...] = ()):
+        """`wrap`: a command line that runs synthd's (prlimit, setpriv)."""
         self.server = server
-        cmd = [sys.executable, "-m", "synthd", "run", "--osc-port", "0", *args]
+        cmd = [*wrap, sys.executable, "-m", "synthd", "run", "--osc-port", "0", *args]
         env = {**server.env(), **(env or {})}
         env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT on a start-up timeout prints every thread's stack
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,

@@ -1,0 +1,111 @@
+"""Realtime scheduling of the render thread and the device's callback thread, through `synthd
+run` on the JACK dummy server: the threads the kernel lists under SCHED_FIFO, the status fields
+that report them, and a run where the system refuses it (CAP_SYS_NICE dropped, rtprio limit 0),
+which still plays and says why."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support.jack import jack_server, record  # noqa: F401  (jack_server is a fixture)
+from support.nnmodels import build_toy_model
+from support.synthd_proc import REPO, OscClient, SynthdProcess, rms_db
+from synthd.config import ConfigError, DaemonConfig
+from synthd.priority import make_realtime
+
+SCHED_FIFO = 1
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy_model(tmp_path_factory.mktemp("priority") / "toy.ts")
+
+
+def realtime_allowed() -> bool:
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] >= 1
+
+
+def fifo_threads(pid: int) -> list[int]:
+    """The realtime priorities of the SCHED_FIFO threads of process `pid` (from /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        rt_priority, policy = int(fields[37]), int(fields[38])  # stat fields 40 and 41
+        if policy == SCHED_FIFO:
+            found.append(rt_priority)
+    return found
+
+
+def played_db(server, client: OscClient) -> float:
+    client.send("/synthd/control/loudness", 0.9)
+    time.sleep(0.2)
+    return rms_db(record(server, 0.4, []))
+
+
+@pytest.mark.skipif(not realtime_allowed(), reason="this user may not use realtime scheduling")
+def test_the_render_thread_runs_at_realtime_priority_and_only_it(jack_server, toy):  # noqa: F811
+    with SynthdProcess(jack_server, "--model", str(toy)) as proc:
+        client = OscClient(proc.osc_address)
+        try:
+            assert played_db(jack_server, client) > -30
+            status = client.status()
+            assert status["render_scheduling"] == "realtime (SCHED_FIFO 1)"
+            # the dummy server runs without realtime, so PortAudio's callback thread came normal:
+            # synthd lifts it above the render thread
+            assert status["callback_scheduling"] == "realtime (SCHED_FIFO 2)"
+            assert sorted(fifo_threads(proc.proc.pid)) == [1, 2]
+        finally:
+            client.close()
+    with SynthdProcess(jack_server, "--model", str(toy), "--render-priority", "0") as proc:
+        client = OscClient(proc.osc_address)
+        try:
+            assert played_db(jack_server, client) > -30
+            status = client.status()
+            assert (status["render_scheduling"], status["callback_scheduling"]) == ("normal", "")
+            assert fifo_threads(proc.proc.pid) == []
+        finally:
+            client.close()
+
+
+@pytest.mark.skipif(not (shutil.which("setpriv") and shutil.which("prlimit")), reason="needs util-linux")
+def test_a_refused_realtime_priority_is_reported_and_synthd_still_plays(jack_server, toy):  # noqa: F811
+    no_realtime = ("prlimit", "--rtprio=0:0", "setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice", "--")
+    with SynthdProcess(jack_server, "--model", str(toy), wrap=no_realtime) as proc:
+        client = OscClient(proc.osc_address)
+        try:
+            assert played_db(jack_server, client) > -30
+            status = client.status()
+            refused = "normal (realtime refused: Operation not permitted; this user's rtprio limit is 0)"
+            assert status["render_scheduling"] == status["callback_scheduling"] == refused
+            assert status["late_underruns"] == 0
+            assert fifo_threads(proc.proc.pid) == []
+        finally:
+            client.close()
+    assert proc.proc.returncode == 0
+    warnings = [line for line in proc.lines if "render thread at normal priority" in line]
+    assert len(warnings) == 1 and "rtprio limit is 0" in warnings[0] and "WARNING" in warnings[0]
+
+
+def test_render_priority_out_of_range_is_refused_by_name(toy):
+    with pytest.raises(ConfigError, match=r"render_priority 99 is outside 0..98"):
+        DaemonConfig(model=str(toy), render_priority=99).check()
+    run = subprocess.run([sys.executable, "-m", "synthd", "run", "--model", str(toy), "--render-priority", "-1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "render_priority -1 is outside 0..98" in run.stderr
+
+
+def test_asking_for_no_realtime_priority_changes_nothing():
+    before = os.sched_getscheduler(0)
+    assert make_realtime(0).describe() == "normal"
+    assert os.sched_getscheduler(0) == before
