@@ -40,6 +40,7 @@ import json
 import math
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -198,6 +199,8 @@ def main() -> int:
                         "(default 0: no notes)")
     parser.add_argument("--web-clients", type=int, default=0, help="WebSocket clients listening to every "
                         "control (default 0: no HTTP)")
+    parser.add_argument("--render-priority", type=int, help="synthd's --render-priority (default: synthd's, 1); "
+                        "0 plays at normal scheduling, for a baseline")
     parser.add_argument("--ahead-blocks", type=int, help="synthd's --ahead-blocks (default: synthd's, 2); "
                         "1 is the low-latency setting for --input")
     parser.add_argument("--input", action="store_true", help="live audio input: synthd run --input virtual, "
@@ -217,6 +220,8 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
     extra: tuple[str, ...] = ("--http-port", "0") if args.web_clients else ()
     if args.ahead_blocks is not None:
         extra += ("--ahead-blocks", str(args.ahead_blocks))
+    if args.render_priority is not None:
+        extra += ("--render-priority", str(args.render_priority))
     model = args.model
     if args.input:
         extra += ("--input", "virtual")
@@ -266,6 +271,9 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
         for w in workers:
             w.start()
         total = args.minutes * 60.0
+        hiccups = live.enter_context(subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("hiccups.py")), str(total)],
+            stdout=subprocess.PIPE, text=True))
         t0 = time.monotonic()
         try:
             while (elapsed := time.monotonic() - t0) < total:
@@ -289,6 +297,11 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
                 # rtmidi's JACK output blocks while its client gets no process cycles
                 w.join(timeout=2.0)
         stalled = [w.name for w in workers if w.is_alive()]
+        try:
+            platform = hiccups.communicate(timeout=10)[0].strip()
+        except subprocess.TimeoutExpired:
+            hiccups.kill()
+            platform = "platform stalls: the probe did not finish"
         time.sleep(0.5)
         after = rig.status()
         mem_end = vm_rss_mb(pid)
@@ -313,6 +326,9 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
           f"max {after['render_load_peak'] * block_ms:.3f}   (whole run, budget {block_ms:.2f} per block)")
     print(f"  render load         mean {after['render_load_mean']:.3f}, peak {after['render_load_peak']:.3f}"
           "   (render time / audio time)")
+    print(f"  {platform}")
+    print(f"  scheduling          render thread {after.get('render_scheduling') or 'n/a'}, "
+          f"callback thread {after.get('callback_scheduling') or 'n/a'}")
     print(f"  NaN blocks          {after['nan_blocks'] - before['nan_blocks']}")
     print(f"  messages            OSC {osc_sent[0]} ({osc_sent[0] / elapsed:.0f}/s), MIDI CC {cc_sent[0]}, "
           f"invalid {after['invalid'] - before['invalid']}, clamped {after['clamped'] - before['clamped']}")

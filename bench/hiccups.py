@@ -1,0 +1,52 @@
+"""Platform stalls: how late a high-priority thread wakes from 1 ms sleeps, with nothing of
+synthd's in its way.
+
+A thread of this process (alone, so no other Python thread holds its GIL) asks for SCHED_FIFO
+90, above anything synthd or the audio server runs, then sleeps 1 ms at a time for the given
+seconds and records how late each wake comes. Stalls it sees are the machine's (a virtual
+machine's vCPU descheduled by its host, firmware interrupts, the kernel), and no priority
+inside the guest avoids them: a render that meets one of 10 ms at 2 blocks ahead underruns
+whatever synthd does. `bench/soak.py` runs it beside synthd and prints its line, so that a late
+underrun can be weighed against what the platform did meanwhile.
+
+    .venv/bin/python bench/hiccups.py 60      # a minute; prints one line
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+PRIORITY = 90
+SLEEP_S = 0.001
+
+
+def probe(seconds: float) -> str:
+    """Sleep-and-wake for `seconds`; one line of figures (ms of lateness)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PRIORITY))
+        scheduling = f"SCHED_FIFO {PRIORITY}"
+    except (OSError, AttributeError) as exc:
+        scheduling = f"normal priority (realtime refused: {exc}), so its figures include the load's"
+    late = []
+    end = time.monotonic() + seconds
+    while (start := time.monotonic()) < end:
+        time.sleep(SLEEP_S)
+        late.append(time.monotonic() - start - SLEEP_S)
+    ms = 1000.0 * np.asarray(late)
+    counts = ", ".join(f">{limit:g} ms {int((ms > limit).sum())}" for limit in (2, 5, 10))
+    return (f"platform stalls ({scheduling} probe thread, {seconds:.0f} s of 1 ms sleeps): late by median "
+            f"{np.median(ms):.3f} ms, p99.9 {np.percentile(ms, 99.9):.2f}, max {ms.max():.2f}; {counts}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("seconds", type=float, nargs="?", default=60.0, help="how long (default 60)")
+    print(probe(parser.parse_args().seconds), flush=True)
+
+
+if __name__ == "__main__":
+    main()
