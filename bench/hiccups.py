@@ -9,12 +9,14 @@ inside the guest avoids them: a render that meets one of 10 ms at 2 blocks ahead
 whatever synthd does. `bench/soak.py` runs it beside synthd and prints its line, so that a late
 underrun can be weighed against what the platform did meanwhile.
 
-    .venv/bin/python bench/hiccups.py 60      # a minute; prints one line
+    .venv/bin/python bench/hiccups.py 60                    # a minute; prints one line
+    .venv/bin/python bench/hiccups.py 60 --stalls-over 4    # and when each stall over 4 ms came
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -24,28 +26,37 @@ PRIORITY = 90
 SLEEP_S = 0.001
 
 
-def probe(seconds: float) -> str:
-    """Sleep-and-wake for `seconds`; one line of figures (ms of lateness)."""
+def probe(seconds: float) -> tuple[str, list[float]]:
+    """Sleep-and-wake for `seconds`; one line of figures (ms of lateness), and every wake's
+    `time.monotonic()` (the same clock in every process) with its lateness in ms."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PRIORITY))
         scheduling = f"SCHED_FIFO {PRIORITY}"
     except (OSError, AttributeError) as exc:
         scheduling = f"normal priority (realtime refused: {exc}), so its figures include the load's"
-    late = []
+    late, woke = [], []
     end = time.monotonic() + seconds
     while (start := time.monotonic()) < end:
         time.sleep(SLEEP_S)
-        late.append(time.monotonic() - start - SLEEP_S)
+        woke.append(now := time.monotonic())
+        late.append(now - start - SLEEP_S)
     ms = 1000.0 * np.asarray(late)
     counts = ", ".join(f">{limit:g} ms {int((ms > limit).sum())}" for limit in (2, 5, 10))
-    return (f"platform stalls ({scheduling} probe thread, {seconds:.0f} s of 1 ms sleeps): late by median "
+    line = (f"platform stalls ({scheduling} probe thread, {seconds:.0f} s of 1 ms sleeps): late by median "
             f"{np.median(ms):.3f} ms, p99.9 {np.percentile(ms, 99.9):.2f}, max {ms.max():.2f}; {counts}")
+    return line, list(zip(woke, ms.tolist()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("seconds", type=float, nargs="?", default=60.0, help="how long (default 60)")
-    print(probe(parser.parse_args().seconds), flush=True)
+    parser.add_argument("--stalls-over", type=float, metavar="MS",
+                        help="then print, as a JSON line, [monotonic time, ms] of every wake later than MS")
+    args = parser.parse_args()
+    line, wakes = probe(args.seconds)
+    print(line, flush=True)
+    if args.stalls_over is not None:
+        print(json.dumps([(t, round(ms, 3)) for t, ms in wakes if ms > args.stalls_over]), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ against half a period (the worst 22 s window seen at the reports), and the input
 fault. The model is --model, else make demo's model, else the tests' pitched model (the real
 export's streaming encoder and pitch tracker, a tiny decoder).
 
+Beside synthd, `bench/hiccups.py` (a SCHED_FIFO 90 thread of its own process, waking every 1 ms)
+counts the machine's own stalls: a virtual machine's host can stall every thread of the guest
+for 10 ms, and one such stall at 2 blocks ahead is an underrun no priority inside the guest
+avoids. A thread of this script polls synthd's late underruns every 0.25 s, and the summary says
+how many of the intervals in which they came also held a stall over 4 ms that the probe saw,
+against the share of all intervals that held one (what chance alone would give).
+
 Targets: no underrun that synthd causes (a ring found empty while the server kept time;
 those right after a server xrun are the server's), memory growth < 5 MB.
 
@@ -52,11 +59,15 @@ from typing import Callable
 import numpy as np
 
 from live_rig import DEMO_MODEL, LiveRig, vm_rss_mb
+from support.synthd_proc import OscClient
 
 WARMUP_S = 5.0
 REPORT_EVERY_S = 10.0
 PHRASE_S = 30.0  # --input: the phrase looped into synthd's input
 INPUT_OSC_RATE = 10.0  # --input: /synthd/input/* messages per second
+LATE_POLL_S = 0.25  # late underruns are dated to this, and weighed against the probe's stalls
+STALL_MS = 4.0  # the probe's stalls counted there: 2 blocks ahead leave a render ~9 ms of margin,
+# and a stall this long already eats most of it on a loaded host
 P99_CLEAN_S = 30.0  # from then on synthd's p99 window (its last 4096 renders, ~22 s) holds no warm-up
 
 
@@ -111,6 +122,38 @@ def chord_stream(rig: LiveRig, rate: float, stop: threading.Event, sent: list[in
     paced(rate, stop, [0], send)
     for note in held:
         rig.midi.send_message([0x80, note, 0])
+
+
+def late_watch(address: tuple[str, int], stop: threading.Event, polls: list[tuple[float, int]]) -> None:
+    """Poll synthd's late underruns every LATE_POLL_S on a socket of its own, appending
+    (time.monotonic(), count): a late underrun is dated to the interval between two polls."""
+    client = OscClient(address)
+    try:
+        while not stop.wait(LATE_POLL_S):
+            try:
+                polls.append((time.monotonic(), client.status()["late_underruns"]))
+            except TimeoutError:
+                continue
+    finally:
+        client.close()
+
+
+def coincidences(polls: list[tuple[float, int]], stalls: list[tuple[float, float]]) -> str:
+    """How many of the poll intervals in which late underruns came also held a platform stall the
+    probe saw, against the share of all intervals that held one (what chance alone would give)."""
+    intervals = list(zip(polls, polls[1:]))
+    if not intervals:
+        return "no polls"
+
+    def stalled(t0: float, t1: float) -> bool:
+        # the probe dates a stall at its late wake; the stall began up to its length before
+        return any(t0 - ms / 1000.0 <= t <= t1 for t, ms in stalls)
+
+    late = [(a, b) for a, b in intervals if b[1] > a[1]]
+    hit = sum(stalled(a[0], b[0]) for a, b in late)
+    base = sum(stalled(a[0], b[0]) for a, b in intervals) / len(intervals)
+    return (f"{hit} of the {len(late)} {LATE_POLL_S:g} s intervals with late underruns held a stall over "
+            f"{STALL_MS:g} ms that the probe saw too (chance alone: {100 * base:.1f} % of all intervals)")
 
 
 def input_phrase(rate: int, seconds: float = PHRASE_S, seed: int = 0) -> np.ndarray:
@@ -272,8 +315,12 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
             w.start()
         total = args.minutes * 60.0
         hiccups = live.enter_context(subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("hiccups.py")), str(total)],
+            [sys.executable, str(Path(__file__).with_name("hiccups.py")), str(total), "--stalls-over", str(STALL_MS)],
             stdout=subprocess.PIPE, text=True))
+        polls: list[tuple[float, int]] = []
+        watcher = threading.Thread(target=late_watch, name="late-watch", daemon=True,
+                                   args=(rig.synthd.osc_address, stop, polls))
+        watcher.start()
         t0 = time.monotonic()
         try:
             while (elapsed := time.monotonic() - t0) < total:
@@ -297,11 +344,13 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
                 # rtmidi's JACK output blocks while its client gets no process cycles
                 w.join(timeout=2.0)
         stalled = [w.name for w in workers if w.is_alive()]
+        watcher.join(timeout=5.0)
         try:
-            platform = hiccups.communicate(timeout=10)[0].strip()
+            platform, stall_line = (hiccups.communicate(timeout=10)[0].strip().splitlines() + [""])[:2]
+            together = coincidences(polls, [tuple(x) for x in json.loads(stall_line or "[]")])
         except subprocess.TimeoutExpired:
             hiccups.kill()
-            platform = "platform stalls: the probe did not finish"
+            platform, together = "platform stalls: the probe did not finish", "n/a"
         time.sleep(0.5)
         after = rig.status()
         mem_end = vm_rss_mb(pid)
@@ -327,6 +376,7 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
     print(f"  render load         mean {after['render_load_mean']:.3f}, peak {after['render_load_peak']:.3f}"
           "   (render time / audio time)")
     print(f"  {platform}")
+    print(f"    late underruns    {together}")
     print(f"  scheduling          render thread {after.get('render_scheduling') or 'n/a'}, "
           f"callback thread {after.get('callback_scheduling') or 'n/a'}")
     print(f"  NaN blocks          {after['nan_blocks'] - before['nan_blocks']}")
