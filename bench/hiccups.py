@@ -11,6 +11,7 @@ underrun can be weighed against what the platform did meanwhile.
 
     .venv/bin/python bench/hiccups.py 60                    # a minute; prints one line
     .venv/bin/python bench/hiccups.py 60 --stalls-over 4    # and when each stall over 4 ms came
+    .venv/bin/python bench/hiccups.py 60 --cpu 1            # CPU 1 alone (the soaks run one per CPU)
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ PRIORITY = 90
 SLEEP_S = 0.001
 
 
-def probe(seconds: float) -> tuple[str, list[float]]:
-    """Sleep-and-wake for `seconds`; one line of figures (ms of lateness), and every wake's
-    `time.monotonic()` (the same clock in every process) with its lateness in ms."""
+def probe(seconds: float, cpu: int | None = None) -> tuple[str, list[float]]:
+    """Sleep-and-wake for `seconds` (on CPU `cpu` alone, if given); one line of figures (ms of
+    lateness), and every wake's `time.monotonic()` (the same clock in every process) with its
+    lateness in ms."""
+    where = ""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+        where = f" on CPU {cpu}"
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PRIORITY))
         scheduling = f"SCHED_FIFO {PRIORITY}"
@@ -42,7 +48,7 @@ def probe(seconds: float) -> tuple[str, list[float]]:
         late.append(now - start - SLEEP_S)
     ms = 1000.0 * np.asarray(late)
     counts = ", ".join(f">{limit:g} ms {int((ms > limit).sum())}" for limit in (2, 5, 10))
-    line = (f"platform stalls ({scheduling} probe thread, {seconds:.0f} s of 1 ms sleeps): late by median "
+    line = (f"platform stalls ({scheduling} probe thread{where}, {seconds:.0f} s of 1 ms sleeps): late by median "
             f"{np.median(ms):.3f} ms, p99.9 {np.percentile(ms, 99.9):.2f}, max {ms.max():.2f}; {counts}")
     return line, list(zip(woke, ms.tolist()))
 
@@ -52,8 +58,10 @@ def main() -> None:
     parser.add_argument("seconds", type=float, nargs="?", default=60.0, help="how long (default 60)")
     parser.add_argument("--stalls-over", type=float, metavar="MS",
                         help="then print, as a JSON line, [monotonic time, ms] of every wake later than MS")
+    parser.add_argument("--cpu", type=int, help="pin the probe to this CPU: a virtual machine's host can "
+                        "stall one vCPU while the others run, so run one probe per CPU to see every stall")
     args = parser.parse_args()
-    line, wakes = probe(args.seconds)
+    line, wakes = probe(args.seconds, args.cpu)
     print(line, flush=True)
     if args.stalls_over is not None:
         print(json.dumps([(t, round(ms, 3)) for t, ms in wakes if ms > args.stalls_over]), flush=True)

@@ -24,11 +24,11 @@ against half a period (the worst 22 s window seen at the reports), and the input
 fault. The model is --model, else make demo's model, else the tests' pitched model (the real
 export's streaming encoder and pitch tracker, a tiny decoder).
 
-Beside synthd, `bench/hiccups.py` (a SCHED_FIFO 90 thread of its own process, waking every 1 ms)
-counts the machine's own stalls: a virtual machine's host can stall every thread of the guest
+Beside synthd, `bench/hiccups.py` (a SCHED_FIFO 90 thread of its own process, waking every 1 ms,
+one pinned to each CPU) counts the machine's own stalls: a virtual machine's host can stall every thread of the guest
 for 10 ms, and one such stall at 2 blocks ahead is an underrun no priority inside the guest
 avoids. A thread of this script polls synthd's late underruns every 0.25 s, and the summary says
-how many of the intervals in which they came also held a stall over 4 ms that the probe saw,
+how many of the intervals in which they came also held a stall over 4 ms that a probe saw,
 against the share of all intervals that held one (what chance alone would give).
 
 Targets: no underrun that synthd causes (a ring found empty while the server kept time;
@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -65,8 +66,8 @@ WARMUP_S = 5.0
 REPORT_EVERY_S = 10.0
 PHRASE_S = 30.0  # --input: the phrase looped into synthd's input
 INPUT_OSC_RATE = 10.0  # --input: /synthd/input/* messages per second
-LATE_POLL_S = 0.25  # late underruns are dated to this, and weighed against the probe's stalls
-STALL_MS = 4.0  # the probe's stalls counted there: 2 blocks ahead leave a render ~9 ms of margin,
+LATE_POLL_S = 0.25  # late underruns are dated to this, and weighed against the probes' stalls
+STALL_MS = 4.0  # the probes' stalls counted there: 2 blocks ahead leave a render ~9 ms of margin,
 # and a stall this long already eats most of it on a loaded host
 P99_CLEAN_S = 30.0  # from then on synthd's p99 window (its last 4096 renders, ~22 s) holds no warm-up
 
@@ -153,7 +154,7 @@ def coincidences(polls: list[tuple[float, int]], stalls: list[tuple[float, float
     hit = sum(stalled(a[0], b[0]) for a, b in late)
     base = sum(stalled(a[0], b[0]) for a, b in intervals) / len(intervals)
     return (f"{hit} of the {len(late)} {LATE_POLL_S:g} s intervals with late underruns held a stall over "
-            f"{STALL_MS:g} ms that the probe saw too (chance alone: {100 * base:.1f} % of all intervals)")
+            f"{STALL_MS:g} ms that a probe saw too (chance alone: {100 * base:.1f} % of all intervals)")
 
 
 def input_phrase(rate: int, seconds: float = PHRASE_S, seed: int = 0) -> np.ndarray:
@@ -314,9 +315,10 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
         for w in workers:
             w.start()
         total = args.minutes * 60.0
-        hiccups = live.enter_context(subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("hiccups.py")), str(total), "--stalls-over", str(STALL_MS)],
-            stdout=subprocess.PIPE, text=True))
+        # one probe per CPU: a host can stall the vCPU synthd's render thread is on and no other
+        probes = [live.enter_context(subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("hiccups.py")), str(total), "--stalls-over", str(STALL_MS),
+             "--cpu", str(cpu)], stdout=subprocess.PIPE, text=True)) for cpu in sorted(os.sched_getaffinity(0))]
         polls: list[tuple[float, int]] = []
         watcher = threading.Thread(target=late_watch, name="late-watch", daemon=True,
                                    args=(rig.synthd.osc_address, stop, polls))
@@ -345,12 +347,16 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
                 w.join(timeout=2.0)
         stalled = [w.name for w in workers if w.is_alive()]
         watcher.join(timeout=5.0)
-        try:
-            platform, stall_line = (hiccups.communicate(timeout=10)[0].strip().splitlines() + [""])[:2]
-            together = coincidences(polls, [tuple(x) for x in json.loads(stall_line or "[]")])
-        except subprocess.TimeoutExpired:
-            hiccups.kill()
-            platform, together = "platform stalls: the probe did not finish", "n/a"
+        platform, stalls = [], []
+        for probe in probes:
+            try:
+                line, stall_line = (probe.communicate(timeout=10)[0].strip().splitlines() + [""])[:2]
+                platform.append(line)
+                stalls += [tuple(x) for x in json.loads(stall_line or "[]")]
+            except subprocess.TimeoutExpired:
+                probe.kill()
+                platform.append("platform stalls: a probe did not finish")
+        together = coincidences(polls, stalls)
         time.sleep(0.5)
         after = rig.status()
         mem_end = vm_rss_mb(pid)
@@ -375,7 +381,8 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
           f"max {after['render_load_peak'] * block_ms:.3f}   (whole run, budget {block_ms:.2f} per block)")
     print(f"  render load         mean {after['render_load_mean']:.3f}, peak {after['render_load_peak']:.3f}"
           "   (render time / audio time)")
-    print(f"  {platform}")
+    for line in platform:
+        print(f"  {line}")
     print(f"    late underruns    {together}")
     print(f"  scheduling          render thread {after.get('render_scheduling') or 'n/a'}, "
           f"callback thread {after.get('callback_scheduling') or 'n/a'}")
