@@ -25,8 +25,8 @@ fault. The model is --model, else make demo's model, else the tests' pitched mod
 export's streaming encoder and pitch tracker, a tiny decoder).
 
 Beside synthd, `bench/hiccups.py` (a SCHED_FIFO 90 thread of its own process, waking every 1 ms,
-one pinned to each CPU) counts the machine's own stalls: a virtual machine's host can stall every thread of the guest
-for 10 ms, and one such stall at 2 blocks ahead is an underrun no priority inside the guest
+one pinned to each CPU) counts the machine's own stalls: a virtual machine's host can stall the
+guest's threads for 10 ms, and one such stall at 2 blocks ahead is an underrun no priority inside the guest
 avoids. A thread of this script polls synthd's late underruns every 0.25 s, and the summary says
 how many of the intervals in which they came also held a stall over 4 ms that a probe saw,
 against the share of all intervals that held one (what chance alone would give).

@@ -152,8 +152,7 @@ class LiveOutput:
         self._switch_interval = sys.getswitchinterval()
         self.render_priority = render_priority  # SCHED_FIFO priority the render thread asks for; 0: none
         self.scheduling: Scheduling | None = None  # what the render thread got, once it runs
-        self.callback_scheduling: Scheduling | None = None  # the device's callback thread's
-        self._callback_scheduled = False
+        self.callback_scheduling: Scheduling | None = None  # the device's callback thread's, once it runs
         self.output_underflows = 0  # PortAudio's own output_underflow flags (server xruns with JACK)
         self.ring_underruns = 0  # callbacks that found the ring short, split into:
         self.late_underruns = 0  # ... while the server kept time: synthd rendered late
@@ -223,7 +222,7 @@ class LiveOutput:
         self.engine.backlog = self._backlog
         self.engine.output_stats = self.stats
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self._callback_scheduled = False  # a new stream may call back on a new thread
+        self.callback_scheduling = None  # a new stream may call back on a new thread
         self._thread = threading.Thread(target=self._run, name="synthd-render", daemon=True)
         self._thread.start()
         try:
@@ -390,12 +389,10 @@ class LiveOutput:
         # real-time: copy, the output stage's few vector operations on one period, count, wake
         # the renderer; no model call, no logging, no torch
         now = self._callback_at = time.monotonic()
-        if not self._callback_scheduled:
+        if self.callback_scheduling is None and self.render_priority:
             # once per stream: above the render thread, which must never delay the copy out of
             # the ring (one system call, in the first callback only)
-            self._callback_scheduled = True
-            if self.render_priority:
-                self.callback_scheduling = lift_if_normal(min(self.render_priority + 1, MAX_PRIORITY))
+            self.callback_scheduling = lift_if_normal(min(self.render_priority + 1, MAX_PRIORITY))
         if status.output_underflow:
             self.output_underflows += 1
             self._xrun_at = now

@@ -44,14 +44,15 @@ def make_realtime(priority: int) -> Scheduling:
         return Scheduling(0)
     if not hasattr(os, "sched_setscheduler"):
         return Scheduling(0, "not supported on this system")
+    priority = min(priority, MAX_PRIORITY)
     try:
         # pid 0 is the calling thread on Linux, not the whole process
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(min(priority, MAX_PRIORITY)))
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         limit = _rtprio_limit()
         return Scheduling(0, reason if limit is None else f"{reason}; this user's rtprio limit is {limit}")
-    return Scheduling(min(priority, MAX_PRIORITY))
+    return Scheduling(priority)
 
 
 def lift_if_normal(priority: int) -> Scheduling:
