@@ -141,6 +141,9 @@ class LiveOutput:
         # called on the render thread just before each block (MIDI input hands over what has
         # arrived, so it plays in this block); each must return quickly and never wait
         self.before_render: list[Callable[[], object]] = []
+        # how long after a callback a render not due for a block waits before those hooks run,
+        # for events another client of the audio server delivers in the same cycle (see `_render_one`)
+        self.event_grace_s = 0.0
         self._fade = dsp.Ramp(1.0)
         self._fading_out = False
         self._faded = threading.Event()
@@ -335,6 +338,13 @@ class LiveOutput:
         return True
 
     def _render_one(self, input: np.ndarray | None = None) -> None:
+        if self.event_grace_s and self._ring.fill >= self.block_frames:
+            # the server runs the clients of one cycle side by side: a MIDI port (a client of its
+            # own) may take in a note after our callback woke this thread, and a render that
+            # drained it at once would leave that note to the next block, a period later
+            wait = self._callback_at + self.event_grace_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
         for hook in self.before_render:
             try:
                 hook()

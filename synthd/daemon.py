@@ -41,7 +41,7 @@ from synthd.audio import AudioError, LiveOutput, release_portaudio
 from synthd.config import ConfigError, DaemonConfig, LayerSpec, in_folder
 from synthd.controls import ControlSurface, engine_for, input_trim_db
 from synthd.input import open_input
-from synthd.midi import RENDER_DRAIN_LIMIT, MidiError, MidiInput, MidiRouter
+from synthd.midi import RENDER_DRAIN_LIMIT, SAME_CYCLE_GRACE_S, MidiError, MidiInput, MidiRouter
 from synthd.model import ModelError, load_model
 from synthd.osc import PREFIX, OscServer
 from synthd.patch import Patch, PatchError, default_patch, load_patch
@@ -176,6 +176,7 @@ class Daemon:
                 self.midi = MidiInput(self.router, self.cfg.midi_in, wait_for_port=resumed is not None)
                 midi = self.midi
                 self.output.before_render.append(lambda: midi.drain(RENDER_DRAIN_LIMIT, wait=False))
+                self.output.event_grace_s = SAME_CYCLE_GRACE_S
             self.output.start(fade_in_s=FADE_IN_S if resumed else 0.0)
             self.osc.start()
             if self.cfg.http_port is not None:

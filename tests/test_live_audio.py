@@ -195,3 +195,23 @@ def test_portaudio_is_released_within_its_bound(portaudio_on_jack, monkeypatch):
     for thread in threading.enumerate():  # the stuck call ends before the real PortAudio is put back
         if thread.name == "synthd-portaudio-exit":
             thread.join(5)
+
+
+def test_a_render_not_yet_due_waits_for_events_of_the_same_cycle(portaudio_on_jack, toy_models):
+    """With `event_grace_s`, a render whose block is not due for a period runs its hooks (the
+    MIDI port's drain) that long after the callback that woke it, so a note another client of
+    the server took in during that cycle is in the block; a render that is due waits for none."""
+    engine = Engine(load_model(toy_models[0]), channels=1, block_frames=256)
+    output = LiveOutput(engine, channels=1)
+    output.event_grace_s = 0.002
+    seen: list[tuple[float, int]] = []  # (seconds since the callback, ring fill) at each hook
+    output.before_render.append(lambda: seen.append((time.monotonic() - output._callback_at,
+                                                     output._ring.fill)))
+    output.start()
+    time.sleep(1.0)
+    output.stop(fade_s=0.02)
+    waited = [delay for delay, fill in seen if fill >= output.block_frames]
+    assert len(waited) > 100
+    assert min(waited) >= 0.002
+    # the wait moves each render, not the cadence: one block per callback
+    assert abs(len(seen) - output.callbacks) <= output.target_fill // output.block_frames + 1
