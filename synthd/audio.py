@@ -103,6 +103,10 @@ class LiveOutput:
             raise AudioError(f"{channels} output channels asked, but the engine renders {engine.channels}")
         self.engine = engine
         self.channels = channels
+        self.render_priority = render_priority  # SCHED_FIFO priority the render thread asks for; 0: none
+        # the device's callback thread (and an input's), where its host left it at normal: one
+        # above the render thread, which must never delay the copy out of the ring
+        self.callback_priority = min(render_priority + 1, MAX_PRIORITY) if render_priority else 0
         self.block_frames = block_frames
         info = resolve_output(device)
         self.device_index: int = info["index"]
@@ -138,6 +142,7 @@ class LiveOutput:
             from synthd.input import InputFeeder  # the input module builds on this one
 
             self._feeder = InputFeeder(source, engine.block_frames)
+            source.callback_priority = self.callback_priority
         # called on the render thread just before each block (MIDI input hands over what has
         # arrived, so it plays in this block); each must return quickly and never wait
         self.before_render: list[Callable[[], object]] = []
@@ -153,7 +158,6 @@ class LiveOutput:
         self._stream = None
         self._graveyard: list[Any] = []
         self._switch_interval = sys.getswitchinterval()
-        self.render_priority = render_priority  # SCHED_FIFO priority the render thread asks for; 0: none
         self.scheduling: Scheduling | None = None  # what the render thread got, once it runs
         self.callback_scheduling: Scheduling | None = None  # the device's callback thread's, once it runs
         self.output_underflows = 0  # PortAudio's own output_underflow flags (server xruns with JACK)
@@ -399,10 +403,9 @@ class LiveOutput:
         # real-time: copy, the output stage's few vector operations on one period, count, wake
         # the renderer; no model call, no logging, no torch
         now = self._callback_at = time.monotonic()
-        if self.callback_scheduling is None and self.render_priority:
-            # once per stream: above the render thread, which must never delay the copy out of
-            # the ring (one system call, in the first callback only)
-            self.callback_scheduling = lift_if_normal(min(self.render_priority + 1, MAX_PRIORITY))
+        if self.callback_scheduling is None and self.callback_priority:
+            # once per stream (one system call, in the first callback only)
+            self.callback_scheduling = lift_if_normal(self.callback_priority)
         if status.output_underflow:
             self.output_underflows += 1
             self._xrun_at = now

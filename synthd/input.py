@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from synthd.audio import CLOSE_TIMEOUT_S, AudioError, bounded
+from synthd.priority import Scheduling, lift_if_normal
 from synthd.ringbuffer import RingBuffer
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class LiveInput:
         self.overruns = 0  # input dropped: the ring was full, or the render thread let it pile up
         self.underruns = 0  # blocks rendered without input: none had come (late or gone)
         self.callbacks = 0
+        # SCHED_FIFO priority the callback's thread takes where its host left it at normal (0: none),
+        # and what it got, once per start: the output sets it one above its render thread
+        self.callback_priority = 0
+        self.callback_scheduling: Scheduling | None = None
         self._callback_at = 0.0
         self._open = False
         self._mix = np.zeros((8192, 1), dtype=np.float32)
@@ -78,6 +83,10 @@ class LiveInput:
     def _take(self, planes: list[np.ndarray], frames: int) -> None:
         """Callback side: the mono mix of `planes` (each `(frames,)`) into the ring."""
         self._callback_at = time.monotonic()
+        if self.callback_scheduling is None and self.callback_priority:
+            # as the output's callback: a block of input that comes late makes the render late,
+            # so the thread that brings it must not wait behind the render thread
+            self.callback_scheduling = lift_if_normal(self.callback_priority)
         self.callbacks += 1
         mix = self._mix[:frames] if frames <= self._mix.shape[0] else np.zeros((frames, 1), np.float32)
         if len(planes) == 1:
@@ -97,6 +106,7 @@ class JackInput(LiveInput):
         self._client = None
 
     def start(self) -> None:
+        self.callback_scheduling = None  # a new client: a new thread
         try:
             import jack
         except (ImportError, OSError) as exc:
@@ -144,6 +154,8 @@ class DeviceInput(LiveInput):
 
     def start(self) -> None:
         import sounddevice as sd
+
+        self.callback_scheduling = None  # a new stream: a new thread
 
         try:
             info = sd.query_devices(int(self._device) if self._device.isdigit() else self._device, "input")

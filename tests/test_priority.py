@@ -1,4 +1,4 @@
-"""Realtime scheduling of the render thread and the device's callback thread, through `synthd
+"""Realtime scheduling of the render thread and the device's (and a live input's) callback thread, through `synthd
 run` on the JACK dummy server: the threads the kernel lists under SCHED_FIFO, the status fields
 that report them, and a run where the system refuses it (CAP_SYS_NICE dropped, rtprio limit 0),
 which still plays and says why."""
@@ -81,6 +81,23 @@ def test_the_render_thread_runs_at_realtime_priority_and_only_it(jack_server, to
             status = client.status()
             assert (status["render_scheduling"], status["callback_scheduling"]) == ("normal", "")
             assert fifo_threads(proc.proc.pid) == []
+        finally:
+            client.close()
+
+
+def test_the_input_callback_thread_is_lifted_beside_the_output_callback(jack_server, toy):  # noqa: F811
+    """A live input's JACK client runs its own thread, also left normal by a server without
+    realtime: a block of input that comes late makes the render late, so it goes one above the
+    render thread too."""
+    with SynthdProcess(jack_server, "--model", str(toy), "--input", "virtual") as proc:
+        client = OscClient(proc.osc_address)
+        try:
+            deadline = time.monotonic() + 5.0
+            expected = [1, 2, 2] if realtime_allowed() else []
+            while sorted(fifo_threads(proc.proc.pid)) != expected and time.monotonic() < deadline:
+                time.sleep(0.05)  # the input's first callback lifts its thread
+            assert sorted(fifo_threads(proc.proc.pid)) == expected
+            assert client.status()["input_fault"] == ""
         finally:
             client.close()
 
