@@ -156,7 +156,6 @@ class DeviceInput(LiveInput):
         import sounddevice as sd
 
         self.callback_scheduling = None  # a new stream: a new thread
-
         try:
             info = sd.query_devices(int(self._device) if self._device.isdigit() else self._device, "input")
         except (ValueError, sd.PortAudioError) as exc:
