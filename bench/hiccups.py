@@ -46,6 +46,10 @@ def probe(seconds: float, cpu: int | None = None) -> tuple[str, list[float]]:
         time.sleep(SLEEP_S)
         woke.append(now := time.monotonic())
         late.append(now - start - SLEEP_S)
+    if scheduling.startswith("SCHED_FIFO"):
+        # the figures take a few hundred milliseconds of CPU: at FIFO 90 on every CPU they would
+        # starve synthd's render thread at the end of a soak (a 200 ms render, late underruns)
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     ms = 1000.0 * np.asarray(late)
     counts = ", ".join(f">{limit:g} ms {int((ms > limit).sum())}" for limit in (2, 5, 10))
     line = (f"platform stalls ({scheduling} probe thread{where}, {seconds:.0f} s of 1 ms sleeps): late by median "
