@@ -154,9 +154,9 @@ def coincidences(polls: list[tuple[float, int]], stalls: list[tuple[float, float
         # the probe dates a stall at its late wake; the stall began up to its length before
         return any(t0 - ms / 1000.0 <= t <= t1 for t, ms in stalls)
 
-    late = [(a, b) for a, b in intervals if b[1] > a[1]]
-    hit = sum(stalled(a[0], b[0]) for a, b in late)
-    unexplained = sum(b[1] - a[1] for a, b in late if not stalled(a[0], b[0]))
+    late = [(stalled(a[0], b[0]), b[1] - a[1]) for a, b in intervals if b[1] > a[1]]
+    hit = sum(explained for explained, _ in late)
+    unexplained = sum(count for explained, count in late if not explained)
     base = sum(stalled(a[0], b[0]) for a, b in intervals) / len(intervals)
     return (f"{hit} of the {len(late)} {LATE_POLL_S:g} s intervals with late underruns held a stall over "
             f"{STALL_MS:g} ms that a probe saw too (chance alone: {100 * base:.1f} % of all intervals); "
