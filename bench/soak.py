@@ -71,6 +71,9 @@ INPUT_OSC_RATE = 10.0  # --input: /synthd/input/* messages per second
 LATE_POLL_S = 0.25  # late underruns are dated to this, and weighed against the probes' stalls
 STALL_MS = 4.0  # the probes' stalls counted there: 2 blocks ahead leave a render ~9 ms of margin,
 # and a stall this long already eats most of it on a loaded host
+# a platform stall that ended this long before a late underrun may have caused it: the ring's
+# 10.7 ms at 2 blocks ahead, a period, and room for the render that was due
+TRACE_REACH_S = 0.025
 P99_CLEAN_S = 30.0  # from then on synthd's p99 window (its last 4096 renders, ~22 s) holds no warm-up
 
 
@@ -161,6 +164,31 @@ def coincidences(polls: list[tuple[float, int]], stalls: list[tuple[float, float
     return (f"{hit} of the {len(late)} {LATE_POLL_S:g} s intervals with late underruns held a stall over "
             f"{STALL_MS:g} ms that a probe saw too (chance alone: {100 * base:.1f} % of all intervals); "
             f"late underruns in intervals without one: {unexplained}"), unexplained
+
+
+def traced(log: str, stalls: list[tuple[float, float]]) -> list[str]:
+    """Lines on synthd's own account of each late underrun (its log's `late underrun at T s: CAUSE
+    (...)`, see synthd/trace.py): how many had each cause, with and without a probe stall within
+    TRACE_REACH_S before it, and the whole account of those without one (at most 8)."""
+    found = re.findall(r"late underrun at ([0-9.]+) s: (\w+) (.*)", log)
+    if not found:
+        return ["traced late underruns: none in synthd's log"]
+
+    def near(at: float) -> bool:
+        # a probe's stall (dated at its late wake, `ms` long) overlapping the reach before `at`
+        return any(t >= at - TRACE_REACH_S and t - ms / 1000.0 <= at for t, ms in stalls)
+
+    counts: dict[tuple[str, bool], int] = {}
+    alone = []
+    for at, cause, rest in found:
+        stalled = near(float(at))
+        counts[cause, stalled] = counts.get((cause, stalled), 0) + 1
+        if not stalled:
+            alone.append(f"  {cause} {rest}")
+    causes = sorted({c for c, _ in counts})
+    lines = [f"traced late underruns ({len(found)}), by what held the render thread: " + "; ".join(
+        f"{c} {counts.get((c, False), 0)} alone + {counts.get((c, True), 0)} near a probe stall" for c in causes)]
+    return lines + alone[:8]
 
 
 def input_phrase(rate: int, seconds: float = PHRASE_S, seed: int = 0) -> np.ndarray:
@@ -363,6 +391,8 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
                 probe.kill()
                 platform.append("platform stalls: a probe did not finish")
         together, unexplained = coincidences(polls, stalls)
+        time.sleep(2 * 0.1)  # synthd logs its traces at its next look at the output
+        accounts = traced(rig.synthd.log, stalls)
         time.sleep(0.5)
         after = rig.status()
         mem_end = vm_rss_mb(pid)
@@ -390,6 +420,11 @@ def soak(args: argparse.Namespace, stack: ExitStack) -> int:
     for line in platform:
         print(f"  {line}")
     print(f"    late underruns    {together}")
+    for line in accounts:
+        print(f"    {line}")
+    print(f"  callbacks held      {after['callbacks_held'] - before['callbacks_held']} held over 1 ms before their "
+          f"code ran (waiting for the interpreter's lock that another thread of synthd held), longest "
+          f"{after['callback_held_ms_max']:.1f} ms: a hold near a period makes the server's cycle late, an xrun")
     print(f"  scheduling          render thread {after.get('render_scheduling') or 'n/a'}, "
           f"callback thread {after.get('callback_scheduling') or 'n/a'}")
     print(f"  NaN blocks          {after['nan_blocks'] - before['nan_blocks']}")

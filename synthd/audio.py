@@ -23,6 +23,7 @@ from synthd import dsp
 from synthd.engine import Engine
 from synthd.priority import DEFAULT_PRIORITY, MAX_PRIORITY, Scheduling, lift_if_normal, make_realtime
 from synthd.ringbuffer import RingBuffer
+from synthd.trace import LateTrace, RenderTrace
 
 if TYPE_CHECKING:
     from synthd.input import LiveInput
@@ -41,6 +42,8 @@ XRUN_GRACE_S = 0.1
 FADE_STALL_S = 0.2
 # closing a stream can block inside PortAudio when its server died: it is given this long
 CLOSE_TIMEOUT_S = 1.0
+# a callback that began in PortAudio this long before its Python code ran was held (see `_callback`)
+HELD_S = 0.001
 
 
 def bounded(job, timeout: float, name: str) -> bool:
@@ -132,6 +135,7 @@ class LiveOutput:
                                              (decode_frames + (ahead_blocks - 1) * engine.block_frames)
                                              * self._ratio)))
         self._ring = RingBuffer(self.target_fill + 4 * max(block_frames, engine.block_frames) + 64, channels)
+        self.trace = RenderTrace(block_frames / self.sample_rate, self.target_fill / self.sample_rate)
         # audio input: the render thread renders a block as each block of input arrives
         self.source = source
         self._feeder = None
@@ -167,6 +171,15 @@ class LiveOutput:
         self._xrun_at = -1.0
         self.callbacks = 0
         self._callback_at = 0.0  # time.monotonic() of the latest callback
+        # JACK's PortAudio dates each callback in C as its cycle begins (currentTime, on a clock a
+        # constant offset from ours): the least offset seen is a callback that ran at once, and
+        # the excess over it is how long the callback's Python code waited, mostly for the
+        # interpreter's lock (a collection or a long call on another thread holds it). Another
+        # host API's time may be on no steady clock, so JACK only.
+        self._dated = self.host_api == "JACK Audio Connection Kit"
+        self._entry_base = math.inf
+        self.callbacks_held = 0  # callbacks held over HELD_S
+        self.callback_held_max_s = 0.0
         self._finished = threading.Event()  # PortAudio says the stream ended
         self.render_error: BaseException | None = None
         # True once a stream was left open because closing it hung (its server died): the
@@ -202,6 +215,7 @@ class LiveOutput:
                 "xrun_underruns": self.xrun_underruns, "device": self.device_name,
                 "device_rate": self.sample_rate, "resampling": self._resampler is not None,
                 "latency_ms": self.latency_ms, "callbacks": self.callbacks,
+                "callbacks_held": self.callbacks_held, "callback_held_ms_max": 1000.0 * self.callback_held_max_s,
                 "render_scheduling": self.scheduling.describe() if self.scheduling else "",
                 "callback_scheduling": self.callback_scheduling.describe() if self.callback_scheduling else ""}
 
@@ -349,6 +363,7 @@ class LiveOutput:
             wait = self._callback_at + self.event_grace_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
+        self.trace.begin(self._callback_at, self._ring.fill)
         for hook in self.before_render:
             try:
                 hook()
@@ -362,6 +377,7 @@ class LiveOutput:
         if self._resampler is not None:
             block = self._resampler.resample_chunk(block)
         self._ring.write(block)
+        self.trace.end()
 
     def _run(self) -> None:
         torch.set_num_threads(self.engine.threads)  # intra-op threads are set per thread
@@ -374,8 +390,10 @@ class LiveOutput:
                         "systems) or set render_priority = 0 to not ask", self.scheduling.refused)
         elif first:
             log.info("render thread: %s", self.scheduling.describe())
+        self.trace.open()
         try:
             while not self._stop.is_set():
+                self.trace.collect()
                 if self._faded.is_set():
                     self._wake.wait(0.01)
                     self._wake.clear()
@@ -389,6 +407,13 @@ class LiveOutput:
         except BaseException as exc:  # keep the reason; the callback plays silence meanwhile
             self.render_error = exc
             log.exception("render thread stopped")
+        finally:
+            self.trace.close()
+
+    def late_traces(self) -> tuple[list[LateTrace], int]:
+        """What the render thread did before each late underrun since the last call (see
+        synthd.trace), and how many late underruns came beyond those kept."""
+        return self.trace.take()
 
     def _feed(self) -> None:
         """With input: render as input arrives (see `InputFeeder`)."""
@@ -406,18 +431,31 @@ class LiveOutput:
         if self.callback_scheduling is None and self.callback_priority:
             # once per stream (one system call, in the first callback only)
             self.callback_scheduling = lift_if_normal(self.callback_priority)
+        held = 0.0
+        if self._dated:
+            offset = now - time_info.currentTime
+            if offset < self._entry_base:
+                self._entry_base = offset
+            held = offset - self._entry_base
+            if held > HELD_S:
+                self.callbacks_held += 1
+                if held > self.callback_held_max_s:
+                    self.callback_held_max_s = held
         if status.output_underflow:
             self.output_underflows += 1
             self._xrun_at = now
         if self._feeder is not None:
             self._feeder.playing()
         got = self._ring.read_into(outdata)
+        late = False
         if got < frames and not self._faded.is_set():
             self.ring_underruns += 1
             if now - self._xrun_at < XRUN_GRACE_S:
                 self.xrun_underruns += 1
             else:
                 self.late_underruns += 1
+                late = True
+        self.trace.callback(now, late, held)
         if self.engine.stage_deferred:
             # the stage's clock counts rendered samples played, so an event dated on the render
             # clock (a note's gate, with its frame) lands on its sample after an underrun too

@@ -256,6 +256,7 @@ class Daemon:
 
     def _watch(self) -> None:
         if self._lost is None:
+            self._report_late()
             reason = self.output.fault()
             if reason is not None:
                 self._lose(reason)
@@ -270,6 +271,16 @@ class Daemon:
         if recovery.device_available(self.cfg.device, out.device_name, out.host_api, self.cfg.channels, self._stop):
             if not self._stop.is_set():
                 self._resume()
+
+    def _report_late(self) -> None:
+        """A late underrun is a click synthd caused: each is logged with what the render thread
+        did before it (synthd.trace), so a rig's log says whether the CPU, another process or
+        the interpreter held it."""
+        traces, lost = self.output.late_traces()
+        for trace in traces:
+            log.warning("%s", trace.describe())
+        if lost:
+            log.warning("late underrun: %d more not traced", lost)
 
     def _watch_input(self) -> None:
         """An input that went away is reported, plays as silence, and is opened again every RETRY_S."""

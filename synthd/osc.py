@@ -91,7 +91,7 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("voices", int), ("voices_sounding", int), ("voices_stolen", int), ("layers", int),
     ("input", str), ("input_underruns", int), ("input_overruns", int), ("input_level_db", float),
     ("input_lag_ms", float), ("input_fault", str), ("render_scheduling", str),
-    ("callback_scheduling", str),
+    ("callback_scheduling", str), ("callbacks_held", int), ("callback_held_ms_max", float),
 )
 # (field of synthd.rack.Layer.summary(), OSC type) in the order /synthd/layers.reply sends them
 LAYER_FIELDS: tuple[tuple[str, type], ...] = (

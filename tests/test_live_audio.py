@@ -11,6 +11,7 @@ happens whatever the clients do; bench/soak.py reports both over minutes.
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
@@ -215,3 +216,80 @@ def test_a_render_not_yet_due_waits_for_events_of_the_same_cycle(portaudio_on_ja
     assert min(waited) >= 0.002
     # the wait moves each render, not the cadence: one block per callback
     assert abs(len(seen) - output.callbacks) <= output.target_fill // output.block_frames + 1
+
+
+@pytest.mark.parametrize("stall, cause", [("sleep", "waiting"), ("spin", "computing"), ("garbage", "computing")])
+def test_a_late_underrun_is_traced_with_what_held_the_render_thread(portaudio_on_jack, toy_models, stall, cause):
+    """A render held 30 ms (three times the ring's time) empties the ring while the server keeps
+    time: the trace of that late underrun shows the render, and splits its time into computing
+    (matrix products; the garbage collector's share of it apart) or waiting off the CPU (a sleep,
+    as for the interpreter's lock)."""
+    engine = Engine(load_model(toy_models[0]), channels=1, block_frames=256)
+    output = LiveOutput(engine, channels=1)
+    held = []
+
+    def hold() -> None:
+        if output.callbacks > 100 and not held:
+            held.append(time.monotonic())
+            if stall == "sleep":
+                time.sleep(0.03)
+            elif stall == "garbage":
+                # collections of the youngest generation, each over 20 000 new objects (1-2 ms):
+                # a collection holds the interpreter's lock, so between them the callback gets its
+                # turn, or the server would call its lateness an xrun
+                gc.disable()
+                try:
+                    while time.monotonic() - held[0] < 0.03:
+                        junk = [[i] for i in range(20000)]
+                        gc.collect(0)
+                        del junk
+                        time.sleep(0)
+                finally:
+                    gc.enable()
+            else:  # work that lets go of the interpreter's lock, as a model call does
+                a = torch.ones(192, 192)
+                while time.monotonic() - held[0] < 0.03:
+                    a = torch.tanh(a @ a)
+
+    output.before_render.append(hold)
+    output.start()
+    time.sleep(1.0)
+    output.stop(fade_s=0.02)
+    traces, lost = output.late_traces()
+    assert output.late_underruns >= 1 and lost == 0, output.stats()
+    assert 1 <= len(traces) <= output.late_underruns
+    first = traces[0]
+    assert first.cause() == cause, first.describe()
+    slow = first.renders[np.argmax(first.renders[:, 2] - first.renders[:, 1])]
+    assert slow[2] - slow[1] >= 29.0  # the held render, in ms
+    parts = first.components()
+    assert parts["cpu" if cause == "computing" else cause] >= 25.0, first.describe()
+    assert (parts["gc"] >= 3.0) == (stall == "garbage"), first.describe()
+    assert f"late underrun at {first.at:.4f} s: {cause} (" in first.describe()
+    assert output.late_traces() == ([], 0)  # taken once
+
+
+def test_a_callback_held_by_the_interpreters_lock_is_counted(portaudio_on_jack, toy_models):
+    """The device's callback runs Python code, so another thread that holds the interpreter's lock
+    (here a 20-30 ms collection of 4 million references) holds the callback too, and the server
+    calls the late cycle an xrun: the output counts such callbacks and the longest hold."""
+    engine = Engine(load_model(toy_models[0]), channels=1, block_frames=256)
+    output = LiveOutput(engine, channels=1)
+    output.start()
+    time.sleep(0.5)
+    quiet = 1000.0 * output.callback_held_max_s
+    gc.disable()
+    try:
+        junk = [list(range(200)) for _ in range(20000)]
+        began = time.monotonic()
+        gc.collect(0)
+        collected_ms = 1000.0 * (time.monotonic() - began)
+        del junk
+    finally:
+        gc.enable()
+    time.sleep(0.2)
+    output.stop(fade_s=0.02)
+    stats = output.stats()
+    assert quiet < 5.0, quiet
+    assert stats["callbacks_held"] >= 1
+    assert collected_ms - 2 * 5.4 <= stats["callback_held_ms_max"] <= collected_ms + 1.0, (stats, collected_ms)
