@@ -171,13 +171,14 @@ class LiveOutput:
         self._xrun_at = -1.0
         self.callbacks = 0
         self._callback_at = 0.0  # time.monotonic() of the latest callback
-        # JACK's PortAudio dates each callback in C as its cycle begins (currentTime, on a clock a
-        # constant offset from ours): the least offset seen is a callback that ran at once, and
-        # the excess over it is how long the callback's Python code waited, mostly for the
-        # interpreter's lock (a collection or a long call on another thread holds it). Another
-        # host API's time may be on no steady clock, so JACK only.
+        # JACK's PortAudio dates each callback in C as its cycle begins (currentTime, on a clock at
+        # an offset from ours that steps when the server skips cycles): a callback whose offset
+        # exceeds both its neighbours' began its Python code that much late, mostly waiting for
+        # the interpreter's lock (a collection or a long call on another thread holds it), while
+        # a step leaves one neighbour as high. Another host API's time may be on no steady clock,
+        # so JACK only.
         self._dated = self.host_api == "JACK Audio Connection Kit"
-        self._entry_base = math.inf
+        self._offset_last = self._offset_before = 0.0  # the offsets of the last two callbacks
         self.callbacks_held = 0  # callbacks held over HELD_S
         self.callback_held_max_s = 0.0
         self._finished = threading.Event()  # PortAudio says the stream ended
@@ -431,12 +432,12 @@ class LiveOutput:
         if self.callback_scheduling is None and self.callback_priority:
             # once per stream (one system call, in the first callback only)
             self.callback_scheduling = lift_if_normal(self.callback_priority)
-        held = 0.0
+        held = math.nan  # the previous callback's hold, known now that both its neighbours are
         if self._dated:
             offset = now - time_info.currentTime
-            if offset < self._entry_base:
-                self._entry_base = offset
-            held = offset - self._entry_base
+            if self.callbacks >= 2:
+                held = self._offset_last - max(self._offset_before, offset)
+            self._offset_before, self._offset_last = self._offset_last, offset
             if held > HELD_S:
                 self.callbacks_held += 1
                 if held > self.callback_held_max_s:

@@ -13,6 +13,7 @@ lock, a page fault), and gives the delay from each callback to the render it wok
 from __future__ import annotations
 
 import gc
+import math
 import os
 import threading
 import time
@@ -73,7 +74,7 @@ class LateTrace:
                 f"runnable but not run {parts['runnable']:.1f}, waiting off the CPU {parts['waiting']:.1f}, "
                 f"callback to render {parts['woke']:.1f}); renders {rows}; callbacks "
                 f"{' '.join(f'{g:.1f}' for g in gaps)} ms apart (period {self.period_ms:.2f}), held "
-                f"{' '.join(f'{h:.1f}' for h in held)} ms before their code ran")
+                f"{' '.join('?' if math.isnan(h) else f'{h:.1f}' for h in held)} ms before their code ran")
 
 
 class RenderTrace:
@@ -145,9 +146,11 @@ class RenderTrace:
 
     def callback(self, now: float, late: bool, held: float) -> None:
         """In the device's callback: its time, whether it found the ring short (a late underrun),
-        and how long it was held before its code ran (s)."""
+        and how long the previous callback was held before its code ran (s; NaN: not known)."""
+        if self._called:
+            self._callbacks[(self._called - 1) % CALLBACKS, 1] = held * 1e3
         row = self._callbacks[self._called % CALLBACKS]
-        row[0], row[1] = now, held * 1e3
+        row[0], row[1] = now, math.nan
         self._called += 1
         if late and not self._late_at:
             self._late_at = now
