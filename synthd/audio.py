@@ -364,7 +364,7 @@ class LiveOutput:
             wait = self._callback_at + self.event_grace_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-        self.trace.begin(self._callback_at, self._ring.fill)
+        self.trace.begin(self._callback_at, self._ring.fill, self.engine.decode_s)
         for hook in self.before_render:
             try:
                 hook()
@@ -378,7 +378,7 @@ class LiveOutput:
         if self._resampler is not None:
             block = self._resampler.resample_chunk(block)
         self._ring.write(block)
-        self.trace.end()
+        self.trace.end(self.engine.decode_s)
 
     def _run(self) -> None:
         torch.set_num_threads(self.engine.threads)  # intra-op threads are set per thread

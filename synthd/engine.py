@@ -367,6 +367,7 @@ class Engine:
         self.decode_errors = 0
         self.skipped_calls = 0  # decode calls not made: no voice sounded
         self.timer = RenderTimer(self.sample_rate)
+        self.decode_s = 0.0  # wall time in model calls so far (restarts and decodes), for synthd.trace
         # audio input (None: none): its settings, gain, DC blocker, the dry signal's delay line
         self.input_settings = input_settings
         self.note_held = False  # with input: a held note, which takes over a pitch input
@@ -774,11 +775,13 @@ class Engine:
         """
         batch = z.shape[0]
         expected = z.shape[2] * model.hop
+        began = time.monotonic()
         try:
             if fresh is not None:
                 model.restart(fresh)
             with torch.inference_mode():
                 y = model.module.decode(torch.from_numpy(z))
+            self.decode_s += time.monotonic() - began
             ok = tuple(y.shape) == (batch, model.channels, expected)
             if ok and bool(torch.isfinite(y).all()):
                 return y.reshape(batch * model.channels, expected).numpy().T.astype(np.float32, copy=True)

@@ -29,7 +29,7 @@ KEPT = 32  # late underruns kept until someone takes them
 BEFORE_S = 0.004
 
 # columns of a render's record
-WOKEN, START, END, CPU, WAIT, FILL, GC = range(7)
+WOKEN, START, END, CPU, WAIT, FILL, GC, MODEL = range(8)
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class LateTrace:
     """The renders and callbacks around one late underrun, times relative to it (ms)."""
 
     at: float  # time.monotonic() of the callback that found the ring short
-    renders: np.ndarray  # (n, 7): woken, start, end (ms), cpu, wait (ms), fill (frames) at start, gc (ms)
+    renders: np.ndarray  # (n, 8): woken, start, end (ms), cpu, wait (ms), fill (frames) at start, gc, model calls (ms)
     callbacks: np.ndarray  # (m, 2): callback times (ms), the late one last at 0, and how long each was held (ms)
     period_ms: float
 
@@ -65,8 +65,9 @@ class LateTrace:
         """One line: the cause, the parts, each render and the callbacks' spacing (`at` is on the
         system's monotonic clock, which other processes read too)."""
         parts = self.components()
-        rows = ", ".join(f"{e - s:.1f} ms from {s:+.1f} (cpu {c:.1f}{f', gc {g:.1f}' if g else ''}, runnable {w:.1f}, "
-                         f"woken {s - k:.1f} after its callback, ring {int(f)})" for k, s, e, c, w, f, g in self.renders)
+        rows = ", ".join(f"{e - s:.1f} ms from {s:+.1f} (model calls {m:.1f}, cpu {c:.1f}{f', gc {g:.1f}' if g else ''}, "
+                         f"runnable {w:.1f}, woken {s - k:.1f} after its callback, ring {int(f)})"
+                         for k, s, e, c, w, f, g, m in self.renders)
         gaps = np.diff(self.callbacks[:, 0])
         held = self.callbacks[:, 1]
         return (f"late underrun at {self.at:.4f} s: {self.cause()} (in the {len(self.renders)} renders before it: "
@@ -83,7 +84,7 @@ class RenderTrace:
 
     def __init__(self, period_s: float, ring_s: float) -> None:
         self.period_s, self.ring_s = period_s, ring_s
-        self._renders = np.zeros((RENDERS, 7))
+        self._renders = np.zeros((RENDERS, 8))
         self._rendered = 0
         self._callbacks = np.zeros((CALLBACKS, 2))
         self._called = 0
@@ -130,18 +131,21 @@ class RenderTrace:
             return int(cpu) * 1e-6, int(wait) * 1e-6
         return time.thread_time() * 1e3, float("nan")
 
-    def begin(self, woken: float, fill: int) -> None:
+    def begin(self, woken: float, fill: int, model_s: float) -> None:
+        """A render starts: `woken` is the time of the callback that woke it, `fill` the ring's,
+        `model_s` the engine's time in model calls so far (s)."""
         row = self._row = self._renders[self._rendered % RENDERS]
         cpu, wait = self._clocks()
         row[WOKEN], row[START], row[CPU], row[WAIT], row[FILL] = woken, time.monotonic(), cpu, wait, fill
         row[END] = float("nan")  # in progress
-        row[GC] = self._gc_ms
+        row[GC], row[MODEL] = self._gc_ms, model_s
 
-    def end(self) -> None:
+    def end(self, model_s: float) -> None:
         row = self._row
         cpu, wait = self._clocks()
         row[END] = time.monotonic()
         row[CPU], row[WAIT], row[GC] = cpu - row[CPU], wait - row[WAIT], self._gc_ms - row[GC]
+        row[MODEL] = (model_s - row[MODEL]) * 1e3
         self._rendered += 1
 
     def callback(self, now: float, late: bool, held: float) -> None:
