@@ -262,7 +262,7 @@ def test_a_late_underrun_is_traced_with_what_held_the_render_thread(portaudio_on
     assert first.cause() == cause, first.describe()
     slow = first.renders[np.argmax(first.renders[:, 2] - first.renders[:, 1])]
     assert slow[2] - slow[1] >= 29.0  # the held render, in ms
-    assert (first.renders[:, 7] > 0).all() and slow[7] < 10.0  # model calls: in every render, not what held it
+    assert first.renders[:, 7].max() > 0 and slow[7] < 10.0  # model calls: timed, and not what held the render
     parts = first.components()
     assert parts["cpu" if cause == "computing" else cause] >= 25.0, first.describe()
     assert (parts["gc"] >= 3.0) == (stall == "garbage"), first.describe()
