@@ -175,8 +175,9 @@ class LiveOutput:
         # an offset from ours that steps when the server skips cycles): a callback whose offset
         # exceeds both its neighbours' began its Python code that much late, mostly waiting for
         # the interpreter's lock (a collection or a long call on another thread holds it), while
-        # a step leaves one neighbour as high. Another host API's time may be on no steady clock,
-        # so JACK only.
+        # a step leaves one neighbour as high. A hold that makes the server skip cycles reads short
+        # by those cycles (the step comes with it): 20 ms of a 35 ms hold, never more than the hold.
+        # Another host API's time may be on no steady clock, so JACK only.
         self._dated = self.host_api == "JACK Audio Connection Kit"
         self._offset_last = self._offset_before = 0.0  # the offsets of the last two callbacks
         self.callbacks_held = 0  # callbacks held over HELD_S
@@ -364,7 +365,7 @@ class LiveOutput:
             wait = self._callback_at + self.event_grace_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-        self.trace.begin(self._callback_at, self._ring.fill, self.engine.decode_s)
+        self.trace.begin(self._callback_at, self._ring.fill, self.engine.model_s)
         for hook in self.before_render:
             try:
                 hook()
@@ -378,7 +379,7 @@ class LiveOutput:
         if self._resampler is not None:
             block = self._resampler.resample_chunk(block)
         self._ring.write(block)
-        self.trace.end(self.engine.decode_s)
+        self.trace.end(self.engine.model_s)
 
     def _run(self) -> None:
         torch.set_num_threads(self.engine.threads)  # intra-op threads are set per thread

