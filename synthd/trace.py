@@ -2,12 +2,15 @@
 
 A late underrun (the device's callback found the ring short while the server kept time) is a
 click the render thread caused, and its cause is gone by the time anyone looks. The recorder
-keeps the last renders' timings in preallocated arrays (two clock reads and one read of the
-thread's scheduler statistics per render, about 2 µs) and the last callbacks' times, and when a
-callback reports a late underrun, the render thread copies them once it is done with the block
-in hand. `describe` splits the renders' wall time into time on the CPU, time runnable but not
-run (another thread or process held the CPU), and time off the CPU waiting (the interpreter's
-lock, a page fault), and gives the delay from each callback to the render it woke.
+keeps the last renders' timings in preallocated arrays (clock reads and one read of the
+thread's scheduler statistics at each end of a render, about 2 µs) and the last callbacks'
+times and holds (see LiveOutput._callback), and when a callback reports a late underrun, the
+render thread copies them once it is done with the block in hand. `describe` splits the
+renders' wall time into time on the CPU (the garbage collector's share and the model calls'
+time given apart), time runnable but not run (another thread or process held the CPU), and
+time off the CPU waiting (the interpreter's lock, a page fault, a host that stole the CPU), and
+gives the delay from each callback to the render it woke (which holds the wait for MIDI of the
+same cycle, `LiveOutput.event_grace_s`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class LateTrace:
                 "woke": float(np.clip(r[:, START] - r[:, WOKEN], 0.0, None).sum())}
 
     def cause(self) -> str:
-        """The largest share of the time the renders lost beyond their computing."""
+        """What took the renders' time: `computing` where their CPU time is the largest part, else
+        the largest of `runnable`, `waiting` and `woke` (see `components`)."""
         parts = self.components()
         lost = {k: v for k, v in parts.items() if k not in ("cpu", "gc")}
         worst = max(lost, key=lost.get)
