@@ -3,7 +3,7 @@
 A late underrun (the device's callback found the ring short while the server kept time) is a
 click the render thread caused, and its cause is gone by the time anyone looks. The recorder
 keeps the last renders' timings in preallocated arrays (clock reads and one read of the
-thread's scheduler statistics at each end of a render, about 2 µs) and the last callbacks'
+thread's scheduler statistics at each end of a render, about 3 µs) and the last callbacks'
 times and holds (see LiveOutput._callback), and when a callback reports a late underrun, the
 render thread copies them once it is done with the block in hand. `describe` splits the
 renders' wall time into time on the CPU (the garbage collector's share and the model calls'
@@ -106,7 +106,7 @@ class RenderTrace:
         """On the render thread, before its first render: its own scheduler statistics."""
         try:
             self._stat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:  # not Linux: CPU time from the thread's clock, no run-queue wait
+        except OSError:  # not Linux: no run-queue wait
             self._stat = -1
         self._thread = threading.get_ident()
         gc.callbacks.append(self._collected)
@@ -129,11 +129,12 @@ class RenderTrace:
             self._gc_ms += (time.monotonic() - self._gc_since) * 1e3
 
     def _clocks(self) -> tuple[float, float]:
-        """The thread's CPU time and run-queue wait so far (ms)."""
-        if self._stat >= 0:
-            cpu, wait, _ = os.pread(self._stat, 64, 0).split()
-            return int(cpu) * 1e-6, int(wait) * 1e-6
-        return time.thread_time() * 1e3, float("nan")
+        """The thread's CPU time and run-queue wait so far (ms). The CPU time from the thread's own
+        clock: the scheduler's statistics count a running thread's time only at its ticks and
+        switches (a 3 ms render could read 0), while the wait is counted when the thread gets
+        the CPU, so it is up to date whenever the thread runs."""
+        wait = int(os.pread(self._stat, 64, 0).split()[1]) * 1e-6 if self._stat >= 0 else math.nan
+        return time.thread_time_ns() * 1e-6, wait
 
     def begin(self, woken: float, fill: int, model_s: float) -> None:
         """A render starts: `woken` is the time of the callback that woke it, `fill` the ring's,
