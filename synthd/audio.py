@@ -180,6 +180,7 @@ class LiveOutput:
         # Another host API's time may be on no steady clock, so JACK only.
         self._dated = self.host_api == "JACK Audio Connection Kit"
         self._offset_last = self._offset_before = 0.0  # the offsets of the last two callbacks
+        self._dated_calls = 0  # callbacks of this stream so far
         self.callbacks_held = 0  # callbacks held over HELD_S
         self.callback_held_max_s = 0.0
         self._finished = threading.Event()  # PortAudio says the stream ended
@@ -246,6 +247,7 @@ class LiveOutput:
         self.engine.output_stats = self.stats
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.callback_scheduling = None  # a new stream may call back on a new thread
+        self._dated_calls = 0  # and its first callbacks have no neighbours of this stream
         self._thread = threading.Thread(target=self._run, name="synthd-render", daemon=True)
         self._thread.start()
         try:
@@ -436,9 +438,10 @@ class LiveOutput:
         held = math.nan  # the previous callback's hold, known now that both its neighbours are
         if self._dated:
             offset = now - time_info.currentTime
-            if self.callbacks >= 2:
+            if self._dated_calls >= 2:
                 held = self._offset_last - max(self._offset_before, offset)
             self._offset_before, self._offset_last = self._offset_last, offset
+            self._dated_calls += 1
             if held > HELD_S:
                 self.callbacks_held += 1
                 if held > self.callback_held_max_s:
