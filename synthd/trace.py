@@ -170,15 +170,13 @@ class RenderTrace:
         if not at:
             return
         self._late_at = 0.0
-        shown = self._rendered % RENDERS, min(self._rendered, RENDERS)
-        order = (np.arange(shown[1]) + shown[0] - shown[1]) % RENDERS
-        renders = self._renders[order]
-        keep = renders[:, END] >= at - self.ring_s * 1.0 - self.period_s - BEFORE_S
+        count = min(self._rendered, RENDERS)
+        renders = self._renders[(np.arange(count) + self._rendered - count) % RENDERS]  # oldest first
+        keep = renders[:, END] >= at - self.ring_s - self.period_s - BEFORE_S
         renders = renders[keep].copy()
         for c in (WOKEN, START, END):
             renders[:, c] = (renders[:, c] - at) * 1e3
-        count = min(self._called, CALLBACKS)
-        calls = self._callbacks[:count]
+        calls = self._callbacks[:min(self._called, CALLBACKS)]
         calls = calls[np.argsort(calls[:, 0])]
         calls = calls[calls[:, 0] <= at][-6:].copy()
         calls[:, 0] = (calls[:, 0] - at) * 1e3
