@@ -15,6 +15,11 @@ own validation files, which is what `synthd-train export` writes):
     ratio   model / noise   (target: <= 0.45 within 20 minutes on 2 CPU cores)
     worst   the held-out file with the highest ratio of its own (target: <= 0.65)
 
+and at the end of each run, per held-out file, where its reconstruction misses: in each band
+(below 60 Hz, 60-250 Hz, 250 Hz-1 kHz, 1-5 kHz, above 5 kHz) the share of the source's energy it
+holds and the reconstruction's level against the source's there, in dB (a kick whose body below
+60 Hz comes back 8 dB short reads "-1/-8" in the first column).
+
     .venv/bin/python bench/train_quality.py --set drums --minutes 20
     .venv/bin/python bench/train_quality.py --set drums --kit "circAfrique v4" --minutes 20
     .venv/bin/python bench/train_quality.py --set chords --augment on --minutes 12
@@ -54,6 +59,7 @@ CHORD_ROOTS = (48, 55, 60, 64)
 CHORD_SHAPES = ((0, 4, 7), (0, 3, 7), (0, 3, 8), (0, 7, 15))
 HOLD_OUT_EVERY = 5
 NOISE_FFT = 2048
+BAND_EDGES_HZ = (0.0, 60.0, 250.0, 1000.0, 5000.0, 24000.0)
 
 
 def build_drums(folder: Path, kit: str = DEFAULT_KIT) -> list[Path]:
@@ -128,6 +134,15 @@ def shaped_noise(x: np.ndarray, seed: int) -> np.ndarray:
     return (shaped * (rms_x / max(rms_n, 1e-12))).numpy()
 
 
+def band_energies(x: np.ndarray, sample_rate: int = 48000) -> np.ndarray:
+    """Energy of `x` `(samples,)` in each band of BAND_EDGES_HZ `(bands,)`, from one long FFT (a hit
+    is short: its whole length, zero-padded, resolves 60 Hz)."""
+    n = max(1 << 16, 1 << int(np.ceil(np.log2(max(len(x), 1)))))
+    power = np.abs(np.fft.rfft(x.astype(np.float64), n)) ** 2
+    freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    return np.array([power[(freqs >= lo) & (freqs < hi)].sum() for lo, hi in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:])])
+
+
 class HeldOut:
     """The held-out files in the model's format and their noise baselines."""
 
@@ -153,15 +168,33 @@ class HeldOut:
 
     @torch.no_grad()
     def model_distances(self, model: torch.nn.Module, hop: int) -> list[float]:
+        return [float(mrstft_distance(torch.from_numpy(y).reshape(1, 1, -1), torch.from_numpy(a).reshape(1, 1, -1)))
+                for a, y in zip(self.audio, self.reconstructions(model, hop))]
+
+    @torch.no_grad()
+    def reconstructions(self, model: torch.nn.Module, hop: int) -> list[np.ndarray]:
+        """The model's reconstruction of each held-out file, as long as the file `(samples,)`."""
         out = []
         # silence in front for the decoder's warm-up, as in training: the onset is decoded in full
         context = -(-model.warmup_samples // hop) * hop
         for a in self.audio:
             n = -(-len(a) // hop) * hop
             x = torch.from_numpy(np.pad(a, (context, n - len(a)))).reshape(1, 1, -1)
-            y = model(x)[0][..., context:context + len(a)]
-            out.append(float(mrstft_distance(y, x[..., context:context + len(a)])))
+            out.append(model(x)[0][0, 0, context:context + len(a)].numpy())
         return out
+
+    def band_table(self, model: torch.nn.Module, hop: int) -> str:
+        """Per file and band (BAND_EDGES_HZ): the source's share of its energy there and the
+        reconstruction's level against the source's there, in dB, as "share/difference"."""
+        bands = [f"{lo:g}-{hi:g} Hz" for lo, hi in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:])]
+        width = max(len(n) for n in self.names)
+        lines = [" " * width + "  " + "".join(f"{b:>15s}" for b in bands)]
+        for name, a, y in zip(self.names, self.audio, self.reconstructions(model, hop)):
+            source, made = band_energies(a), band_energies(y)
+            cells = [f"{10 * np.log10(s / source.sum() + 1e-12):5.0f}/{10 * np.log10((m + 1e-20) / (s + 1e-20)):+4.0f}"
+                     for s, m in zip(source, made)]
+            lines.append(f"{name:{width}s}  " + "".join(f"{c:>15s}" for c in cells))
+        return "\n".join(lines)
 
 
 def latest(run_dir: Path, held: list[Path], cache: dict, which: str = "last") -> tuple[dict, torch.nn.Module, HeldOut] | None:
@@ -221,6 +254,12 @@ def run_one(name: str, prepared: Path, held: list[Path], work: Path, minutes: fl
         time.sleep(2)
     if proc.returncode != 0:
         raise SystemExit(f"[{name}] training failed (exit {proc.returncode}); see {log_path}")
+    found = latest(run_dir, held, cache)
+    if found is not None:
+        ckpt, model, h = found
+        print(f"[{name}] where the last checkpoint misses, per held-out file and band: the source's share of "
+              f"its energy there / the reconstruction's level against the source's there (dB)\n"
+              f"{h.band_table(model, int(ckpt['config']['model']['hop']))}", flush=True)
     best = measure(run_dir, held, cache, "best")
     if best is not None:
         step, model_d, noise_d, (worst, worst_ratio) = best
