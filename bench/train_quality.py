@@ -134,7 +134,7 @@ def shaped_noise(x: np.ndarray, seed: int) -> np.ndarray:
     return (shaped * (rms_x / max(rms_n, 1e-12))).numpy()
 
 
-def band_energies(x: np.ndarray, sample_rate: int = 48000) -> np.ndarray:
+def band_energies(x: np.ndarray, sample_rate: int) -> np.ndarray:
     """Energy of `x` `(samples,)` in each band of BAND_EDGES_HZ `(bands,)`, from one long FFT (a hit
     is short: its whole length, zero-padded, resolves 60 Hz)."""
     n = max(1 << 16, 1 << int(np.ceil(np.log2(max(len(x), 1)))))
@@ -186,11 +186,12 @@ class HeldOut:
     def band_table(self, model: torch.nn.Module, hop: int) -> str:
         """Per file and band (BAND_EDGES_HZ): the source's share of its energy there and the
         reconstruction's level against the source's there, in dB, as "share/difference"."""
+        rate = model.cfg.sample_rate  # the held-out files were read at the model's rate
         bands = [f"{lo:g}-{hi:g} Hz" for lo, hi in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:])]
         width = max(len(n) for n in self.names)
         lines = [" " * width + "  " + "".join(f"{b:>15s}" for b in bands)]
         for name, a, y in zip(self.names, self.audio, self.reconstructions(model, hop)):
-            source, made = band_energies(a), band_energies(y)
+            source, made = band_energies(a, rate), band_energies(y, rate)
             cells = [f"{10 * np.log10(s / source.sum() + 1e-12):5.0f}/{10 * np.log10((m + 1e-20) / (s + 1e-20)):+4.0f}"
                      for s, m in zip(source, made)]
             lines.append(f"{name:{width}s}  " + "".join(f"{c:>15s}" for c in cells))
