@@ -1,5 +1,6 @@
 """Real-time factor of N voices on one thread: one batched decode call per block (batch = voices)
-against one call per voice, and the whole engine (envelopes and mix included) with N notes held.
+against one call per voice, and the whole engine (envelopes and mix included) with N notes held;
+then the 8-voice engine with fewer notes held, its silent voices decoded or left out.
 
     python bench/voices.py [MODEL.ts] [--seconds 3] [--threads 1]
 
@@ -102,8 +103,39 @@ def main() -> int:
                       f"{statistics.median(sep_wall) / statistics.median(wall):>15.1f}x | "
                       f"{1e3 * statistics.median(eng_wall):>9.3f} {median_rtf(eng_wall, audio):>6.1f}")
                 assert np.isfinite(engine.render(BLOCK)).all()
-    print("\ntarget: 8 voices >= 3x real time on one thread (today's single voice: about 14x)")
+        print("\ntarget: 8 voices >= 3x real time on one thread (today's single voice: about 14x)")
+        sounding_table(path, blocks, audio, args.threads)
     return 0
+
+
+def sounding_table(path: Path, blocks: int, audio: float, threads: int) -> None:
+    """The 8-voice engine with some of its voices sounding: silent voices left out of the decode
+    (`decode_rows`, as synthd plays a file that has it) against every voice decoded on every call
+    (a file without it), measured one after the other in this run."""
+    from synthd.controls import ControlSurface, engine_for
+    from synthd.model import load_model
+    from synthd.patch import parse_patch
+
+    model = load_model(path)
+    if not model.decodes_rows:
+        print("\nthe file has no decode_rows: every voice is decoded on every call")
+        return
+    print("\nthe engine with 8 voices, N of them sounding (median ms per 256-sample render):")
+    header = f"{'sounding':>8} | {'silent ones left out':>20} | {'every voice decoded':>19} | {'ratio':>5}"
+    print(header)
+    print("-" * len(header))
+    patch = parse_patch("version = 1\nvoices = 8\n[gate]\nopen = false\n")
+    for n in (0, 1, 2, 3, 4, 5, 6, 8):
+        times = []
+        for alone in (True, False):
+            engine = engine_for(load_model(path), patch, channels=2, block_frames=BLOCK, threads=threads)
+            engine.model.decodes_rows = alone
+            surface = ControlSurface(engine, patch)
+            for k in range(n):
+                surface.note_on(40 + 3 * k, 100)
+            wall, _ = timed(lambda _: engine.render(BLOCK), blocks)
+            times.append(statistics.median(wall))
+        print(f"{n:>8} | {1e3 * times[0]:>15.3f} ms | {1e3 * times[1]:>16.3f} ms | {times[0] / times[1]:>5.2f}")
 
 
 if __name__ == "__main__":

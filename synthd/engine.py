@@ -42,6 +42,10 @@ GAIN_RAMP_S = 0.01  # a gain change glides over 10 ms: fast, but never a step
 STATS_WINDOW = 4096  # render calls kept for the p99 figure (about 22 s at 256 frames)
 WARMUP_CALLS = 3  # TorchScript optimises a method on its first calls: keep that off stage
 MAX_VOICES = 64
+# the largest share of the voices decoded alone (`decode_rows`) rather than with the silent ones:
+# gathering and scattering the rows' streams costs about what decoding the rest would at more than
+# half of them (bench/voices.py, "engine, N of 8 sounding")
+ROWS_ALONE = 0.5
 STEAL_S = 0.005  # a stolen voice fades out over this long before its new note: never a click
 
 
@@ -295,13 +299,15 @@ class _Instance:
                 else:
                     self._z[0, :, j] = self.input.combine(None if encoded is None else encoded[:, j], self.value[0],
                                                           engine.note_held)
-            call_end = frame_start + self.frames_per_call * self.frame_len
-            if engine.silent_until(call_end):
+            rows = engine.rows_to_decode(frame_start + self.frames_per_call * self.frame_len)
+            if rows is not None and self.silenced.any():
+                rows &= ~self.silenced
+            if rows is not None and not rows.any():
                 engine.skipped_calls += 1
                 chunk = np.zeros((self.frames_per_call * self.model.hop, self._z.shape[0] * self.model.channels),
                                  dtype=np.float32)
             else:
-                chunk = engine._decode(self.model, self._z, self.fresh if self.fresh.any() else None)
+                chunk = engine._decode(self.model, self._z, self.fresh if self.fresh.any() else None, rows)
                 self.fresh[:] = False
             if gate is not None:
                 chunk *= gate[:, None].astype(np.float32)
@@ -370,6 +376,7 @@ class Engine:
         self.nan_blocks = 0
         self.decode_errors = 0
         self.skipped_calls = 0  # decode calls not made: no voice sounded
+        self.skipped_rows = 0  # voices left out of the decode calls made: they were silent
         self.timer = RenderTimer(self.sample_rate)
         self.model_s = 0.0  # wall time in model calls so far (encodes, restarts, decodes), for synthd.trace
         # audio input (None: none): its settings, gain, DC blocker, the dry signal's delay line
@@ -686,12 +693,18 @@ class Engine:
                 when = max(when, self._gate_opened_at + int(math.ceil(instance.frame_len)))
         self.stage.post(_Event(when, ev.seq, "gate", (level, samples)))
 
-    def silent_until(self, end: float) -> bool:
-        """Whether no voice sounds from now up to engine position `end` (several voices only)."""
-        if self.voices == 1 or any(env.sounding for env in self._envelopes):
-            return False
-        # a note opening at `end` needs the call that ends there: it carries the note's pitch
-        return not any(ev.kind == "note" and ev.at <= end for ev in self._note_events)
+    def rows_to_decode(self, end: float) -> np.ndarray | None:
+        """The voices `(voices,)` that sound at some point from now up to engine position `end`:
+        those sounding now and those whose note opens by `end` (its call carries the note's
+        pitch). None with one voice: it is always decoded (its gate acts after the decode)."""
+        if self.voices == 1:
+            return None
+        rows = np.fromiter((env.sounding for env in self._envelopes), dtype=bool, count=self.voices)
+        if not rows.all():
+            for ev in self._note_events:
+                if ev.kind == "note" and ev.at <= end:
+                    rows[ev.args[0]] = True
+        return rows
 
     def _start_instance(self, model: Model, generation: int, values: np.ndarray, crossfade: int) -> None:
         frames_per_call = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
@@ -770,25 +783,40 @@ class Engine:
             return int(self._gate_on)
         return sum(env.sounding for env in self._envelopes)
 
-    def _decode(self, model: Model, z: np.ndarray, fresh: np.ndarray | None = None) -> np.ndarray:
+    def _decode(self, model: Model, z: np.ndarray, fresh: np.ndarray | None = None,
+                rows: np.ndarray | None = None) -> np.ndarray:
         """Decode latents (voices, latent_size, frames) -> (frames * hop, voices * channels) float32,
         each voice's channels side by side; the voices `fresh` marks (voices,) start afresh first.
+        Only the voices `rows` marks (voices,) need their audio (None: all): with a model that can
+        decode some rows alone, at most half of them are decoded alone and the others play silence.
 
         A block with NaN/Inf (or a decode that raises) becomes silence, is counted, and the
         model's state is reset so that one bad block does not poison the ones after it.
         """
-        batch = z.shape[0]
+        voices = z.shape[0]
         expected = z.shape[2] * model.hop
+        picked = np.flatnonzero(rows) if rows is not None and model.decodes_rows else None
+        if picked is not None and picked.size > voices * ROWS_ALONE:
+            picked = None  # past this share, gathering the rows' streams costs more than it saves
+        batch = voices if picked is None else picked.size
         began = time.monotonic()
         try:
             if fresh is not None:
                 model.restart(fresh)
-            with torch.inference_mode():
-                y = model.module.decode(torch.from_numpy(z))
+            if picked is None:
+                with torch.inference_mode():
+                    y = model.module.decode(torch.from_numpy(z))
+            else:
+                y = model.decode_rows(z, picked)
+                self.skipped_rows += voices - batch
             self.model_s += time.monotonic() - began
             ok = tuple(y.shape) == (batch, model.channels, expected)
             if ok and bool(torch.isfinite(y).all()):
-                return y.reshape(batch * model.channels, expected).numpy().T.astype(np.float32, copy=True)
+                if picked is None:
+                    return y.reshape(batch * model.channels, expected).numpy().T.astype(np.float32, copy=True)
+                out = np.zeros((expected, voices, model.channels), dtype=np.float32)
+                out[:, picked, :] = y.numpy().transpose(2, 0, 1)
+                return out.reshape(expected, voices * model.channels)
             if ok:
                 self.nan_blocks += 1
             else:
@@ -798,7 +826,7 @@ class Engine:
             if self.decode_errors <= 3:
                 log.error("decode failed (%s); the block plays as silence", exc)
         self._recover(model)
-        return np.zeros((expected, batch * model.channels), dtype=np.float32)
+        return np.zeros((expected, voices * model.channels), dtype=np.float32)
 
     def _recover(self, model: Model) -> None:
         """Clear a bad block out of the model's streaming state, on the render thread: the file's
@@ -816,6 +844,9 @@ class Engine:
         frames = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
         for _ in range(WARMUP_CALLS):
             _decode_defaults(model, frames, self.voices)
+            if model.decodes_rows and self.voices > 1:
+                z = np.repeat(np.asarray(model.defaults(), dtype=np.float32)[None, :, None], self.voices, 0)
+                model.decode_rows(np.repeat(z, frames, 2), np.arange(1))
             if self.input_settings is not None:
                 with torch.inference_mode():
                     model.module.encode(torch.zeros(1, model.encode_channels, frames * model.hop))
@@ -846,6 +877,7 @@ class Engine:
             "voices": self.voices,
             "voices_sounding": self.sounding(),
             "skipped_calls": self.skipped_calls,
+            "skipped_rows": self.skipped_rows,
             "models_sounding": len(self._instances),
             "underruns": 0,
             "latency_ms": 1000.0 * self._model.latency_samples / self._model.sample_rate,

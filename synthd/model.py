@@ -80,6 +80,9 @@ class Model:
     source: bytes = field(default=b"", repr=False)
     # the file's `restart(rows)` starts single voices afresh (ours since voices; found by the probe)
     restartable: bool = False
+    # the file's `decode_rows(u, rows)` decodes some voices and leaves the others' streams as they
+    # are, so silent voices cost nothing (ours since it; found by the probe)
+    decodes_rows: bool = False
 
     @property
     def encode_lag_samples(self) -> int | None:
@@ -135,6 +138,13 @@ class Model:
         `decode` (the file's `restart`; only when `restartable`)."""
         with torch.inference_mode():
             self.module.restart(torch.from_numpy(np.ascontiguousarray(rows, dtype=bool)))
+
+    def decode_rows(self, z: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """Decode the voices `rows` `(n,)` (ascending indices) of `z` `(voices, latent_size, frames)`
+        -> `(n, channels, frames * hop)`, continuing their streams and leaving the other voices'
+        streams as they were (the file's `decode_rows`; only when `decodes_rows`)."""
+        with torch.inference_mode():
+            return self.module.decode_rows(torch.from_numpy(z), torch.from_numpy(rows.astype(np.int64, copy=False)))
 
     def control(self, label: str) -> ControlInfo:
         """The control called `label`; KeyError when the model has none."""
@@ -338,6 +348,8 @@ def _probe(model: Model) -> None:
                          "defaults and range ends")
     if hasattr(model.module, "restart"):
         model.restartable = _probe_restart(model, z)
+    if hasattr(model.module, "decode_rows"):
+        model.decodes_rows = _probe_decode_rows(model, z)
     _reset(model)
 
 
@@ -352,6 +364,25 @@ def _probe_restart(model: Model, z: torch.Tensor) -> bool:
             raise ValueError("decode after it returned NaN or Inf")
     except Exception as exc:
         log.warning("%s: restart() fails (%s); notes wait a latent frame for their pitch", model.path, reason(exc))
+        return False
+    return True
+
+
+def _probe_decode_rows(model: Model, z: torch.Tensor) -> bool:
+    """Whether the file's `decode_rows` decodes one row of a two-voice stream to what its `decode`
+    promises for one voice; a file whose `decode_rows` fails decodes every voice on every call."""
+    pair = torch.cat([z[..., :1], z[..., :1]]).numpy()
+    try:
+        out = model.decode_rows(pair, np.array([1]))
+        expected = (1, model.channels, model.hop)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"it returned {got} for one row of one frame, expected {expected}")
+        if not torch.isfinite(out).all():
+            raise ValueError("it returned NaN or Inf")
+    except Exception as exc:
+        log.warning("%s: decode_rows() fails (%s); silent voices are decoded with the others", model.path,
+                    reason(exc))
         return False
     return True
 

@@ -107,7 +107,7 @@ class Rack:
         """The first layer's figures, with the render, voice and error figures of them all."""
         per_layer = [layer.engine.stats() for layer in self.layers]
         stats = {**per_layer[0], **self.timer.figures(), "layers": len(self.layers)}
-        for key in ("voices", "voices_sounding", "nan_blocks", "decode_errors", "skipped_calls"):
+        for key in ("voices", "voices_sounding", "nan_blocks", "decode_errors", "skipped_calls", "skipped_rows"):
             stats[key] = sum(s[key] for s in per_layer)
         stats["latency_ms"] = max(s["latency_ms"] for s in per_layer)  # the layers' models alone
         if self.output_stats is not None:

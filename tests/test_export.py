@@ -257,6 +257,35 @@ def test_restart_starts_the_rows_it_names_afresh_and_leaves_the_others(exported)
     assert not torch.allclose(restarted[0], went_on[0], atol=1e-3)
 
 
+def test_decode_rows_decodes_the_rows_it_names_and_leaves_the_others_as_they_were(exported):
+    """`decode_rows(u, rows)`: the rows named decode as `decode` decodes them, sample for sample,
+    and a row left out keeps its stream exactly as it was (a silent voice costs nothing and loses
+    nothing); the frame count that dates the noise moves on with every call."""
+    model = _load(exported[2])
+    assert "decode_rows" not in model.get_methods()  # an extra for synthd, not an nn~ method
+    meta = json.loads(model.metadata())
+    lo = torch.tensor([c["min"] for c in meta["controls"]]).view(1, -1, 1)
+    hi = torch.tensor([c["max"] for c in meta["controls"]]).view(1, -1, 1)
+    g = torch.Generator().manual_seed(6)
+    calls = [lo + (hi - lo) * torch.rand(3, INPUTS, n, generator=g) for n in (5, 2, 3, 1)]
+    with torch.no_grad():
+        model.reset()
+        whole = [model.decode(u) for u in calls]
+        model.reset()
+        got = [model.decode_rows(calls[0], torch.arange(3))]
+        kept = [t.clone() for t in model.state]
+        got.append(model.decode_rows(calls[1], torch.tensor([0, 2])))
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(kept[:-1], model.state[:-1]))  # row 1 untouched
+        assert int(model.state[-1]) == int(kept[-1]) + 2
+        got.append(model.decode_rows(calls[2], torch.tensor([0, 2])))
+        got.append(model.decode_rows(calls[3], torch.tensor([2])))
+        assert tuple(got[1].shape) == (2, 1, 2 * 256) and tuple(got[3].shape) == (1, 1, 256)
+        model.decode_rows(calls[0][:2], torch.tensor([1]))  # another batch size starts afresh, as decode does
+        assert model.state[0].shape[0] == 2 and not model.state[0][0].any()
+    for w, y, rows in zip(whole, got, ([0, 1, 2], [0, 2], [0, 2], [2])):
+        torch.testing.assert_close(y, w[rows], rtol=0, atol=1e-6)
+
+
 def test_file_decodes_what_the_trained_decoder_decodes(exported):
     """The file's inference-only rearrangements (scales folded into weights, the control basis
     applied in the decoder's layout) change no sample."""

@@ -62,6 +62,20 @@ def test_a_file_that_can_restart_voices_is_found_and_a_failing_restart_is_not_us
     assert engine.stats()["decode_errors"] == 0
 
 
+def test_a_file_that_decodes_single_voices_is_found_and_a_wrong_decode_rows_is_not_used(tmp_path, caplog):
+    from support.pitched_model import build_pitched_model
+
+    assert load_model(build_pitched_model(tmp_path / "ours.ts")).decodes_rows
+    assert not load_model(build_toy_model(tmp_path / "toy.ts")).decodes_rows
+    model = load_model(build_toy_model(tmp_path / "broken.ts", fault="decode_rows"))
+    assert not model.decodes_rows
+    assert "decode_rows() fails (it returned (2, 1, 256) for one row of one frame" in caplog.text
+    engine = Engine(model, voices=8, channels=1)
+    engine.note_on(0, 1.0, {0: 1.0})
+    assert np.abs(np.concatenate([engine.render(256) for _ in range(4)])).max() > 0.01  # it plays
+    assert engine.stats()["decode_errors"] == 0 and engine.stats()["skipped_rows"] == 0
+
+
 def _refused(path, *fragments):
     with pytest.raises(ModelError) as info:
         load_model(path)

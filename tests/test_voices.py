@@ -129,6 +129,32 @@ def test_a_chord_plays_every_note_in_tune_and_only_while_held(pitched):
     assert engine.stats()["skipped_calls"] > 0
 
 
+def test_silent_voices_are_not_decoded_and_the_output_is_the_same(pitched):
+    """With fewer than half the voices sounding, only theirs are decoded (`decode_rows`): the
+    output equals, to float rounding, that of decoding every voice on every call."""
+    outputs, stats = [], []
+    for alone in (True, False):
+        engine, surface, _ = rig(pitched)
+        assert engine.voices == 8 and engine.model.decodes_rows
+        engine.model.decodes_rows = alone  # False: a file without `decode_rows` (RAVE, older files)
+        surface.note_on(60, 100, at=seconds(0.05))  # one voice, then three, then six, then one again
+        for k, n in enumerate((64, 67)):
+            surface.note_on(n, 90, at=seconds(0.3) + 37 * k)
+        for k, n in enumerate((48, 52, 55)):
+            surface.note_on(n, 80, at=seconds(0.6) + 101 * k)
+        for n in (64, 67, 48, 52, 55):
+            surface.note_off(n, at=seconds(0.9))
+        surface.note_off(60, at=seconds(1.3))
+        outputs.append(play(engine, 1.5))
+        stats.append(engine.stats())
+    assert stats[1]["skipped_rows"] == 0
+    # one note for 0.25 s (7 rows skipped a call), three for 0.3 s (5) ...
+    assert stats[0]["skipped_rows"] > 7 * seconds(0.2) / 256 + 5 * seconds(0.25) / 256
+    assert stats[0]["skipped_calls"] == stats[1]["skipped_calls"] > 0
+    assert np.abs(outputs[1]).max() > 0.1
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5)
+
+
 def upward_crossings(x: np.ndarray) -> np.ndarray:
     """Where `x` crosses zero going up, to a fraction of a sample."""
     k = np.flatnonzero((x[:-1] <= 0.0) & (x[1:] > 0.0))

@@ -141,11 +141,34 @@ class StreamingModel(nn.Module):
         the stream of the previous call."""
         if u.shape[0] != self.state[0].shape[0]:
             self.state = self.decoder.initial_state(u.shape[0])
-        # one affine map straight into the decoder's `(batch, T, latent)` layout
-        z = nn.functional.linear(u[:, self.conditioning:].transpose(1, 2), self.basis, self.offset.view(-1))
-        audio, state = self.decoder.step_frames(z, self.state, u[:, :self.conditioning].transpose(1, 2))
+        audio, self.state = self._step(u, self.state)
+        return audio
+
+    @torch.jit.export
+    def decode_rows(self, u: Tensor, rows: Tensor) -> Tensor:
+        """`decode` for some rows of the batch only: control values `(batch, latent_size, frames)`
+        and row indices `rows` `(n,)` (int64, ascending, each once) -> audio `(n, 1, frames * hop)`
+        of those rows, continuing their streams; the other rows' streams stay as they were, and
+        their values are not read. A synth's silent voices then cost nothing: `decode_rows(u, rows)`
+        equals `decode(u)[rows]` for as long as every row is decoded on every call. The noise
+        table's position is the stream's: it moves on with every call, whichever rows it decodes."""
+        if u.shape[0] != self.state[0].shape[0]:
+            self.state = self.decoder.initial_state(u.shape[0])
+        last = len(self.state) - 1
+        picked: list[Tensor] = []
+        for i, s in enumerate(self.state):
+            picked.append(s if i == last else s.index_select(0, rows))
+        audio, stepped = self._step(u.index_select(0, rows), picked)
+        state: list[Tensor] = []
+        for i, s in enumerate(self.state):
+            state.append(stepped[i] if i == last else s.index_copy(0, rows, stepped[i]))
         self.state = state
         return audio
+
+    def _step(self, u: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        # one affine map straight into the decoder's `(batch, T, latent)` layout
+        z = nn.functional.linear(u[:, self.conditioning:].transpose(1, 2), self.basis, self.offset.view(-1))
+        return self.decoder.step_frames(z, state, u[:, :self.conditioning].transpose(1, 2))
 
     @torch.jit.export
     def encode(self, x: Tensor) -> Tensor:
@@ -261,10 +284,10 @@ def freeze(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """The scripted model frozen for inference: weights and settings become constants of the code
     and submodules are inlined, which takes a tenth off each streaming call (most of a one-frame
     call is per-operation overhead). What a host reads stays: the nn~ methods, their `_params`
-    buffers and labels, `reset`, `restart`, `metadata`, the streaming state, and the map from controls to
+    buffers and labels, `decode_rows`, `reset`, `restart`, `metadata`, the streaming state, and the map from controls to
     latents (`offset + basis @ controls`)."""
     methods = list(scripted.get_methods())
-    keep = methods + ["reset", "restart", "metadata", "get_methods", "get_attributes", "state", "offset", "basis",
+    keep = methods + ["decode_rows", "reset", "restart", "metadata", "get_methods", "get_attributes", "state", "offset", "basis",
                       "encoder_state", "tracker_state", "encoder_delay", "tracker_delay"]
     keep += [f"{m}_{part}" for m in methods for part in ("params", "input_labels", "output_labels")]
     return torch.jit.freeze(scripted.eval(), preserved_attrs=[name for name in keep if hasattr(scripted, name)])

@@ -100,6 +100,14 @@ class BrokenRestartSynth(ToySynth):
         raise RuntimeError("no restart here")
 
 
+class BrokenDecodeRowsSynth(ToySynth):
+    """The same synthesiser with a `decode_rows` that returns every row, not the ones it is given."""
+
+    @torch.jit.export
+    def decode_rows(self, u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.decode(u)
+
+
 def toy_metadata(latent_size: int = 4, hop: int = 256, sample_rate: int = 48000,
                  labels: list[str] | None = None) -> dict:
     """Metadata in the README's schema for a ToySynth."""
@@ -125,13 +133,15 @@ def build_toy_model(path: str | Path, *, latent_size: int = 4, hop: int = 256,
     """Script a ToySynth and save it to `path`.
 
     with_metadata=False gives a RAVE-like file (no metadata). fault="nan" makes decode
-    return NaN; fault="short" makes it return half the samples `decode_params` promise.
+    return NaN; fault="short" makes it return half the samples `decode_params` promise;
+    fault="restart" or "decode_rows" adds that method, broken.
     `metadata` replaces the generated metadata (to test how bad metadata is refused).
     """
     if metadata is None:
         metadata = toy_metadata(latent_size, hop, sample_rate) if with_metadata else None
     meta = json.dumps(metadata) if metadata is not None else ""
-    cls = BrokenRestartSynth if fault == "restart" else ToySynth if with_metadata else RaveLikeSynth
+    faulty = {"restart": BrokenRestartSynth, "decode_rows": BrokenDecodeRowsSynth}
+    cls = faulty[fault] if fault in faulty else ToySynth if with_metadata else RaveLikeSynth
     module = cls(latent_size, hop, sample_rate, meta, fault)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
