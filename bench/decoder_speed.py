@@ -9,7 +9,11 @@ For each call size (256, 512, 1024, 2048 samples) it streams `--seconds` of audi
 (audio duration / compute time), by wall clock and by this thread's CPU time (the second is
 what the decoder costs when other processes share the cores). Each call size gets the file
 loaded afresh, as a host calls one size: TorchScript specialises its graph to the shapes it has
-seen, and a module that has run several sizes is slower at all of them.
+seen, and a module that has run several sizes is slower at all of them. Calls run under
+`torch.inference_mode()`, as synthd makes them (under `no_grad` each call takes about a seventh
+longer: autograd still tracks views and versions there). The inputs are a pitch anywhere from
+C2 to C7 with voicing on: every partial of the harmonic head that the band limit lets through
+sounds, its dearest case (an unvoiced call, a drum hit, skips the harmonic sum).
 
 Baseline, measured in the same run: the same file decoded without its streaming caches, i.e.
 each call re-decodes the decoder's whole receptive field in front of the new frames (what a
@@ -123,7 +127,7 @@ def main() -> int:
               f"{'baseline RTF cpu':>16} {'speed-up':>8}")
     print(header)
     print("-" * len(header))
-    with torch.no_grad():
+    with torch.inference_mode():
         for size in CALL_SIZES:
             frames = size // hop
             model = fresh()

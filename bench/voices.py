@@ -79,7 +79,7 @@ def main() -> int:
         print(header)
         print("-" * len(header))
         generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
+        with torch.inference_mode():
             for n in VOICE_COUNTS:
                 inputs = [random_inputs(meta, frames, generator) for _ in range(n)]
                 batch = torch.cat(inputs)

@@ -564,11 +564,22 @@ class HarmonicHead(nn.Module):
         """Σ_k amp_k(n) sin(k angle(n)) from a `(batch, T, hop, K)` table of the sines: for short calls
         (streaming), where a few large operations beat many small ones. Each sample's amplitudes
         are formed and multiplied in elementwise: four times faster than the same sum as batched
-        matrix-vector products, which the library runs one frame at a time."""
-        with torch.no_grad():
-            basis = torch.sin(angle.unsqueeze(-1) * self.numbers)
-        amps = a_prev.unsqueeze(2) + self.amp_ramp.unsqueeze(-1) * (a_next - a_prev).unsqueeze(2)
-        return (basis * amps).sum(-1)
+        matrix-vector products, which the library runs one frame at a time.
+
+        The table stops at the highest partial that sounds anywhere in the call: the band limit
+        silences the upper partials of a high note (a C6 keeps 19 of 64) and the voicing gate all
+        of an unvoiced frame (a drum hit), and a silent partial adds exactly nothing to the sum."""
+        # partial numbers 1..K where some amplitude is above zero, else 0: the highest is the count
+        count = int(torch.amax((a_prev + a_next > 0.0) * self.numbers))
+        if count == 0:
+            audio = torch.zeros_like(angle)
+        else:
+            first = a_prev[..., :count]
+            with torch.no_grad():
+                basis = torch.sin(angle.unsqueeze(-1) * self.numbers[:count])
+            amps = first.unsqueeze(2) + self.amp_ramp.unsqueeze(-1) * (a_next[..., :count] - first).unsqueeze(2)
+            audio = (basis * amps).sum(-1)
+        return audio
 
     def _sum_by_recurrence(self, angle: Tensor, a_prev: Tensor, a_next: Tensor) -> Tensor:
         """The same sum for long calls (training): sin(k a) = 2 cos(a) sin((k-1) a) - sin((k-2) a)
