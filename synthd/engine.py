@@ -845,8 +845,8 @@ class Engine:
         for _ in range(WARMUP_CALLS):
             _decode_defaults(model, frames, self.voices)
             if model.decodes_rows and self.voices > 1:
-                z = np.repeat(np.asarray(model.defaults(), dtype=np.float32)[None, :, None], self.voices, 0)
-                model.decode_rows(np.repeat(z, frames, 2), np.arange(1))
+                z = np.tile(np.asarray(model.defaults(), dtype=np.float32)[None, :, None], (self.voices, 1, frames))
+                model.decode_rows(z, np.arange(1))
             if self.input_settings is not None:
                 with torch.inference_mode():
                     model.module.encode(torch.zeros(1, model.encode_channels, frames * model.hop))
