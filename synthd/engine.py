@@ -5,7 +5,8 @@ callback) and offline rendering (a caller calls `render` directly), so both prod
 same samples for the same events.
 
 Signal path per block: events -> per-latent ramps (one value per latent frame and voice) ->
-one decode call for all voices (batch = voices) -> NaN/Inf guard -> each voice under its
+one decode call for the voices that sound (batch = voices, or the sounding ones alone while
+they are at most half) -> NaN/Inf guard -> each voice under its
 envelope -> channel map -> crossfade between model instances (model swap) -> output stage:
 gain and gate ramps -> DC blocker -> soft limiter.
 
@@ -331,7 +332,8 @@ class Engine:
     mix. A note starts at its pitch: with a model that can restart one voice's stream, its voice
     starts afresh on the frame that carries the pitch and its envelope opens at the note's time;
     without, the envelope opens once that frame has played. A block in which no voice sounds is
-    not decoded at all.
+    not decoded at all, and while at most half the voices sound, a model that can decode single
+    rows (`decode_rows`) decodes theirs alone.
     """
 
     def __init__(self, model: Model, *, channels: int = 2, block_frames: int = 256,
@@ -702,7 +704,8 @@ class Engine:
         rows = np.fromiter((env.sounding for env in self._envelopes), dtype=bool, count=self.voices)
         if not rows.all():
             for ev in self._note_events:
-                if ev.kind == "note" and ev.at <= end:
+                # a note that waits for its pitch's frame opens at that frame's end, rounded up
+                if ev.kind == "note" and ev.at <= math.ceil(end):
                     rows[ev.args[0]] = True
         return rows
 
@@ -795,7 +798,9 @@ class Engine:
         """
         voices = z.shape[0]
         expected = z.shape[2] * model.hop
-        picked = np.flatnonzero(rows) if rows is not None and model.decodes_rows else None
+        # a voice left out resumes its paused stream: only with a model that restarts a new note's voice
+        alone = rows is not None and model.decodes_rows and model.restartable
+        picked = np.flatnonzero(rows) if alone else None
         if picked is not None and picked.size > voices * ROWS_ALONE:
             picked = None  # past this share, gathering the rows' streams costs more than it saves
         batch = voices if picked is None else picked.size
@@ -844,9 +849,10 @@ class Engine:
         frames = max(1, math.ceil(self.block_frames * model.sample_rate / self.sample_rate / model.hop))
         for _ in range(WARMUP_CALLS):
             _decode_defaults(model, frames, self.voices)
-            if model.decodes_rows and self.voices > 1:
+            if model.decodes_rows and self.voices > 1:  # every row count the engine may ask for
                 z = np.tile(np.asarray(model.defaults(), dtype=np.float32)[None, :, None], (self.voices, 1, frames))
-                model.decode_rows(z, np.arange(1))
+                for n in range(1, int(self.voices * ROWS_ALONE) + 1):
+                    model.decode_rows(z, np.arange(n))
             if self.input_settings is not None:
                 with torch.inference_mode():
                     model.module.encode(torch.zeros(1, model.encode_channels, frames * model.hop))

@@ -155,6 +155,38 @@ def test_silent_voices_are_not_decoded_and_the_output_is_the_same(pitched):
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5)
 
 
+def test_silent_voices_left_out_through_steals_a_resampled_model_and_a_swap(pitched, tmp_path_factory):
+    """The same as above where it is hardest: a 44.1 kHz model resampled to 48 kHz (a latent frame
+    is not a whole number of engine samples) in 512-sample blocks (two frames a call), a steal, and
+    a swap to another model while voices sound (the old model's voices go silent as new notes come)."""
+    resampled = build_pitched_model(tmp_path_factory.mktemp("voices44") / "pitched44.ts", sample_rate=44100)
+    patch = parse_patch(KEYS.replace("[gate]", "voices = 4\n[gate]"))
+    outputs, stats = [], []
+    for alone in (True, False):
+        model = load_model(resampled)
+        model.decodes_rows = alone
+        engine = engine_for(model, patch, channels=1, block_frames=512, threads=1)
+        surface = ControlSurface(engine, patch)
+        for k, n in enumerate((48, 55, 60, 64, 67)):  # the fifth steals the first
+            surface.note_on(n, 100, at=seconds(0.05) + 997 * k)
+        for n in (55, 60, 64):
+            surface.note_off(n, at=seconds(0.3) + 211)
+        surface.note_on(72, 90, at=seconds(0.5) + 13)
+        x = [engine.render(512)[:, 0] for _ in range(seconds(0.6) // 512)]
+        other = load_model(pitched)
+        other.decodes_rows = alone
+        engine.swap_model(other, crossfade_s=0.05)
+        surface.note_on(76, 80, at=engine.clock + 301)
+        surface.note_off(67, at=engine.clock + 4000)
+        x += [engine.render(512)[:, 0] for _ in range(seconds(0.6) // 512)]
+        outputs.append(np.concatenate(x))
+        stats.append(engine.stats())
+        assert surface.voices.stolen == 1
+    assert stats[0]["skipped_rows"] > 0 and stats[1]["skipped_rows"] == 0
+    assert np.abs(outputs[1]).max() > 0.1
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5)
+
+
 def upward_crossings(x: np.ndarray) -> np.ndarray:
     """Where `x` crosses zero going up, to a fraction of a sample."""
     k = np.flatnonzero((x[:-1] <= 0.0) & (x[1:] > 0.0))

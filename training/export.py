@@ -150,7 +150,8 @@ class StreamingModel(nn.Module):
         and row indices `rows` `(n,)` (int64, ascending, each once) -> audio `(n, 1, frames * hop)`
         of those rows, continuing their streams; the other rows' streams stay as they were, and
         their values are not read. A synth's silent voices then cost nothing: `decode_rows(u, rows)`
-        equals `decode(u)[rows]` for as long as every row is decoded on every call. The noise
+        equals `decode(u)[rows]` to float rounding for as long as every row is decoded on every call
+        (the harmonic head may sum a batch of another size another way). The noise
         table's position is the stream's: it moves on with every call, whichever rows it decodes."""
         if u.shape[0] != self.state[0].shape[0]:
             self.state = self.decoder.initial_state(u.shape[0])

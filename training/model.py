@@ -560,17 +560,21 @@ class HarmonicHead(nn.Module):
             audio = self._sum_by_basis(angle, a_prev, a_next)
         return audio.reshape(batch, frames * self.hop), a_next[:, -1], f0[:, -1:], phase[:, -1:]
 
+    def partials_sounding(self, a_prev: Tensor, a_next: Tensor) -> int:
+        """The highest partial (1..K) with an amplitude above zero anywhere in `a_prev` and `a_next`
+        `(batch, T, K)`, or 0: the band limit silences the upper partials of a high note (a C6
+        keeps 19 of 64), the voicing gate every partial of an unvoiced frame (a drum hit)."""
+        return int(torch.amax((a_prev + a_next > 0.0) * self.numbers))
+
     def _sum_by_basis(self, angle: Tensor, a_prev: Tensor, a_next: Tensor) -> Tensor:
         """Σ_k amp_k(n) sin(k angle(n)) from a `(batch, T, hop, K)` table of the sines: for short calls
         (streaming), where a few large operations beat many small ones. Each sample's amplitudes
         are formed and multiplied in elementwise: four times faster than the same sum as batched
         matrix-vector products, which the library runs one frame at a time.
 
-        The table stops at the highest partial that sounds anywhere in the call: the band limit
-        silences the upper partials of a high note (a C6 keeps 19 of 64) and the voicing gate all
-        of an unvoiced frame (a drum hit), and a silent partial adds exactly nothing to the sum."""
-        # partial numbers 1..K where some amplitude is above zero, else 0: the highest is the count
-        count = int(torch.amax((a_prev + a_next > 0.0) * self.numbers))
+        The table stops at the highest partial that sounds anywhere in the call (`partials_sounding`):
+        a silent partial's terms are all zero, so leaving it out changes the sum by rounding alone."""
+        count = self.partials_sounding(a_prev, a_next)
         if count == 0:
             audio = torch.zeros_like(angle)
         else:

@@ -19,12 +19,12 @@ SMALL = dict(latent_size=2, encoder_dim=16, encoder_blocks=1, decoder_dim=16, de
              decoder_dilations=[1])
 
 
-def pitched_vae(harmonics: int = 16, partials: list[float] | None = None) -> VAE:
+def pitched_vae(harmonics: int = 16, partials: list[float] | None = None, sample_rate: int = 48000) -> VAE:
     """A VAE whose decoder plays `partials` (relative amplitudes of harmonics 1, 2, ...; default
     1, 1/2, 1/4) at its pitch input, gated by voicing, and nothing else. `partials=[]` sets every
     harmonic to full level (the loudest the head allows)."""
     partials = [1.0, 0.5, 0.25] if partials is None else partials
-    vae = VAE(ModelConfig(harmonics=harmonics, **SMALL)).eval()
+    vae = VAE(ModelConfig(harmonics=harmonics, sample_rate=sample_rate, **SMALL)).eval()
     head, harmonic = vae.decoder.head, vae.decoder.harmonic
     with torch.no_grad():
         head.proj.weight.zero_()
