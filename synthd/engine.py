@@ -703,9 +703,9 @@ class Engine:
             return None
         rows = np.fromiter((env.sounding for env in self._envelopes), dtype=bool, count=self.voices)
         if not rows.all():
+            last = math.ceil(end)  # a note that waits for its pitch's frame opens at its end, rounded up
             for ev in self._note_events:
-                # a note that waits for its pitch's frame opens at that frame's end, rounded up
-                if ev.kind == "note" and ev.at <= math.ceil(end):
+                if ev.kind == "note" and ev.at <= last:
                     rows[ev.args[0]] = True
         return rows
 

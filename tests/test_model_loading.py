@@ -48,29 +48,21 @@ def test_probe_leaves_state_reset(tmp_path):
     assert torch.equal(a, b)
 
 
-def test_a_file_that_can_restart_voices_is_found_and_a_failing_restart_is_not_used(tmp_path, caplog):
+@pytest.mark.parametrize("method, found, voices, complaint", [
+    ("restart", "restartable", 2, "restart() fails (builtins.RuntimeError: no restart here)"),
+    ("decode_rows", "decodes_rows", 8, "decode_rows() fails (it returned (2, 1, 256) for one row of one frame"),
+])
+def test_an_optional_method_is_found_and_a_failing_one_is_not_used(tmp_path, caplog, method, found, voices, complaint):
+    """`restart` (a voice's new note starts afresh) and `decode_rows` (silent voices cost nothing):
+    our files have them, a file without them plays, and a file whose one fails plays without it."""
     from support.pitched_model import build_pitched_model
 
-    assert load_model(build_pitched_model(tmp_path / "ours.ts")).restartable
-    assert not load_model(build_toy_model(tmp_path / "toy.ts")).restartable
-    model = load_model(build_toy_model(tmp_path / "broken.ts", fault="restart"))
-    assert not model.restartable
-    assert "restart() fails (builtins.RuntimeError: no restart here)" in caplog.text
-    engine = Engine(model, voices=2, channels=1)
-    engine.note_on(0, 1.0, {0: 1.0})
-    assert np.abs(np.concatenate([engine.render(256) for _ in range(4)])).max() > 0.01  # it plays
-    assert engine.stats()["decode_errors"] == 0
-
-
-def test_a_file_that_decodes_single_voices_is_found_and_a_wrong_decode_rows_is_not_used(tmp_path, caplog):
-    from support.pitched_model import build_pitched_model
-
-    assert load_model(build_pitched_model(tmp_path / "ours.ts")).decodes_rows
-    assert not load_model(build_toy_model(tmp_path / "toy.ts")).decodes_rows
-    model = load_model(build_toy_model(tmp_path / "broken.ts", fault="decode_rows"))
-    assert not model.decodes_rows
-    assert "decode_rows() fails (it returned (2, 1, 256) for one row of one frame" in caplog.text
-    engine = Engine(model, voices=8, channels=1)
+    assert getattr(load_model(build_pitched_model(tmp_path / "ours.ts")), found)
+    assert not getattr(load_model(build_toy_model(tmp_path / "toy.ts")), found)
+    model = load_model(build_toy_model(tmp_path / "broken.ts", fault=method))
+    assert not getattr(model, found)
+    assert complaint in caplog.text
+    engine = Engine(model, voices=voices, channels=1)
     engine.note_on(0, 1.0, {0: 1.0})
     assert np.abs(np.concatenate([engine.render(256) for _ in range(4)])).max() > 0.01  # it plays
     assert engine.stats()["decode_errors"] == 0 and engine.stats()["skipped_rows"] == 0

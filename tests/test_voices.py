@@ -129,11 +129,20 @@ def test_a_chord_plays_every_note_in_tune_and_only_while_held(pitched):
     assert engine.stats()["skipped_calls"] > 0
 
 
+def played_both_ways(play_once) -> list[dict]:
+    """`play_once(alone)` -> (output, engine stats), with silent voices left out of the decode
+    (alone) and with every voice decoded: checks that both sound and are the same to float
+    rounding, and returns their stats in that order."""
+    outputs, stats = zip(*(play_once(alone) for alone in (True, False)))
+    assert np.abs(outputs[1]).max() > 0.1
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5)
+    return list(stats)
+
+
 def test_silent_voices_are_not_decoded_and_the_output_is_the_same(pitched):
     """With fewer than half the voices sounding, only theirs are decoded (`decode_rows`): the
     output equals, to float rounding, that of decoding every voice on every call."""
-    outputs, stats = [], []
-    for alone in (True, False):
+    def play_once(alone: bool) -> tuple[np.ndarray, dict]:
         engine, surface, _ = rig(pitched)
         assert engine.voices == 8 and engine.model.decodes_rows
         engine.model.decodes_rows = alone  # False: a file without `decode_rows` (RAVE, older files)
@@ -145,14 +154,13 @@ def test_silent_voices_are_not_decoded_and_the_output_is_the_same(pitched):
         for n in (64, 67, 48, 52, 55):
             surface.note_off(n, at=seconds(0.9))
         surface.note_off(60, at=seconds(1.3))
-        outputs.append(play(engine, 1.5))
-        stats.append(engine.stats())
+        return play(engine, 1.5), engine.stats()
+
+    stats = played_both_ways(play_once)
     assert stats[1]["skipped_rows"] == 0
     # one note for 0.25 s (7 rows skipped a call), three for 0.3 s (5) ...
     assert stats[0]["skipped_rows"] > 7 * seconds(0.2) / 256 + 5 * seconds(0.25) / 256
     assert stats[0]["skipped_calls"] == stats[1]["skipped_calls"] > 0
-    assert np.abs(outputs[1]).max() > 0.1
-    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5)
 
 
 def test_silent_voices_left_out_through_steals_a_resampled_model_and_a_swap(pitched, tmp_path_factory):
@@ -161,8 +169,8 @@ def test_silent_voices_left_out_through_steals_a_resampled_model_and_a_swap(pitc
     a swap to another model while voices sound (the old model's voices go silent as new notes come)."""
     resampled = build_pitched_model(tmp_path_factory.mktemp("voices44") / "pitched44.ts", sample_rate=44100)
     patch = parse_patch(KEYS.replace("[gate]", "voices = 4\n[gate]"))
-    outputs, stats = [], []
-    for alone in (True, False):
+
+    def play_once(alone: bool) -> tuple[np.ndarray, dict]:
         model = load_model(resampled)
         model.decodes_rows = alone
         engine = engine_for(model, patch, channels=1, block_frames=512, threads=1)
@@ -179,12 +187,11 @@ def test_silent_voices_left_out_through_steals_a_resampled_model_and_a_swap(pitc
         surface.note_on(76, 80, at=engine.clock + 301)
         surface.note_off(67, at=engine.clock + 4000)
         x += [engine.render(512)[:, 0] for _ in range(seconds(0.6) // 512)]
-        outputs.append(np.concatenate(x))
-        stats.append(engine.stats())
         assert surface.voices.stolen == 1
+        return np.concatenate(x), engine.stats()
+
+    stats = played_both_ways(play_once)
     assert stats[0]["skipped_rows"] > 0 and stats[1]["skipped_rows"] == 0
-    assert np.abs(outputs[1]).max() > 0.1
-    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5)
 
 
 def upward_crossings(x: np.ndarray) -> np.ndarray:
