@@ -319,6 +319,19 @@ def test_loads_in_a_fresh_process_with_only_torch(exported):
     assert "Warning" not in result.stderr
 
 
+def test_file_is_frozen_and_optimised_with_portable_operations_only(exported):
+    """export's inference passes run on every method that computes: no linear layer reads a
+    weight it must transpose at each call, and nothing was turned into a oneDNN (MKLDNN)
+    operation, which a host's libtorch built without it could not run."""
+    model = _load(exported[2])
+    for method in model.get_methods() + ["decode_rows"]:
+        nodes = list(getattr(model, method).graph.nodes())
+        # the one linear map left is from controls to latents, whose `basis` a host may read
+        weights = [list(node.inputs())[1].node() for node in nodes if node.kind() == "aten::linear"]
+        assert all(w.kind() == "prim::GetAttr" and w.s("name") == "basis" for w in weights), method
+        assert not [node.kind() for node in nodes if "mkldnn" in node.kind().lower()], method
+
+
 def test_export_errors_are_clear_and_leave_nothing(exported, tmp_path):
     run, _, _ = exported
     result = _cli("export", str(tmp_path / "nowhere"), str(tmp_path / "x.ts"))
