@@ -18,7 +18,9 @@ own validation files, which is what `synthd-train export` writes):
 and at the end of each run, per held-out file, where its reconstruction misses: in each band
 (below 60 Hz, 60-250 Hz, 250 Hz-1 kHz, 1-5 kHz, above 5 kHz) the share of the source's energy it
 holds and the reconstruction's level against the source's there, in dB (a kick whose body below
-60 Hz comes back 8 dB short reads "-1/-8" in the first column).
+60 Hz comes back 8 dB short reads "-1/-8" in the first column), and the mean ratio over the
+files the model learnt from (prepare's training split) and over prepare's validation split: how
+much of the held-out shortfall is fit, and how much generalisation.
 
     .venv/bin/python bench/train_quality.py --set drums --minutes 20
     .venv/bin/python bench/train_quality.py --set drums --kit "circAfrique v4" --minutes 20
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -198,6 +201,26 @@ class HeldOut:
         return "\n".join(lines)
 
 
+def fit_summary(prepared: Path, model: torch.nn.Module, ckpt: dict) -> str:
+    """The held-out ratio (mean model distance / mean noise distance) on the prepared set's own
+    files, by split: "train" (what the model fit) and "validation" (prepare's split: files it never
+    trained on, which choose best.pt). A held-out ratio near the training files' says the set is
+    short of fit, not of generalisation."""
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    source_dir = Path(manifest["source_dir"])
+    parts = []
+    for split in ("train", "validation"):
+        files = [source_dir / f["source"] for f in manifest["files"] if f.get("split") == split]
+        if not files:
+            continue
+        h = HeldOut(files, ckpt["preprocessing"])
+        distances = h.model_distances(model, int(ckpt["config"]["model"]["hop"]))
+        worst, worst_ratio = h.worst_file(distances)
+        parts.append(f"{split} {len(files)} files: ratio {np.mean(distances) / h.noise_distance:.3f} "
+                     f"(worst {worst} {worst_ratio:.3f})")
+    return "; ".join(parts)
+
+
 def latest(run_dir: Path, held: list[Path], cache: dict, which: str = "last") -> tuple[dict, torch.nn.Module, HeldOut] | None:
     """(checkpoint, model, held-out files) of the run's `which` checkpoint ("last": the latest;
     "best": the best on the run's own validation files, which `export` writes), None before the
@@ -261,6 +284,8 @@ def run_one(name: str, prepared: Path, held: list[Path], work: Path, minutes: fl
         print(f"[{name}] where the last checkpoint misses, per held-out file and band: the source's share of "
               f"its energy there / the reconstruction's level against the source's there (dB)\n"
               f"{h.band_table(model, int(ckpt['config']['model']['hop']))}", flush=True)
+        print(f"[{name}] the same measure on the files it learnt from (last checkpoint): "
+              f"{fit_summary(prepared, model, ckpt)}", flush=True)
     best = measure(run_dir, held, cache, "best")
     if best is not None:
         step, model_d, noise_d, (worst, worst_ratio) = best
