@@ -18,7 +18,7 @@ own validation files, which is what `synthd-train export` writes):
 and at the end of each run, per held-out file, where its reconstruction misses: in each band
 (below 60 Hz, 60-250 Hz, 250 Hz-1 kHz, 1-5 kHz, above 5 kHz) the share of the source's energy it
 holds and the reconstruction's level against the source's there, in dB (a kick whose body below
-60 Hz comes back 8 dB short reads "-1/-8" in the first column), and the mean ratio over the
+60 Hz comes back 8 dB short reads "-1/-8" in the first column), and the same ratio over the
 files the model learnt from (prepare's training split) and over prepare's validation split: how
 much of the held-out shortfall is fit, and how much generalisation. Then the same figures with
 every signal low-passed at the decoder's `max_frequency` (20 kHz), the band it makes by design:
@@ -206,7 +206,7 @@ class HeldOut:
     def band_table(self, model: torch.nn.Module, hop: int) -> str:
         """Per file and band (BAND_EDGES_HZ): the source's share of its energy there and the
         reconstruction's level against the source's there, in dB, as "share/difference"."""
-        rate = model.cfg.sample_rate  # the held-out files were read at the model's rate
+        rate = self.rate  # the files were read at the model's rate
         bands = [f"{lo:g}-{hi:g} Hz" for lo, hi in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:])]
         width = max(len(n) for n in self.names)
         lines = [" " * width + "  " + "".join(f"{b:>15s}" for b in bands)]
