@@ -21,9 +21,8 @@ holds and the reconstruction's level against the source's there, in dB (a kick w
 60 Hz comes back 8 dB short reads "-1/-8" in the first column), and the same ratio over the
 files the model learnt from (prepare's training split) and over prepare's validation split: how
 much of the held-out shortfall is fit, and how much generalisation. Then the same figures with
-every signal low-passed at the decoder's `max_frequency` (20 kHz), the band it makes by design:
-the targets stay on the full band, where a 44.1 kHz source's 20-22 kHz (hats, cymbals) counts
-against the model.
+every signal low-passed at the decoder's `max_frequency` (its iSTFT head's band edge, 22 kHz
+by default), the band it makes by design: the targets stay on the full band.
 
     .venv/bin/python bench/train_quality.py --set drums --minutes 20
     .venv/bin/python bench/train_quality.py --set drums --kit "circAfrique v4" --minutes 20

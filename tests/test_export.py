@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.aliasing import FLOOR_DB, aliasing_report, energy_above_db, sine_sweep
+from training.aliasing import BAND_EDGE_HZ, FLOOR_DB, aliasing_report, band_edge, energy_above_db, sine_sweep
 from training.checkpoint import load_run
 from training.control_space import pca_space
 from training.dataset import PreparedSet
@@ -371,9 +371,10 @@ def test_sweep_through_the_file_folds_nothing(alias_model):
     with torch.no_grad():
         alias_model.reset()
         out = alias_model.forward(torch.from_numpy(sweep).view(1, 1, -1))[0, 0].numpy()
-    report = aliasing_report(sweep, out)
+    meta = json.loads(alias_model.metadata())
+    report = aliasing_report(sweep, out, cutoff=band_edge(meta))
     assert np.isfinite(out).all()
-    untrained = json.loads(alias_model.metadata())["run"]["steps"] == 0
+    untrained = meta["run"]["steps"] == 0
     if untrained:
         # no tones of its own: no partial at all may appear, folded or not
         assert report.passes(any_new_partial=True), report.describe()
@@ -381,9 +382,27 @@ def test_sweep_through_the_file_folds_nothing(alias_model):
         # A trained model remakes the sweep in its own timbre: partials the sweep lacks, some of
         # them moving as fast as an image would (the 200-step demo model makes one near 562 Hz that
         # keeps pace with the sweep's 6th-harmonic image for three frames), which the partial
-        # trackers cannot tell from folding. What folding must leave, energy above 20 kHz, stays at
-        # the floor.
+        # trackers cannot tell from folding. What folding must leave, energy above the band edge,
+        # stays at the floor.
         assert report.output_above_db <= max(report.source_above_db, FLOOR_DB) + 1.0, report.describe()
+
+
+def test_the_band_edge_is_read_from_the_file_and_bounds_what_the_decoder_makes(untrained_default):
+    """The aliasing measures count energy above the edge the file names: 22 kHz for today's
+    iSTFT head, whose noise fills 20-22 kHz by design; 20 kHz for a file that names none."""
+    meta = json.loads(_load(untrained_default).metadata())
+    assert band_edge(meta) == ModelConfig().max_frequency == 22000.0
+    assert meta["run"]["model"]["harmonic_max_frequency"] == 20000.0
+    assert band_edge({"run": {"model": {"max_frequency": 20000.0}}}) == band_edge({}) == BAND_EDGE_HZ == 20000.0
+    noise = np.random.default_rng(0).normal(size=48000).astype(np.float32)
+    with torch.no_grad():
+        module = _load(untrained_default)
+        module.reset()
+        y = module.decode(torch.zeros(1, int(module.decode_params[0]), 200))[0, 0].numpy()
+    # the untrained residual's soft noise reaches into 20-22 kHz, and nothing lies above 22 kHz
+    assert energy_above_db(y, cutoff=20000.0) > -60.0
+    assert energy_above_db(y, cutoff=band_edge(meta)) <= FLOOR_DB
+    assert aliasing_report(noise, noise, cutoff=22000.0).describe().startswith("energy above 22 kHz")
 
 
 def test_alias_measures_catch_folding_and_spare_a_models_own_partials():
@@ -415,7 +434,7 @@ def test_decoded_latent_walks_fold_nothing_and_extremes_stay_bounded(alias_model
     steps = torch.rand(1, size, 300, generator=generator)
     walk = 0.5 + 0.5 * torch.sin(torch.cumsum(0.2 * torch.randn(1, size, 300, generator=generator), dim=2))
     # the pitch input held at its default: a pitch leaping across the keyboard every 5 ms chirps its
-    # partials across kHz within a block, whose spread above 20 kHz is not folding (test_pitch
+    # partials across kHz within a block, whose spread above its edge is not folding (test_pitch
     # plays glides and leaps against the ideal band-limited series)
     for i, c in enumerate(meta["controls"]):
         if c.get("unit") == "midi":
@@ -425,7 +444,7 @@ def test_decoded_latent_walks_fold_nothing_and_extremes_stay_bounded(alias_model
             alias_model.reset()
             audio = alias_model.decode(lo + (hi - lo) * u01)[0, 0].numpy()
             assert np.isfinite(audio).all()
-            assert energy_above_db(audio) <= FLOOR_DB + 1.0
+            assert energy_above_db(audio, cutoff=band_edge(meta)) <= FLOOR_DB + 1.0
         for value in (10.0, -10.0):
             alias_model.reset()
             audio = alias_model.decode(torch.full((1, size, 100), value))

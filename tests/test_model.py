@@ -187,7 +187,8 @@ def test_default_decoder_is_band_limited_and_bounded():
     with torch.no_grad():
         walk = torch.cumsum(0.3 * torch.randn(1, 16, 300), dim=2)
         audio = model.decode(walk)[0, 0].numpy()
-        assert energy_above_db(audio) < -130.0  # untrained: at the float32 floor
+        # untrained: at the float32 floor above the band edge
+        assert energy_above_db(audio, cutoff=model.cfg.max_frequency) < -130.0
         for value in (10.0, -10.0):
             loud = model.decode(torch.full((1, 16, 100), value))
             assert torch.isfinite(loud).all()
@@ -236,6 +237,11 @@ def test_windows_and_band_limit():
     assert torch.all(mask[1:-1] >= mask[2:])  # falls monotonically
     with pytest.raises(ValueError, match="max_frequency"):
         spectral_ops.band_limit_mask(1024, 48000, 30000.0, 1000.0)
+    for name in ("max_frequency", "harmonic_max_frequency"):
+        with pytest.raises(ValueError, match=f"model.{name} .* at most at Nyquist"):
+            ModelConfig(sample_rate=44100, **{name: 23000.0})
+    # a 44.1 kHz model keeps the default edges: both under its Nyquist
+    assert ModelConfig(sample_rate=44100).max_frequency < 22050
 
 
 def test_config_validation_names_the_key():

@@ -1,7 +1,8 @@
 """Measures of folded (aliased) energy, for any model file's output.
 
 Signs of aliasing, each compared with the signal the model was given:
-- energy above 20 kHz, as a fraction of the total (dB): a decoder that upsamples through a
+- energy above the model's band edge (20 kHz unless its metadata names another, see
+  `band_edge`), as a fraction of the total (dB): a decoder that upsamples through a
   nonlinearity folds energy up there; a band-limited iSTFT head puts (almost) none;
 - partials the source lacks: spectral peaks that stand well above their neighbourhood, persist
   over several analysis frames, and sit where the source (in the same frame) has no energy;
@@ -17,7 +18,7 @@ take numpy arrays and know nothing about the model, so they run unchanged on a t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from scipy.ndimage import maximum_filter, median_filter
@@ -38,7 +39,20 @@ def sine_sweep(seconds: float = 3.0, sample_rate: int = 48000, f0: float = 20.0,
     return x.astype(np.float32)
 
 
-def energy_above_db(x: np.ndarray, sample_rate: int = 48000, cutoff: float = 20000.0) -> float:
+# The band edge of a file that does not name its own (a RAVE export, an older synthd file)
+BAND_EDGE_HZ = 20000.0
+
+
+def band_edge(metadata: dict[str, Any]) -> float:
+    """The highest frequency (Hz) a model file's decoder makes by design: the higher of its iSTFT
+    and harmonic band edges as its metadata names them, else `BAND_EDGE_HZ`. Energy above it is
+    what folding leaves; below it, a trained model's own sound."""
+    model = (metadata.get("run") or {}).get("model") or {}
+    edges = [float(model[k]) for k in ("max_frequency", "harmonic_max_frequency") if model.get(k)]
+    return max(edges, default=BAND_EDGE_HZ)
+
+
+def energy_above_db(x: np.ndarray, sample_rate: int = 48000, cutoff: float = BAND_EDGE_HZ) -> float:
     """Energy above `cutoff` relative to the total, in dB (Welch, 8192 points, Kaiser window with
     beta 20: side lobes near -150 dB, so the measure's own leakage does not mask the signal's)."""
     freqs, psd = welch(np.asarray(x, dtype=np.float64), fs=sample_rate, window=("kaiser", 20.0),
@@ -49,7 +63,7 @@ def energy_above_db(x: np.ndarray, sample_rate: int = 48000, cutoff: float = 200
     return float(10 * np.log10(max(psd[freqs > cutoff].sum(), 1e-30) / total))
 
 
-# The level under which energy above 20 kHz counts as none: 100 dB below the signal, beyond the
+# The level under which energy above the band edge counts as none: 100 dB below the signal, beyond the
 # range of 16-bit audio. A sweep that ends at 20 kHz measures about -160 dB, which no float32 model
 # can match: rounding noise alone is near -145 dB, and the band-limited synthesis leaks -145 dB
 # (untrained) to about -112 dB (a model trained on bright sounds) over the band edge. Folding
@@ -70,9 +84,10 @@ class AliasReport:
     output_above_db: float
     new_partials: list[Partial] = field(default_factory=list)
     folded_partials: list[Partial] = field(default_factory=list)
+    cutoff_hz: float = BAND_EDGE_HZ  # where "above" starts
 
     def passes(self, margin_db: float = 1.0, floor_db: float = FLOOR_DB, any_new_partial: bool = True) -> bool:
-        """No more energy above 20 kHz than the source (or the floor, when the source has less)
+        """No more energy above the cutoff than the source (or the floor, when the source has less)
         plus `margin_db`, no folded partial, and (with `any_new_partial`) no new partial at all."""
         return (self.output_above_db <= max(self.source_above_db, floor_db) + margin_db
                 and not self.folded_partials and not (any_new_partial and self.new_partials))
@@ -81,7 +96,7 @@ class AliasReport:
         def listing(partials: list[Partial]) -> str:
             return ", ".join(f"{p.frequency_hz:.0f} Hz at {p.time_s:.2f} s ({p.level_db:.0f} dB)" for p in partials[:8])
 
-        return (f"energy above 20 kHz: output {self.output_above_db:.1f} dB, source {self.source_above_db:.1f} dB; "
+        return (f"energy above {self.cutoff_hz / 1000:g} kHz: output {self.output_above_db:.1f} dB, source {self.source_above_db:.1f} dB; "
                 f"{len(self.folded_partials)} folded partial(s) {listing(self.folded_partials)}; "
                 f"{len(self.new_partials)} new partial(s) {listing(self.new_partials)}")
 
@@ -220,9 +235,10 @@ def steady_partials(source: np.ndarray, output: np.ndarray, sample_rate: int = 4
 
 
 def aliasing_report(source: np.ndarray, output: np.ndarray, sample_rate: int = 48000,
-                    own_partials: Callable[[float], np.ndarray] | None = None) -> AliasReport:
-    """Every measure for `output` (what a model made of `source`); see `folded_partials` for
-    `own_partials`."""
-    return AliasReport(energy_above_db(source, sample_rate), energy_above_db(output, sample_rate),
+                    own_partials: Callable[[float], np.ndarray] | None = None,
+                    cutoff: float = BAND_EDGE_HZ) -> AliasReport:
+    """Every measure for `output` (what a model made of `source`), energy counted above `cutoff`
+    (the model's `band_edge`); see `folded_partials` for `own_partials`."""
+    return AliasReport(energy_above_db(source, sample_rate, cutoff), energy_above_db(output, sample_rate, cutoff),
                        new_partials(source, output, sample_rate),
-                       folded_partials(source, output, sample_rate, own_partials=own_partials))
+                       folded_partials(source, output, sample_rate, own_partials=own_partials), cutoff)

@@ -11,7 +11,7 @@ report.json holding every figure's numbers, and a few 24-bit WAV examples:
 - training and validation curves from the run's log.csv, with an overfitting verdict;
 - memorisation: sounds decoded from the prior and from interpolations, their distance to the
   nearest training clip against the distances among training clips;
-- aliasing: encode->decode of a sine sweep and decodes of random latents: energy above 20 kHz,
+- aliasing: encode->decode of a sine sweep and decodes of random latents: energy above the band edge,
   partials folded back from above Nyquist, and partials the input lacked (training.aliasing);
 - KL per latent dimension, collapsed dimensions flagged;
 - the control map: Spearman rho of every descriptor along a sweep of every control, with the
@@ -39,7 +39,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from training.aliasing import aliasing_report, energy_above_db, sine_sweep
+from training.aliasing import aliasing_report, band_edge, energy_above_db, sine_sweep
 from training.analyze import AnalysisConfig, settled_for, sweep, sweep_verdict
 from training.control_space import ControlSpec
 from training.descriptors import DESCRIPTOR_NAMES, DescriptorConfig, compute
@@ -532,12 +532,14 @@ class Evaluation:
         sr = self.sr
         sweep_in = sine_sweep(3.0, sr, amplitude=0.1 * math.sqrt(2))  # -20 dBFS RMS, near the set's level
         sweep_out = self.s.reconstruct(sweep_in, self.delay)
-        report = aliasing_report(sweep_in, sweep_out, sr, own_partials=self.s.harmonic_partials(sweep_in))
+        # energy above the decoder's band edge: below it lies the model's own sound
+        edge = band_edge(self.s.metadata)
+        report = aliasing_report(sweep_in, sweep_out, sr, own_partials=self.s.harmonic_partials(sweep_in), cutoff=edge)
         in_db, out_db = report.source_above_db, report.output_above_db
         randoms = [self.s.decode(self.s.wire_to_model(self.rng.uniform(0, 1, (self.s.latent_size, 64))))
                    for _ in range(4)]
-        random_db = max(energy_above_db(r, sr) for r in randoms)
-        data_db = max(energy_above_db(self.audio[f.id], sr) for f in self.train)
+        random_db = max(energy_above_db(r, sr, edge) for r in randoms)
+        data_db = max(energy_above_db(self.audio[f.id], sr, edge) for f in self.train)
         # inaudible and numerically irrelevant below -60 dB; otherwise no more than the reference + 1 dB
         sweep_ok = out_db <= max(in_db + 1.0, -60.0)
         random_ok = random_db <= max(data_db + 1.0, -60.0)
@@ -545,8 +547,8 @@ class Evaluation:
         # partials are listed per frame: count the frames that hold one
         folded_frames, new_frames = len({p.time_s for p in folded}), len({p.time_s for p in new})
         strongest_folded = max((p.level_db for p in folded), default=None)
-        verdict = ("no folded energy above 20 kHz" if sweep_ok and random_ok else
-                   "energy above 20 kHz beyond the input's: " + ", ".join(
+        verdict = (f"no folded energy above {edge / 1000:g} kHz" if sweep_ok and random_ok else
+                   f"energy above {edge / 1000:g} kHz beyond the input's: " + ", ".join(
                        n for n, ok in (("sine sweep", sweep_ok), ("random latents", random_ok)) if not ok))
         verdict += ("; no partial folded back from above Nyquist" if not folded else
                     f"; FOLDED partials in {folded_frames} frames of the sweep (strongest {strongest_folded:.0f} dB)")
@@ -558,14 +560,15 @@ class Evaluation:
                                (axes[2], randoms[0], "random latents")):
             ax.imshow(_log_spec(sig), origin="lower", aspect="auto", vmin=-100, vmax=20,
                       extent=(0, len(sig) / sr, 0, sr / 2000))
-            ax.axhline(20, color="w", ls="--", lw=0.8)
+            ax.axhline(edge / 1000, color="w", ls="--", lw=0.8)
             ax.set_title(title)
             ax.set_ylabel("kHz")
         fig.suptitle(verdict, fontsize=9)
         self.figures["aliasing"] = {"title": "Aliasing", "png": _save(fig, self.out / "aliasing.png"),
-                                    "values": {"sweep_input_above_20k_db": in_db, "sweep_output_above_20k_db": out_db,
-                                               "random_latents_above_20k_db": random_db,
-                                               "training_data_above_20k_db": data_db,
+                                    "values": {"band_edge_hz": edge, "sweep_input_above_edge_db": in_db,
+                                               "sweep_output_above_edge_db": out_db,
+                                               "random_latents_above_edge_db": random_db,
+                                               "training_data_above_edge_db": data_db,
                                                "sweep_frames_with_new_partials": new_frames,
                                                "strongest_new_partial_db": max((p.level_db for p in new), default=None),
                                                "sweep_frames_with_folded_partials": folded_frames,

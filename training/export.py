@@ -255,6 +255,7 @@ def build_metadata(name: str, vae: VAE, space: ControlSpace, ckpt: dict[str, Any
                     "decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()),
                     "receptive_frames": vae.decoder.receptive_frames,
                     "noise_branch": cfg.noise_branch, "max_frequency": cfg.max_frequency,
+                    "harmonic_max_frequency": cfg.harmonic_max_frequency,
                     "harmonics": cfg.harmonics, "vae_latent_size": cfg.latent_size,
                     "encoder_causal": cfg.encoder_causal}
     controls = input_controls(vae, space)
