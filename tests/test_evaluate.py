@@ -131,5 +131,11 @@ def test_trained_model_ranks_above_one_step_model_and_poor_generalisation_shows(
         if good["validation"][metric] >= poor["validation"][metric]:
             assert good["gap"][metric] > 0, (metric, good["gap"][metric], good["validation"][metric])
     assert reports[1]["verdicts"]["reconstruction"].startswith("poor")
+    for report in reports.values():
+        # counted above the edge the file names, with the pitch held: nothing there but float noise
+        aliasing = report["figures"]["aliasing"]["values"]
+        assert aliasing["band_edge_hz"] == 22000.0 and aliasing["sweep_ok"] and aliasing["random_latents_ok"], aliasing
+        assert aliasing["random_latents_above_edge_db"] < -100.0, aliasing
+        assert report["verdicts"]["aliasing"].startswith("no folded energy above 22 kHz")
     assert reports[TRAINED_STEPS]["figures"]["curves"]["png"] == "curves.png"
     assert reports[TRAINED_STEPS]["figures"]["kl"]["values"]["kl_nats"]
