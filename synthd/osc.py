@@ -92,7 +92,7 @@ STATUS_FIELDS: tuple[tuple[str, type], ...] = (
     ("input", str), ("input_underruns", int), ("input_overruns", int), ("input_level_db", float),
     ("input_lag_ms", float), ("input_fault", str), ("render_scheduling", str),
     ("callback_scheduling", str), ("callbacks_held", int), ("callback_held_ms_max", float),
-    ("skipped_calls", int), ("skipped_rows", int),
+    ("skipped_calls", int), ("skipped_rows", int), ("callbacks", int),
 )
 # (field of synthd.rack.Layer.summary(), OSC type) in the order /synthd/layers.reply sends them
 LAYER_FIELDS: tuple[tuple[str, type], ...] = (
