@@ -143,7 +143,8 @@ def test_config_errors_name_the_key(setup, tmp_path):
     data, _ = setup
     for text, key in (('[optim]\nlr = "fast"\n', "optim.lr"), ("[model]\nlatent_dims = 8\n", "model.latent_dims"),
                       ("[augment.gain]\nprobability = 2.0\n", "augment.gain.probability"),
-                      ("[optim]\nema_decay = 1.0\n", "optim.ema_decay"),
+                      ("[optim]\nema_decay = 1.0\n", "optim.ema_decay"), ("[optim]\nlr = nan\n", "optim.lr"),
+                      ("[optim]\nnonfinite_patience = 0\n", "optim.nonfinite_patience"),
                       ("[augment.mix]\nmin_db = 0.0\nmax_db = -6.0\n", "augment.mix.min_db")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
@@ -364,3 +365,47 @@ def test_overfitting_is_flagged_once_validation_rises_while_training_falls_for_p
         warnings_seen.append(row.get("warning"))
     assert warnings_seen == [None, None, None, "overfitting", "overfitting", None]
     assert trainer.best == {"step": 10, "val_score": 2.5, "val_distance": 2.5}  # kept from before the rise
+
+
+def test_a_blown_up_step_is_skipped_and_a_run_that_keeps_blowing_up_stops_with_its_reason(setup, tmp_path):
+    """A learning rate far too high: the steps whose gradient is not finite are skipped and
+    counted, never applied, and after `optim.nonfinite_patience` in a row the run stops with
+    status 1, naming the rate, with no NaN in any checkpoint."""
+    data, _ = setup
+    hot = tmp_path / "hot.toml"
+    hot.write_text(TINY.replace("lr = 3e-3", "lr = 1e6").replace("[optim]", "[optim]\nnonfinite_patience = 4"))
+    run = tmp_path / "run"
+    result = _cli("train", str(data), str(run), "--steps", "60", "--config", str(hot), "--seed", "3")
+    assert result.returncode == 1, result.stderr
+    assert "the loss or its gradient was not finite (NaN or inf) at learning rate" in result.stderr
+    assert "error: training diverged at step" in result.stderr and "lower [optim] lr (it is 1e+06)" in result.stderr
+    assert "Traceback" not in result.stderr
+    skipped = sum(int(r["skipped"]) for r in _rows(run) if r["skipped"])
+    assert skipped >= 4, skipped
+    last, best = (torch.load(run / name, weights_only=True) for name in ("last.pt", "best.pt"))
+    assert last["step"] < 60 and last["skip_streak"] >= 4 and best["step"] == 0
+    for ckpt in (last, best):
+        for part in ("model", "ema"):
+            bad = [k for k, t in ckpt[part].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            assert not bad, (part, bad[:5])
+
+
+def test_a_non_finite_gradient_leaves_the_weights_and_the_optimiser_as_they_were():
+    from training.train import finite_step
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(torch.randn(2, 4)).sum().backward()
+    assert finite_step(optimizer, layer.parameters(), 5.0)  # a finite step is taken
+    before = [p.detach().clone() for p in layer.parameters()]
+    moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    for clip in (5.0, 0.0):
+        (layer(torch.randn(2, 4)) * float("nan")).sum().backward()
+        assert not finite_step(optimizer, layer.parameters(), clip)
+        assert all(p.grad is None for p in layer.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+        assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, optimizer.state.values()))
+    layer(torch.randn(2, 4)).sum().backward()
+    assert finite_step(optimizer, layer.parameters(), 0.0)  # and training goes on
+    assert not all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))

@@ -171,11 +171,13 @@ def _format(value: Any) -> str:
 
 @dataclass
 class Meter:
-    """Running sums of the training losses between two log rows."""
+    """Running sums of the training losses between two log rows, over the steps applied; the
+    steps skipped for a non-finite gradient are counted apart."""
 
     sums: dict[str, float] = field(default_factory=dict)
     kl_dims: Tensor | None = None
     count: int = 0
+    skipped: int = 0
 
     def add(self, values: dict[str, float], kl_dims: Tensor) -> None:
         for k, v in values.items():
@@ -183,11 +185,16 @@ class Meter:
         self.kl_dims = kl_dims.clone() if self.kl_dims is None else self.kl_dims + kl_dims
         self.count += 1
 
-    def means(self) -> tuple[dict[str, float], Tensor]:
-        return ({k: v / self.count for k, v in self.sums.items()}, self.kl_dims / self.count)
+    def row(self) -> dict[str, float]:
+        """The log row's training columns: means of the applied steps, and the skipped count."""
+        row: dict[str, float] = {"skipped": self.skipped}
+        if self.count:
+            row.update({k: v / self.count for k, v in self.sums.items()})
+            row.update({f"kl_{i}": float(v) for i, v in enumerate(self.kl_dims / self.count)})
+        return row
 
     def state(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "kl_dims": self.kl_dims, "count": self.count}
+        return {"sums": dict(self.sums), "kl_dims": self.kl_dims, "count": self.count, "skipped": self.skipped}
 
 
 class StopRequest:
@@ -345,6 +352,10 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best: dict[str, float] | None = None
         self.overfit_streak = 0
+        self.skipped_steps = 0  # steps whose gradient was not finite, over the whole run
+        self.skip_streak = 0    # ... in a row, up to now
+        self.diverged = False
+        self.lr = cfg.optim.lr  # the rate of the latest step
         self.finished = False
         self.meter = Meter()
         self.interval_train: list[float] = []  # training reconstruction losses since the last validation
@@ -425,6 +436,8 @@ class Trainer:
         self.history = list(ckpt["history"])
         self.best = ckpt["best"]
         self.overfit_streak = int(ckpt["overfit_streak"])
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.skip_streak = int(ckpt.get("skip_streak", 0))
         self.meter = Meter(**ckpt["meter"])
         self.interval_train = list(ckpt["interval_train"])
 
@@ -435,7 +448,9 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _train_step(self, progress: float) -> tuple[dict[str, float], Tensor]:
+    def _train_step(self, progress: float) -> tuple[dict[str, float], Tensor] | None:
+        """One optimiser step: the step's figures and KL per latent dimension, or None where the
+        gradient was not finite and the step was skipped (the weights are as they were)."""
         cfg = self.cfg
         rng = _step_rng(self.seed, self.rank, self.step)
         weights = self.replay.weights(progress) if self.replay is not None else None
@@ -445,6 +460,7 @@ class Trainer:
             lr *= cfg.incremental.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.lr = lr
         # a grown run's latents were shaped under the full KL weight: warming it up again from
         # nothing would let them spread before it returns
         beta = cfg.kl.beta if self.lineage is not None else kl_beta(progress, cfg.kl.beta_start, cfg.kl.beta,
@@ -478,9 +494,8 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.optim.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
+        if not finite_step(self.optimizer, self.model.parameters(), cfg.optim.grad_clip):
+            return None
         if self.anchor is not None:
             anchor_step(self.model, self.anchor, lr, cfg.incremental.anchor)
         if self.ema is not None:
@@ -527,7 +542,7 @@ class Trainer:
             d_loss = discriminator_loss(real, fake, a.loss)
         self.disc_optimizer.zero_grad(set_to_none=True)
         d_loss.float().backward()
-        self.disc_optimizer.step()
+        finite_step(self.disc_optimizer, self.discriminators.parameters(), 0.0)
         # the generator's pass needs no gradient sync of the discriminators (theirs are discarded)
         with self._autocast():
             with torch.no_grad():
@@ -629,6 +644,8 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "overfit_streak": self.overfit_streak,
+            "skipped_steps": self.skipped_steps,
+            "skip_streak": self.skip_streak,
             "meter": self.meter.state(),
             "interval_train": list(self.interval_train),
             "latency_samples": int(self.model.latency_samples),
@@ -667,7 +684,7 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         latent = cfg.model.latent_size
         columns = (["step", "elapsed_s", "lr", "beta", "loss", "recon", "sc", "logmag", "mel", "kl",
-                    "regularize", "disc", "adv", "feature_matching", "new_share", "val_sc", "val_logmag", "val_mel",
+                    "regularize", "disc", "adv", "feature_matching", "new_share", "skipped", "val_sc", "val_logmag", "val_mel",
                     "val_distance", "val_old_distance", "val_new_distance", "val_recon", "val_kl", "val_score",
                     "warning"] + [f"kl_{i}" for i in range(latent)])
         log = RunLog(self.run_dir, columns, self.step if self.history or self.step else None) if self.main else None
@@ -713,24 +730,30 @@ class Trainer:
             while True:
                 self.elapsed = time.monotonic() - started
                 progress = self.budget.progress(self.step, self.elapsed)
-                if self._agree(progress >= 1.0 or stop.signal is not None):
+                if self._agree(progress >= 1.0 or stop.signal is not None or self.diverged):
                     break
-                values, kl_dims = self._train_step(progress)
+                taken = self._train_step(progress)
                 self.step += 1
-                self.meter.add(values, kl_dims)
-                self.interval_train.append(values["recon"])
+                self._count_skip(taken is None)
+                if taken is not None:
+                    values, kl_dims = taken
+                    self.meter.add(values, kl_dims)
+                    self.interval_train.append(values["recon"])
                 self.elapsed = time.monotonic() - started
                 if progress_bar is not None:
                     now = int(self.elapsed) if by_time else self.step
-                    progress_bar.update(now - shown, loss=f"{values['loss']:.3f}", kl=f"{values['kl']:.2f}",
-                                        step=self.step)
+                    shown_values = ({"loss": f"{values['loss']:.3f}", "kl": f"{values['kl']:.2f}"} if taken
+                                    else {"loss": "skipped"})
+                    progress_bar.update(now - shown, **shown_values, step=self.step)
                     shown = now
                 row = None
-                if self.step % cfg.validation.log_every_steps == 0:
-                    means, kl_mean = self.meter.means()
-                    row = {"step": self.step, "elapsed_s": self.elapsed, **means,
-                           **{f"kl_{i}": float(v) for i, v in enumerate(kl_mean)}}
+                if self.step % cfg.validation.log_every_steps == 0 or self.diverged:
+                    row = {"step": self.step, "elapsed_s": self.elapsed, **self.meter.row()}
                     self.meter = Meter()
+                if self.diverged:  # its weights are those of the last finite step: no validation
+                    if row is not None and log is not None:
+                        log.write(row)
+                    continue
                 if self.step % cfg.validation.every_steps == 0:
                     row = self._validation_round(row or {"step": self.step, "elapsed_s": self.elapsed})
                     last_save = time.monotonic()
@@ -742,6 +765,8 @@ class Trainer:
                     log.write(row)
             if stop.signal is not None:
                 status = 128 + stop.signal
+            elif self.diverged:
+                status = 1
             if progress_bar is not None:
                 progress_bar.close()
             self.finished = status == 0
@@ -758,6 +783,23 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()
         return status
+
+    def _count_skip(self, skipped: bool) -> None:
+        """Keep count of the steps skipped for a non-finite gradient; warn at the first of a run
+        of them, and mark the run diverged at `optim.nonfinite_patience` in a row."""
+        if not skipped:
+            self.skip_streak = 0
+            return
+        self.skipped_steps += 1
+        self.skip_streak += 1
+        self.meter.skipped += 1
+        patience = self.cfg.optim.nonfinite_patience
+        if self.skip_streak == 1:
+            self._say(f"warning: step {self.step}: the loss or its gradient was not finite (NaN or inf) at learning "
+                      f"rate {self.lr:.3g}; the step was skipped and the weights kept (the run stops after {patience} "
+                      "in a row)")
+        if self.skip_streak >= patience:
+            self.diverged = True
 
     def _validation_round(self, row: dict[str, Any]) -> dict[str, Any]:
         """Validate, update best/overfitting state, save checkpoints; returns the log row."""
@@ -826,11 +868,20 @@ class Trainer:
     def _summary(self, status: int) -> None:
         if not self.main:
             return
+        best = self.best or {}
+        if self.diverged:
+            self._say(f"error: training diverged at step {self.step}: the loss or its gradient was not finite for "
+                      f"{self.skip_streak} steps in a row, and none of them was applied. best.pt keeps step "
+                      f"{best.get('step')} (validation distance {best.get('val_distance', float('nan')):.4f}). "
+                      f"Train again with a lower [optim] lr (it is {self.cfg.optim.lr:g})")
+            return
         if status:
             self._say(f"stopped by signal at step {self.step}; saved {self.run_dir / 'last.pt'} "
                       f"(continue with --resume)")
             return
-        best = self.best or {}
+        if self.skipped_steps:
+            self._say(f"warning: {self.skipped_steps} step{'s' if self.skipped_steps > 1 else ''} skipped: the loss "
+                      "or its gradient was not finite (a lower [optim] lr would avoid them)")
         self._say(f"done: {self.step} steps in {self.elapsed / 60:.1f} min; best validation distance "
                   f"{best.get('val_distance', float('nan')):.4f} at step {best.get('step')}; "
                   f"saved {self.run_dir / 'best.pt'} and {self.run_dir / 'last.pt'}")
@@ -842,6 +893,24 @@ class Trainer:
                     self._say(f"held-out files, {what}: distance {start[key]:.4f} at the start, {end[key]:.4f} "
                               f"now ({end[key] / start[key] - 1:+.1%})")
         report_collapse(self.run_dir, self.cfg)
+
+
+def finite_step(optimizer: torch.optim.Optimizer, parameters, clip: float) -> bool:
+    """Clip the gradients of `parameters` to norm `clip` (0: no clipping) and step `optimizer`,
+    unless their norm is not finite: then the gradients are dropped and the weights and the
+    optimiser's moments keep their values, so one blown-up batch cannot put a NaN in the model.
+    Returns whether it stepped. Under DDP the gradients are averaged over the processes by now,
+    so every process makes the same choice."""
+    params = [p for p in parameters if p.grad is not None]
+    if clip > 0:
+        norm = nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+    if not bool(torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
 
 
 def band_limit(cfg) -> tuple[float, float]:
