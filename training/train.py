@@ -684,9 +684,9 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         latent = cfg.model.latent_size
         columns = (["step", "elapsed_s", "lr", "beta", "loss", "recon", "sc", "logmag", "mel", "kl",
-                    "regularize", "disc", "adv", "feature_matching", "new_share", "skipped", "val_sc", "val_logmag", "val_mel",
-                    "val_distance", "val_old_distance", "val_new_distance", "val_recon", "val_kl", "val_score",
-                    "warning"] + [f"kl_{i}" for i in range(latent)])
+                    "regularize", "disc", "adv", "feature_matching", "new_share", "skipped", "val_sc", "val_logmag",
+                    "val_mel", "val_distance", "val_old_distance", "val_new_distance", "val_recon", "val_kl",
+                    "val_score", "warning"] + [f"kl_{i}" for i in range(latent)])
         log = RunLog(self.run_dir, columns, self.step if self.history or self.step else None) if self.main else None
         if self.main:
             save_config(cfg, self.run_dir / "config.toml")
