@@ -229,9 +229,9 @@ def test_a_late_underrun_is_traced_with_what_held_the_render_thread(portaudio_on
     held = []
 
     def hold() -> None:
-        # held again (up to 3 times, 0.5 s apart) while none came out a late underrun: a host's
-        # stall of the audio server meanwhile makes it an xrun, which is the server's
-        if output.callbacks > 100 * (len(held) + 1) and output.late_underruns == 0 and len(held) < 3:
+        # held 3 times, 0.5 s apart: a host's stall of the audio server during a hold makes it an
+        # xrun (the server's), and one of the render thread during a hold adds its own cause
+        if output.callbacks > 100 * (len(held) + 1) and len(held) < 3:
             held.append(time.monotonic())
             if stall == "sleep":
                 time.sleep(0.03)
@@ -260,10 +260,14 @@ def test_a_late_underrun_is_traced_with_what_held_the_render_thread(portaudio_on
     traces, lost = output.late_traces()
     assert output.late_underruns >= 1 and lost == 0, output.stats()
     assert 1 <= len(traces) <= output.late_underruns
-    first = traces[0]
-    assert first.cause() == cause, first.describe()
+    # the traces that show a held render (in ms): one the host made may come between them, and a
+    # host's stall during a hold can outweigh it (seen once in 36 runs: 17 ms off the CPU in a
+    # spin): one of them at least reads the hold's cause
+    holds = [t for t in traces if (t.renders[:, 2] - t.renders[:, 1]).max() >= 29.0]
+    assert holds, [t.describe() for t in traces]
+    first = next((t for t in holds if t.cause() == cause), None)
+    assert first is not None, [t.describe() for t in holds]
     slow = first.renders[np.argmax(first.renders[:, 2] - first.renders[:, 1])]
-    assert slow[2] - slow[1] >= 29.0  # the held render, in ms
     assert first.renders[:, 7].max() > 0 and slow[7] < 10.0  # model calls: timed, and not what held the render
     parts = first.components()
     assert parts["cpu" if cause == "computing" else cause] >= 25.0, first.describe()
@@ -299,4 +303,5 @@ def test_a_callback_held_by_the_interpreters_lock_is_counted(portaudio_on_jack, 
     assert quiet < 10.0, quiet  # a host's stall of the callback's thread reads as a hold too
     assert stats["callbacks_held"] >= 1
     # never longer than the hold; shorter by the cycles the server skipped meanwhile (see LiveOutput)
-    assert 0.4 * collected_ms <= stats["callback_held_ms_max"] <= collected_ms + 1.0, (stats, collected_ms)
+    # (a host's stall of the callback's thread during the collection adds to it: up to the quiet bound)
+    assert 0.4 * collected_ms <= stats["callback_held_ms_max"] <= collected_ms + 10.0, (stats, collected_ms)
