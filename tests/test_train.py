@@ -145,6 +145,7 @@ def test_config_errors_name_the_key(setup, tmp_path):
                       ("[augment.gain]\nprobability = 2.0\n", "augment.gain.probability"),
                       ("[optim]\nema_decay = 1.0\n", "optim.ema_decay"), ("[optim]\nlr = nan\n", "optim.lr"),
                       ("[optim]\nnonfinite_patience = 0\n", "optim.nonfinite_patience"),
+                      ("[optim]\ngrad_clip = nan\n", "optim.grad_clip"),
                       ("[augment.mix]\nmin_db = 0.0\nmax_db = -6.0\n", "augment.mix.min_db")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
@@ -388,6 +389,23 @@ def test_a_blown_up_step_is_skipped_and_a_run_that_keeps_blowing_up_stops_with_i
         for part in ("model", "ema"):
             bad = [k for k, t in ckpt[part].items() if t.is_floating_point() and not torch.isfinite(t).all()]
             assert not bad, (part, bad[:5])
+    # resumed, it stops where it stopped, as the uninterrupted run did
+    again = _cli("train", str(data), str(run), "--steps", "60", "--resume")
+    assert again.returncode == 1 and "error: training diverged at step" in again.stderr, again.stderr
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == last["step"]
+
+
+def test_a_figure_some_steps_lack_is_averaged_over_the_steps_that_gave_it():
+    from training.train import Meter
+
+    meter = Meter()
+    for step in range(4):
+        meter.add({"loss": 1.0, **({"disc": 2.0} if step >= 2 else {})}, torch.ones(3))
+    meter.skipped = 1
+    assert meter.row() == {"skipped": 1.0, "loss": 1.0, "disc": 2.0, "kl_0": 1.0, "kl_1": 1.0, "kl_2": 1.0}
+    old = Meter(sums={"loss": 3.0}, kl_dims=torch.ones(2) * 3, count=3)  # a checkpoint's, from before counts
+    old.add({"loss": 1.0, "disc": 4.0}, torch.ones(2))
+    assert old.row()["loss"] == 1.0 and old.row()["disc"] == 4.0
 
 
 def test_a_non_finite_gradient_leaves_the_weights_and_the_optimiser_as_they_were():

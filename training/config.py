@@ -316,6 +316,8 @@ def _check(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if not 0 < value < math.inf:  # TOML spells nan and inf too
             raise ConfigError(f"{key}: must be > 0 and finite, got {value}")
+    if not 0 <= cfg.optim.grad_clip < math.inf:
+        raise ConfigError(f"optim.grad_clip: must be >= 0 (0: no clipping) and finite, got {cfg.optim.grad_clip}")
     for key, value in {"kl.warmup": cfg.kl.warmup, "adversarial.start": cfg.adversarial.start,
                        "optim.final_lr_ratio": cfg.optim.final_lr_ratio}.items():
         if not 0.0 <= value <= 1.0:

@@ -178,23 +178,30 @@ class Meter:
     kl_dims: Tensor | None = None
     count: int = 0
     skipped: int = 0
+    # steps that gave each figure, where not all did (the adversarial ones start mid-run, a
+    # skipped discriminator step gives none)
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, values: dict[str, float], kl_dims: Tensor) -> None:
         for k, v in values.items():
+            # a figure summed before with no count of its own (a checkpoint older than counts) came every step
+            self.counts[k] = self.counts.get(k, self.count if k in self.sums else 0) + 1
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.kl_dims = kl_dims.clone() if self.kl_dims is None else self.kl_dims + kl_dims
         self.count += 1
 
     def row(self) -> dict[str, float]:
-        """The log row's training columns: means of the applied steps, and the skipped count."""
-        row: dict[str, float] = {"skipped": self.skipped}
+        """The log row's training columns: each figure's mean over the applied steps that gave
+        it, and the count of steps skipped."""
+        row: dict[str, float] = {"skipped": float(self.skipped)}
         if self.count:
-            row.update({k: v / self.count for k, v in self.sums.items()})
+            row.update({k: v / self.counts.get(k, self.count) for k, v in self.sums.items()})
             row.update({f"kl_{i}": float(v) for i, v in enumerate(self.kl_dims / self.count)})
         return row
 
     def state(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "kl_dims": self.kl_dims, "count": self.count, "skipped": self.skipped}
+        return {"sums": dict(self.sums), "kl_dims": self.kl_dims, "count": self.count, "skipped": self.skipped,
+                "counts": dict(self.counts)}
 
 
 class StopRequest:
@@ -354,6 +361,7 @@ class Trainer:
         self.overfit_streak = 0
         self.skipped_steps = 0  # steps whose gradient was not finite, over the whole run
         self.skip_streak = 0    # ... in a row, up to now
+        self.disc_skipped = 0   # discriminator steps skipped the same way
         self.diverged = False
         self.lr = cfg.optim.lr  # the rate of the latest step
         self.finished = False
@@ -438,6 +446,9 @@ class Trainer:
         self.overfit_streak = int(ckpt["overfit_streak"])
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self.skip_streak = int(ckpt.get("skip_streak", 0))
+        self.disc_skipped = int(ckpt.get("disc_skipped", 0))
+        # a run saved as it diverged stops again at once, as the run it continues did
+        self.diverged = self.skip_streak >= self.cfg.optim.nonfinite_patience
         self.meter = Meter(**ckpt["meter"])
         self.interval_train = list(ckpt["interval_train"])
 
@@ -542,7 +553,8 @@ class Trainer:
             d_loss = discriminator_loss(real, fake, a.loss)
         self.disc_optimizer.zero_grad(set_to_none=True)
         d_loss.float().backward()
-        finite_step(self.disc_optimizer, self.discriminators.parameters(), 0.0)
+        disc_stepped = finite_step(self.disc_optimizer, self.discriminators.parameters(), 0.0)
+        self.disc_skipped += not disc_stepped
         # the generator's pass needs no gradient sync of the discriminators (theirs are discarded)
         with self._autocast():
             with torch.no_grad():
@@ -551,7 +563,9 @@ class Trainer:
             g_loss = a.adversarial_weight * generator_loss(fake, a.loss)
             fm_loss = a.feature_matching_weight * feature_matching_loss(real, fake)
         total = guard_ratio((g_loss + fm_loss).float(), recon, a.max_loss_ratio)
-        values.update(disc=d_loss.item(), adv=g_loss.item(), feature_matching=fm_loss.item())
+        values.update(adv=g_loss.item(), feature_matching=fm_loss.item())
+        if disc_stepped:
+            values["disc"] = d_loss.item()
         return total
 
     def _validation_groups(self, added: set[str], sample_rate: int) -> dict[str, ValidationSet]:
@@ -646,6 +660,7 @@ class Trainer:
             "overfit_streak": self.overfit_streak,
             "skipped_steps": self.skipped_steps,
             "skip_streak": self.skip_streak,
+            "disc_skipped": self.disc_skipped,
             "meter": self.meter.state(),
             "interval_train": list(self.interval_train),
             "latency_samples": int(self.model.latency_samples),
@@ -743,7 +758,7 @@ class Trainer:
                 if progress_bar is not None:
                     now = int(self.elapsed) if by_time else self.step
                     shown_values = ({"loss": f"{values['loss']:.3f}", "kl": f"{values['kl']:.2f}"} if taken
-                                    else {"loss": "skipped"})
+                                    else {"loss": "skipped", "kl": "-"})
                     progress_bar.update(now - shown, **shown_values, step=self.step)
                     shown = now
                 row = None
@@ -763,15 +778,16 @@ class Trainer:
                     last_save = time.monotonic()
                 if row is not None and log is not None:
                     log.write(row)
-            if stop.signal is not None:
-                status = 128 + stop.signal
-            elif self.diverged:
+            if self.diverged:  # over a signal that came meanwhile: resuming would stop here again
                 status = 1
+            elif stop.signal is not None:
+                status = 128 + stop.signal
             if progress_bar is not None:
                 progress_bar.close()
             self.finished = status == 0
             if status == 0 and (not self.history or self.history[-1]["step"] != self.step):
-                row = self._validation_round({"step": self.step, "elapsed_s": self.elapsed})
+                trained = self.meter.row() if self.meter.count or self.meter.skipped else {}
+                row = self._validation_round({"step": self.step, "elapsed_s": self.elapsed, **trained})
                 if log is not None:
                     log.write(row)
             elif self.main:
@@ -879,9 +895,10 @@ class Trainer:
             self._say(f"stopped by signal at step {self.step}; saved {self.run_dir / 'last.pt'} "
                       f"(continue with --resume)")
             return
-        if self.skipped_steps:
-            self._say(f"warning: {self.skipped_steps} step{'s' if self.skipped_steps > 1 else ''} skipped: the loss "
-                      "or its gradient was not finite (a lower [optim] lr would avoid them)")
+        if self.skipped_steps or self.disc_skipped:
+            self._say(f"warning: {self.skipped_steps} step{'' if self.skipped_steps == 1 else 's'} (and "
+                      f"{self.disc_skipped} of the discriminators') skipped: the loss or its gradient was not finite "
+                      "(a lower [optim] lr would avoid them)")
         self._say(f"done: {self.step} steps in {self.elapsed / 60:.1f} min; best validation distance "
                   f"{best.get('val_distance', float('nan')):.4f} at step {best.get('step')}; "
                   f"saved {self.run_dir / 'best.pt'} and {self.run_dir / 'last.pt'}")
