@@ -362,8 +362,6 @@ class Trainer:
         self.skipped_steps = 0  # steps whose gradient was not finite, over the whole run
         self.skip_streak = 0    # ... in a row, up to now
         self.disc_skipped = 0   # discriminator steps skipped the same way
-        self.diverged = False
-        self.lr = cfg.optim.lr  # the rate of the latest step
         self.finished = False
         self.meter = Meter()
         self.interval_train: list[float] = []  # training reconstruction losses since the last validation
@@ -447,8 +445,6 @@ class Trainer:
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self.skip_streak = int(ckpt.get("skip_streak", 0))
         self.disc_skipped = int(ckpt.get("disc_skipped", 0))
-        # a run saved as it diverged stops again at once, as the run it continues did
-        self.diverged = self.skip_streak >= self.cfg.optim.nonfinite_patience
         self.meter = Meter(**ckpt["meter"])
         self.interval_train = list(ckpt["interval_train"])
 
@@ -471,7 +467,6 @@ class Trainer:
             lr *= cfg.incremental.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.lr = lr
         # a grown run's latents were shaped under the full KL weight: warming it up again from
         # nothing would let them spread before it returns
         beta = cfg.kl.beta if self.lineage is not None else kl_beta(progress, cfg.kl.beta_start, cfg.kl.beta,
@@ -802,20 +797,24 @@ class Trainer:
 
     def _count_skip(self, skipped: bool) -> None:
         """Keep count of the steps skipped for a non-finite gradient; warn at the first of a run
-        of them, and mark the run diverged at `optim.nonfinite_patience` in a row."""
+        of them."""
         if not skipped:
             self.skip_streak = 0
             return
         self.skipped_steps += 1
         self.skip_streak += 1
         self.meter.skipped += 1
-        patience = self.cfg.optim.nonfinite_patience
         if self.skip_streak == 1:
+            lr = self.optimizer.param_groups[0]["lr"]
             self._say(f"warning: step {self.step}: the loss or its gradient was not finite (NaN or inf) at learning "
-                      f"rate {self.lr:.3g}; the step was skipped and the weights kept (the run stops after {patience} "
-                      "in a row)")
-        if self.skip_streak >= patience:
-            self.diverged = True
+                      f"rate {lr:.3g}; the step was skipped and the weights kept (the run stops after "
+                      f"{self.cfg.optim.nonfinite_patience} in a row)")
+
+    @property
+    def diverged(self) -> bool:
+        """Whether `optim.nonfinite_patience` steps in a row were skipped: the run stops (and a run
+        resumed from that point stops again at once, as the run it continues did)."""
+        return self.skip_streak >= self.cfg.optim.nonfinite_patience
 
     def _validation_round(self, row: dict[str, Any]) -> dict[str, Any]:
         """Validate, update best/overfitting state, save checkpoints; returns the log row."""
@@ -993,7 +992,7 @@ def run(args: argparse.Namespace) -> int:
         # everything is written and the process group destroyed; what is left is freeing the DDP
         # wrapper, whose reducer holds the group: its destructor joins gloo's worker threads while
         # holding the interpreter's lock, and a worker still releasing the last collective's tensors
-        # waits for that lock (torch 2.13: the process hung there in 1 run of 8 on a loaded host).
+        # waits for that lock (torch 2.13: 4 hangs in 22 two-process runs on a loaded host).
         # Nothing needs those destructors, so the process leaves without them
         sys.stdout.flush()
         sys.stderr.flush()
